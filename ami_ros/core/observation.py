@@ -1,0 +1,36 @@
+"""Camera frames -> the observation the models see (3x84x84 in [0, 1])."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+
+def center_crop_resize(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-crop an HxWxC image to the target aspect, then resize to it."""
+    h, w = rgb.shape[:2]
+    if (h, w) == (height, width):
+        return rgb
+    target = width / height
+    if w / h > target:  # too wide: cut the sides
+        new_w = max(1, round(h * target))
+        x0 = (w - new_w) // 2
+        rgb = rgb[:, x0:x0 + new_w]
+    elif w / h < target:  # too tall: cut top and bottom
+        new_h = max(1, round(w / target))
+        y0 = (h - new_h) // 2
+        rgb = rgb[y0:y0 + new_h]
+    shrinking = rgb.shape[0] > height
+    return cv2.resize(np.ascontiguousarray(rgb), (width, height),
+                      interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def to_observation(rgb: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> float tensor [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+
+
+def to_uint8_chw(rgb: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> uint8 tensor [3, H, W], the form buffers and envelopes store."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()

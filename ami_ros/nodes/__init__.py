@@ -1,0 +1,1 @@
+"""One ROS 2 node per module; each module's `main()` is its executable."""

@@ -1,0 +1,121 @@
+"""The lifecycle base every ami_ros node builds on, and the `main()` runner.
+
+Every node is a ROS 2 lifecycle node so the manager can pause (deactivate),
+resume (activate) and stop (shutdown) the whole graph through the standard
+`<node>/change_state` services. With `autostart` (default true) a node
+configures and activates itself, so `ros2 run ami_ros <node>` works alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import rclpy
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+
+N = TypeVar('N', bound='ManagedNode')
+
+
+class ManagedNode(LifecycleNode):
+    """A lifecycle node with `is_active`, described parameters and an exit hook."""
+
+    def __init__(self, node_name: str, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self.is_active = False
+        self.finished = False
+        self.autostart = self.declare(
+            'autostart', True, 'Configure and activate on start, without waiting for the manager.')
+
+    # -- parameters -------------------------------------------------------
+    def declare(self, name: str, default: Any, description: str, *,
+                low: float | None = None, high: float | None = None, step: float = 0,
+                read_only: bool = False, choices: Sequence[str] | None = None) -> Any:
+        """Declare a parameter with a description and range; return its value.
+
+        Integer and float ranges are enforced by ROS (rqt_reconfigure shows
+        them as sliders); `choices` is documented and checked here.
+        """
+        desc = ParameterDescriptor(description=description, read_only=read_only)
+        if choices:
+            desc.additional_constraints = 'one of: ' + ', '.join(choices)
+        if low is not None and high is not None:
+            if isinstance(default, bool):
+                pass
+            elif isinstance(default, int):
+                desc.integer_range = [IntegerRange(from_value=int(low), to_value=int(high), step=int(step))]
+            elif isinstance(default, float):
+                desc.floating_point_range = [FloatingPointRange(
+                    from_value=float(low), to_value=float(high), step=float(step))]
+        value = self.declare_parameter(name, default, desc).value
+        if choices and value not in choices:
+            raise ValueError(
+                f'parameter {name}={value!r} is not valid; use one of: {", ".join(choices)}')
+        return value
+
+    # -- lifecycle --------------------------------------------------------
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.is_active = True
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.is_active = False
+        return super().on_deactivate(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.is_active = False
+        self.finished = True
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_exit(self) -> None:
+        """Last actions after spinning stopped (ROS may be down): release, close."""
+
+
+def _autostart(node: ManagedNode) -> bool:
+    if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+        node.get_logger().error('configure failed; the node stays unconfigured')
+        return False
+    if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+        node.get_logger().error('activate failed; the node stays inactive')
+        return False
+    return True
+
+
+def run(factory: Callable[[], N], args: Sequence[str] | None = None,
+        executor_factory: Callable[[], Any] = SingleThreadedExecutor) -> int:
+    """Run a managed node until SIGINT/SIGTERM or its lifecycle shutdown.
+
+    Returns the process exit code: 0 on a clean stop, 1 if the node could
+    not be created.
+    """
+    # rclpy's default handlers turn SIGINT and SIGTERM into a context
+    # shutdown, which ends the loop below and still runs on_exit().
+    rclpy.init(args=args)
+    node: ManagedNode | None = None
+    try:
+        try:
+            node = factory()
+        except Exception as exc:  # a bad parameter or a missing device: say it in one line
+            print(f'[{getattr(factory, "__name__", "node")}] cannot start: {exc}', file=sys.stderr)
+            return 1
+        if node.autostart:
+            _autostart(node)
+        executor = executor_factory()
+        executor.add_node(node)
+        try:
+            while rclpy.ok() and not node.finished:
+                executor.spin_once(timeout_sec=0.1)
+        except (KeyboardInterrupt, ExternalShutdownException):
+            pass
+    finally:
+        if node is not None:
+            node.on_exit()
+            try:
+                node.destroy_node()
+            except Exception:  # already gone with the context
+                pass
+        rclpy.try_shutdown()
+    return 0

@@ -1,0 +1,51 @@
+"""Test isolation for every ami_ros test.
+
+DDS stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) and each
+test run gets its own ROS_DOMAIN_ID, so parallel runs never see each other.
+This is set before any test imports rclpy, and node processes inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+os.environ.pop('ROS_LOCALHOST_ONLY', None)
+os.environ['ROS_DOMAIN_ID'] = str(1 + os.getpid() % 100)
+os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
+os.environ['PYTHONUNBUFFERED'] = '1'
+# Node processes and the test process share 2 cores: one torch thread each.
+os.environ['OMP_NUM_THREADS'] = '1'
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def test_node():
+    """A spinning rclpy node in the test process (see ros_harness.TestNode)."""
+    from ros_harness import TestNode
+
+    node = TestNode()
+    yield node
+    node.close()
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Start node processes; every one is stopped when the test ends."""
+    from ros_harness import NodeProcess
+
+    started: list[NodeProcess] = []
+
+    def start(node: str, **kwargs) -> NodeProcess:
+        proc = NodeProcess(node, tmp_path / 'logs', **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.alive():
+            proc.stop()
