@@ -44,7 +44,77 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('node', help='node executable: ' + (', '.join(available_nodes()) or '(none)'))
     run.add_argument('ros_args', nargs=argparse.REMAINDER,
                      help='ROS arguments, e.g. --ros-args -p fps:=10 -r __ns:=/ami')
+    launch = sub.add_parser(
+        'launch', help='start the whole graph (like ros2 launch ami_ros ami.launch.py)',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Start the whole graph: ami-ros launch [ARG:=VALUE ...]',
+        epilog=_launch_epilog())
+    launch.add_argument('arguments', nargs='*', metavar='ARG:=VALUE')
+    for command, text in CONTROL_COMMANDS.items():
+        control = sub.add_parser(command, help=text, description=text)
+        control.add_argument('--namespace', default='', help='namespace of the graph')
+        control.add_argument('--timeout', type=float, default=15.0,
+                             help='seconds to wait for the manager (default 15)')
     return parser
+
+
+CONTROL_COMMANDS = {
+    'status': "print the graph's state and each node's lifecycle state",
+    'pause': 'pause the whole graph (every input released)',
+    'resume': 'resume the whole graph where it was',
+    'shutdown': 'stop every node of the graph cleanly',
+}
+
+
+def _launch_epilog() -> str:
+    from ami_ros.graph import LAUNCH_ARGUMENTS
+
+    lines = ['arguments:']
+    for name, arg in LAUNCH_ARGUMENTS.items():
+        choices = f' {{{"|".join(arg.choices)}}}' if arg.choices else ''
+        default = arg.default or "''"
+        lines.append(f'  {name}:={default}{choices}\n      {arg.description}')
+    lines.append('  duration:=SECONDS\n      stop by itself after this long (0 = run until Ctrl-C)')
+    return '\n'.join(lines)
+
+
+def launch_graph(items: Sequence[str]) -> int:
+    from ami_ros.graph import GraphArgumentError
+    from ami_ros.launcher import launch, parse_launch_arguments
+
+    try:
+        given = parse_launch_arguments(list(items))
+        duration = float(given.pop('duration', '0') or 0)
+        return launch(given, duration=duration)
+    except (GraphArgumentError, ValueError) as exc:
+        print(f'ami-ros launch: {exc}', file=sys.stderr)
+        return 2
+
+
+def control(command: str, namespace: str, timeout: float) -> int:
+    """Call ami/<command> on the graph's manager and print its answer."""
+    import rclpy
+    from std_srvs.srv import Trigger
+
+    rclpy.init(args=['ami-ros', '--ros-args', '--disable-rosout-logs'])
+    try:
+        node = rclpy.create_node('ami_ros_cli', namespace=namespace or None, enable_rosout=False)
+        client = node.create_client(Trigger, f'ami/{command}')
+        if not client.wait_for_service(timeout_sec=timeout):
+            print(f'ami-ros {command}: no manager answers on {client.srv_name} within {timeout:g}s; '
+                  'is the graph running (ami-ros launch) in this ROS_DOMAIN_ID and namespace?',
+                  file=sys.stderr)
+            return 1
+        future = client.call_async(Trigger.Request())
+        rclpy.spin_until_future_complete(node, future, timeout_sec=timeout)
+        if not future.done():
+            print(f'ami-ros {command}: the manager did not answer within {timeout:g}s', file=sys.stderr)
+            return 1
+        result = future.result()
+        print(result.message)
+        return 0 if result.success else 1
+    finally:
+        rclpy.try_shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == 'run':
         return run_node(args.node, args.ros_args)
-    return 2
+    if args.command == 'launch':
+        return launch_graph(args.arguments)
+    return control(args.command, args.namespace, args.timeout)
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ configures and activates itself, so `ros2 run ami_ros <node>` works alone.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ class ManagedNode(LifecycleNode):
         super().__init__(node_name, **kwargs)
         self.is_active = False
         self.finished = False
+        self._warned_at: dict[str, float] = {}
         self.autostart = self.declare(
             'autostart', True, 'Configure and activate on start, without waiting for the manager.')
 
@@ -55,6 +57,19 @@ class ManagedNode(LifecycleNode):
             raise ValueError(
                 f'parameter {name}={value!r} is not valid; use one of: {", ".join(choices)}')
         return value
+
+    def warn_throttled(self, kind: str, text: str, period: float = 5.0) -> None:
+        """A warning at most every `period` s per kind of problem.
+
+        rclpy's own throttle is per call site, which would hide a second,
+        different problem behind the first.
+        """
+        now = time.monotonic()
+        if now - self._warned_at.get(kind, -period) >= period:
+            if len(self._warned_at) > 256:  # kinds come from input: bound the memory
+                self._warned_at.clear()
+            self._warned_at[kind] = now
+            self.get_logger().warning(text)
 
     # -- lifecycle --------------------------------------------------------
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:

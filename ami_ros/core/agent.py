@@ -1,0 +1,110 @@
+"""The acting agent, ROS-free: one step per camera frame.
+
+Each step encodes the frame, scores the previous step's prediction against
+it (the curiosity reward), samples the five-part action from the policy, and
+predicts the next latent with the forward dynamics, carrying the dynamics'
+hidden state explicitly from step to step. The agent node is a thin shell
+around this class; benchmarks drive it directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ami_ros.core.models import MODEL_NAMES, build_models
+from ami_ros.core.observation import to_observation
+from ami_ros.core.presets import IMAGE_SHAPE, Preset, get_preset
+from ami_ros.core.reward import make_reward
+
+
+@dataclass
+class AgentStep:
+    """What one step produced; tensors are on the CPU."""
+
+    action: Tensor  # int64 [5]
+    log_prob: Tensor  # float32 [5], per head
+    value: float
+    reward: float  # of the previous action, NaN on the first step (nothing predicted yet)
+    prediction_error: float  # mean squared error of the previous prediction, NaN likewise
+    latent: Tensor  # float32 [L], z_t
+    hidden: Tensor  # complex64 [depth, dim], the state the dynamics used at this step
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device from a parameter value, refused clearly when absent."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'device {name!r} is not a torch device; use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {name!r} asked for, but this torch has no usable CUDA; '
+                         'use device:=cpu or install a CUDA build of torch')
+    return device
+
+
+class CuriosityAgent:
+    """Acts on frames with the encoder, policy and forward dynamics of one preset."""
+
+    def __init__(self, preset: Preset | str = 'small', device: str = 'cpu', seed: int = 0,
+                 reward: str = 'curiosity', deterministic: bool = False) -> None:
+        self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        self.device = resolve_device(device)
+        self.models = {name: m.to(self.device).eval()
+                       for name, m in build_models(self.preset, seed=seed).items()}
+        self.versions = dict.fromkeys(MODEL_NAMES, 0)
+        self.reward_fn = make_reward(reward)
+        self.deterministic = deterministic
+        self.generator = torch.Generator(device='cpu').manual_seed(seed)
+        self.hidden = self.models['dynamics'].initial_hidden(1, self.device)
+        self.prediction: Tensor | None = None  # mean of z_{t+1} predicted at step t
+        self.steps = 0
+
+    @property
+    def encoder(self):
+        return self.models['encoder']
+
+    @torch.inference_mode()
+    def step(self, rgb: np.ndarray) -> AgentStep:
+        """Act on one HxWx3 uint8 RGB frame of the preset's image size."""
+        if rgb.shape != (IMAGE_SHAPE[1], IMAGE_SHAPE[2], 3):
+            raise ValueError(f'frame must be {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[2]}x3, got {rgb.shape}')
+        obs = to_observation(rgb).unsqueeze(0).to(self.device)
+        z = self.models['encoder'].encode_mean(obs)
+        if self.prediction is not None:
+            reward = float(self.reward_fn(self.prediction, z)[0])
+            error = float(torch.mean((self.prediction - z) ** 2))
+        else:
+            reward = error = math.nan
+        dist, value = self.models['policy'](obs)
+        if self.deterministic:
+            action = dist.mode()
+        else:
+            # Sample on the CPU from our own generator: reproducible and
+            # restorable from a checkpoint, whatever the device.
+            probs = [torch.softmax(lg.float(), -1).cpu() for lg in dist.logits]
+            action = torch.stack([torch.multinomial(p, 1, generator=self.generator)[:, 0]
+                                  for p in probs], dim=-1).to(self.device)
+        log_prob = dist.log_prob(action)
+        hidden_used = self.hidden
+        self.prediction, self.hidden = self.models['dynamics'].step(z, hidden_used, action)
+        self.steps += 1
+        return AgentStep(action=action[0].cpu(), log_prob=log_prob[0].cpu(),
+                         value=float(value[0]), reward=reward, prediction_error=error,
+                         latent=z[0].cpu(), hidden=hidden_used[0].cpu())
+
+    @torch.inference_mode()
+    def predicted_frame(self) -> np.ndarray | None:
+        """The decoded prediction of the next frame, HxWx3 uint8 (None before step 1)."""
+        if self.prediction is None:
+            return None
+        image = self.models['decoder'](self.prediction)[0]
+        return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+    def forget_prediction(self) -> None:
+        """After a pause the last prediction no longer refers to the next frame."""
+        self.prediction = None

@@ -1,0 +1,127 @@
+"""The one description of the ami_ros graph.
+
+Both `launch/ami.launch.py` (ros2 launch) and `ami-ros launch` (pip
+installs) build the graph from here, so the two cannot drift apart: the
+launch arguments, which nodes run for a given set of arguments, their names,
+and the parameters each gets on top of the parameters file.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ami_ros.core.presets import PRESETS
+
+
+@dataclass(frozen=True)
+class LaunchArgument:
+    default: str
+    description: str
+    choices: tuple[str, ...] | None = None
+
+
+LAUNCH_ARGUMENTS: dict[str, LaunchArgument] = {
+    'world': LaunchArgument(
+        'vrchat', 'vrchat: OBS virtual camera in, OSC out to VRChat; '
+        'doom: the embedded ViZDoom world stands in for both', ('vrchat', 'doom')),
+    'preset': LaunchArgument('small', 'model size preset', tuple(PRESETS)),
+    'device': LaunchArgument('cpu', 'torch device for the agent: cpu, cuda or cuda:N'),
+    'vrchat_host': LaunchArgument('127.0.0.1', 'host VRChat (or doom_world) listens on for OSC'),
+    'vrchat_port': LaunchArgument('9000', 'UDP port VRChat (or doom_world) listens on for OSC'),
+    'camera_source': LaunchArgument(
+        '', 'camera source: empty = the V4L2 device named "OBS Virtual Camera"; '
+        'or a device index, /dev/video* path, video file or stream URL'),
+    'params_file': LaunchArgument('', 'ROS 2 parameters file (empty: the package\'s config/ami.yaml)'),
+    'namespace': LaunchArgument('', 'namespace for every node of the graph'),
+}
+
+ACTING_NODES_VRCHAT = ('camera', 'agent', 'osc_bridge')
+ACTING_NODES_DOOM = ('doom_world', 'agent', 'osc_bridge')
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of the graph: its executable, its name and its parameters."""
+
+    executable: str
+    name: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+class GraphArgumentError(ValueError):
+    """A launch argument that is unknown or has a value outside its choices."""
+
+
+def resolve_arguments(given: dict[str, str]) -> dict[str, str]:
+    """Launch arguments with defaults filled in; unknown or invalid ones refused."""
+    unknown = sorted(set(given) - set(LAUNCH_ARGUMENTS))
+    if unknown:
+        raise GraphArgumentError(
+            f'unknown launch argument {", ".join(unknown)}; known: {", ".join(LAUNCH_ARGUMENTS)}')
+    args = {name: str(given.get(name, arg.default)) for name, arg in LAUNCH_ARGUMENTS.items()}
+    for name, arg in LAUNCH_ARGUMENTS.items():
+        if arg.choices and args[name] not in arg.choices:
+            raise GraphArgumentError(
+                f'{name}:={args[name]} is not valid; use one of {", ".join(arg.choices)}')
+    try:
+        port = int(args['vrchat_port'])
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise GraphArgumentError(f'vrchat_port:={args["vrchat_port"]} is not a UDP port (1..65535)')
+    return args
+
+
+def describe(given: dict[str, str]) -> list[NodeSpec]:
+    """The nodes to start for these launch arguments, in start order.
+
+    The manager comes last: it manages the nodes started before it, in the
+    order its `managed_nodes` lists them (the order pause applies).
+    """
+    args = resolve_arguments(given)
+    port = int(args['vrchat_port'])
+    nodes: list[NodeSpec] = []
+    if args['world'] == 'doom':
+        nodes.append(NodeSpec('doom_world', 'doom_world', {'port': port}))
+    else:
+        nodes.append(NodeSpec('camera', 'camera', {'source': args['camera_source']}))
+    nodes.append(NodeSpec('agent', 'agent', {'preset': args['preset'], 'device': args['device']}))
+    nodes.append(NodeSpec('osc_bridge', 'osc_bridge',
+                          {'host': args['vrchat_host'], 'port': port}))
+    nodes.append(NodeSpec('manager', 'manager', {'managed_nodes': [n.name for n in nodes]}))
+    return nodes
+
+
+def package_share() -> Path:
+    """share/ami_ros of an install (colcon or pip), or the source tree."""
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+
+        try:
+            share = Path(get_package_share_directory('ami_ros'))
+            if (share / 'config' / 'ami.yaml').exists():
+                return share
+        except PackageNotFoundError:
+            pass
+    except ImportError:
+        pass
+    for candidate in (Path(__file__).resolve().parent.parent,  # editable / source tree
+                      Path(sys.prefix) / 'share' / 'ami_ros'):  # pip data_files
+        if (candidate / 'config' / 'ami.yaml').exists():
+            return candidate
+    raise FileNotFoundError('cannot find share/ami_ros/config/ami.yaml; reinstall ami_ros')
+
+
+def default_params_file() -> Path:
+    return package_share() / 'config' / 'ami.yaml'
+
+
+def params_file(args: dict[str, str]) -> Path:
+    """The parameters file the arguments name, checked to exist."""
+    path = Path(args['params_file']) if args.get('params_file') else default_params_file()
+    if not path.is_file():
+        raise GraphArgumentError(f'params_file:={path} does not exist')
+    return path

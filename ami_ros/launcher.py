@@ -1,0 +1,246 @@
+"""`ami-ros launch`: start the graph of ami_ros/graph.py as processes.
+
+It does what `ros2 launch ami_ros ami.launch.py` does on a ROS 2 install,
+for pip installs without launch_ros: one process per node with the same
+parameters file and arguments, node output prefixed with the node's name, a
+live status line, SIGINT/SIGTERM forwarded to every node in order (world or
+camera first, the bridge, which releases every input, after the agent), and a
+non-zero exit when a node died.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import IO
+
+import yaml
+
+from ami_ros.graph import NodeSpec, describe, params_file, resolve_arguments
+
+STOP_TIMEOUT = 10.0
+
+
+def parse_launch_arguments(items: list[str]) -> dict[str, str]:
+    """['world:=doom', ...] -> {'world': 'doom'}; ValueError on other forms."""
+    args = {}
+    for item in items:
+        name, sep, value = item.partition(':=')
+        if not sep or not name:
+            raise ValueError(f'launch arguments look like NAME:=VALUE, got {item!r}')
+        args[name] = value
+    return args
+
+
+class _Printer:
+    """Node output lines and one status line on the same terminal."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.lock = threading.Lock()
+        self.status = ''
+
+    def line(self, text: str) -> None:
+        with self.lock:
+            if self.tty and self.status:
+                self.stream.write('\r\x1b[K')
+            self.stream.write(text + '\n')
+            if self.tty and self.status:
+                self.stream.write(self.status)
+            self.stream.flush()
+
+    def set_status(self, text: str) -> None:
+        with self.lock:
+            self.status = text
+            if self.tty:
+                self.stream.write('\r\x1b[K' + text)
+                self.stream.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.tty and self.status:
+                self.stream.write('\n')
+                self.stream.flush()
+            self.status = ''
+
+
+class _NodeProcess:
+    def __init__(self, spec: NodeSpec, cmd: list[str], printer: _Printer) -> None:
+        self.spec = spec
+        # Own session: a Ctrl-C on the terminal reaches only the launcher,
+        # which then stops the nodes in order.
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=os.environ.copy())
+        self._reader = threading.Thread(target=self._forward, args=(printer,), daemon=True)
+        self._reader.start()
+
+    def _forward(self, printer: _Printer) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            printer.line(f'[{self.spec.name}] {raw.decode(errors="replace").rstrip()}')
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # counts as a failure: exit code -9
+            self.proc.kill()
+            return self.proc.wait(5)
+
+
+class StatusMonitor:
+    """Rates, latency and graph state from the graph's own topics."""
+
+    def __init__(self, namespace: str) -> None:
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
+        from sensor_msgs.msg import Image, Joy
+        from std_msgs.msg import Float32, String
+
+        self._rclpy = rclpy
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, args=['ami-ros-launch', '--ros-args', '--disable-rosout-logs'],
+                   signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
+        self.node = rclpy.create_node('launch_monitor', namespace=namespace or None,
+                                      context=self.context, enable_rosout=False)
+        self.frames: deque[float] = deque(maxlen=600)
+        self.actions: deque[float] = deque(maxlen=600)
+        self.latency: deque[float] = deque(maxlen=100)
+        self.reward = float('nan')
+        self.state = 'starting'
+        self.node.create_subscription(Image, 'camera/image_raw',
+                                      lambda m: self.frames.append(time.monotonic()),
+                                      qos_profile_sensor_data)
+        self.node.create_subscription(Joy, 'action', self._on_action, 10)
+        self.node.create_subscription(Float32, 'reward', self._on_reward, 10)
+        self.node.create_subscription(
+            String, 'ami/state', lambda m: setattr(self, 'state', m.data),
+            QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        try:
+            self.executor.spin()
+        except Exception:  # context shut down at exit
+            pass
+
+    def _on_action(self, msg) -> None:
+        self.actions.append(time.monotonic())
+        now = self.node.get_clock().now().nanoseconds
+        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        if stamp:
+            self.latency.append((now - stamp) / 1e6)
+
+    def _on_reward(self, msg) -> None:
+        self.reward = msg.data
+
+    @staticmethod
+    def _rate(times: deque[float], window: float = 5.0) -> float:
+        now = time.monotonic()
+        return sum(1 for t in list(times) if now - t <= window) / window
+
+    def line(self, started: float) -> str:
+        lat = sorted(self.latency)
+        p50 = f'{lat[len(lat) // 2]:.1f}' if lat else '-'
+        up = int(time.monotonic() - started)
+        return (f'ami_ros {self.state} | frames {self._rate(self.frames):4.1f} Hz | '
+                f'actions {self._rate(self.actions):4.1f} Hz | frame->action p50 {p50} ms | '
+                f'reward {self.reward:.3f} | up {up // 3600:02d}:{up // 60 % 60:02d}:{up % 60:02d}')
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=1)
+        self.node.destroy_node()
+        self._rclpy.try_shutdown(context=self.context)
+
+
+def launch(given: dict[str, str], duration: float = 0.0, status_interval: float = 1.0) -> int:
+    """Run the graph until SIGINT/SIGTERM, `duration` seconds, or every node exits.
+
+    Returns 0 when every node stopped cleanly, 1 when one died or failed.
+    """
+    args = resolve_arguments(given)
+    specs = describe(args)
+    params = params_file(args)
+    printer = _Printer(sys.stdout)
+    stop_requested = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        stop_requested.set()
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    procs: list[_NodeProcess] = []
+    monitor: StatusMonitor | None = None
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix='ami_ros_launch_') as tmp:
+        try:
+            for spec in specs:
+                overrides = Path(tmp) / f'{spec.name}.yaml'
+                overrides.write_text(yaml.safe_dump(
+                    {f'/**/{spec.name}': {'ros__parameters': spec.parameters}}))
+                cmd = [sys.executable, '-m', 'ami_ros.cli', 'run', spec.executable,
+                       '--ros-args', '-r', f'__node:={spec.name}',
+                       '--params-file', str(params), '--params-file', str(overrides)]
+                if args['namespace']:
+                    cmd += ['-r', f'__ns:={args["namespace"]}']
+                procs.append(_NodeProcess(spec, cmd, printer))
+            printer.line(f'[launch] started {", ".join(p.spec.name for p in procs)} '
+                         f'(world:={args["world"]} preset:={args["preset"]} device:={args["device"]}); '
+                         'Ctrl-C stops')
+            monitor = StatusMonitor(args['namespace'])
+            started = time.monotonic()
+            last_status = 0.0
+            reported: set[str] = set()
+            while not stop_requested.is_set():
+                for p in procs:
+                    code = p.proc.poll()
+                    if code is not None and p.spec.name not in reported:
+                        reported.add(p.spec.name)
+                        if code != 0:
+                            failed.append(p.spec.name)
+                            printer.line(f'[launch] {p.spec.name} died with exit code {code}; '
+                                         'see its output above')
+                        else:
+                            printer.line(f'[launch] {p.spec.name} exited')
+                if all(p.proc.poll() is not None for p in procs):
+                    break
+                if duration and time.monotonic() - started >= duration:
+                    printer.line(f'[launch] duration {duration:g}s reached, stopping')
+                    break
+                now = time.monotonic()
+                if now - last_status >= (status_interval if printer.tty else 10.0):
+                    last_status = now
+                    text = monitor.line(started)
+                    printer.set_status(text) if printer.tty else printer.line(f'[status] {text}')
+                stop_requested.wait(0.1)
+        finally:
+            printer.close()
+            for p in procs:  # in graph order: frames stop first, the bridge releases last
+                p.stop()
+                code = p.wait(STOP_TIMEOUT)
+                if code != 0 and p.spec.name not in failed:
+                    failed.append(p.spec.name)
+                    printer.line(f'[launch] {p.spec.name} stopped with exit code {code}')
+            if monitor is not None:
+                monitor.close()
+            for s, handler in old_handlers.items():
+                signal.signal(s, handler)
+    if failed:
+        printer.line(f'[launch] failed: {", ".join(failed)}')
+        return 1
+    printer.line('[launch] all nodes stopped cleanly')
+    return 0

@@ -1,0 +1,33 @@
+"""ros2 launch ami_ros ami.launch.py [world:=vrchat|doom] [preset:=small] ...
+
+The nodes, their names and their parameters come from ami_ros.graph, the
+same description `ami-ros launch` uses, so the two cannot drift apart.
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+from ami_ros import graph
+
+
+def _nodes(context, *args, **kwargs):
+    given = {name: LaunchConfiguration(name).perform(context) for name in graph.LAUNCH_ARGUMENTS}
+    resolved = graph.resolve_arguments(given)
+    params = str(graph.params_file(resolved))
+    return [
+        Node(package='ami_ros', executable=spec.executable, name=spec.name,
+             namespace=resolved['namespace'], output='screen', emulate_tty=True,
+             parameters=[params, spec.parameters])
+        for spec in graph.describe(resolved)
+    ]
+
+
+def generate_launch_description() -> LaunchDescription:
+    arguments = [
+        DeclareLaunchArgument(name, default_value=arg.default, description=arg.description,
+                              **({'choices': list(arg.choices)} if arg.choices else {}))
+        for name, arg in graph.LAUNCH_ARGUMENTS.items()
+    ]
+    return LaunchDescription([*arguments, OpaqueFunction(function=_nodes)])
