@@ -104,7 +104,7 @@ def package_share() -> Path:
             share = Path(get_package_share_directory('ami_ros'))
             if (share / 'config' / 'ami.yaml').exists():
                 return share
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError):  # OSError: AMENT_PREFIX_PATH unset
             pass
     except ImportError:
         pass

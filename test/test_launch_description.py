@@ -1,0 +1,126 @@
+"""launch/ami.launch.py against the package's graph description.
+
+launch and launch_ros are not on PyPI, so this test loads the launch file
+with minimal stand-ins for the few launch classes it uses (they record their
+arguments) and checks that it declares every argument and starts exactly the
+nodes, executables and parameter files of ami_ros.graph. The real
+`ami-ros launch` is tested with real processes in test_graph.py.
+"""
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ami_ros import graph
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Recorder:
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+class _LaunchConfiguration:
+    def __init__(self, name):
+        self.name = name
+
+    def perform(self, context):
+        return context.launch_configurations[self.name]
+
+
+@pytest.fixture
+def launch_file(monkeypatch):
+    """The launch file's module, loaded with recording stand-ins for launch/launch_ros."""
+    launch = types.ModuleType('launch')
+    launch.LaunchDescription = _Recorder
+    actions = types.ModuleType('launch.actions')
+    actions.DeclareLaunchArgument = _Recorder
+    actions.OpaqueFunction = _Recorder
+    subs = types.ModuleType('launch.substitutions')
+    subs.LaunchConfiguration = _LaunchConfiguration
+    launch_ros = types.ModuleType('launch_ros')
+    ros_actions = types.ModuleType('launch_ros.actions')
+    ros_actions.Node = _Recorder
+    for name, module in {'launch': launch, 'launch.actions': actions,
+                         'launch.substitutions': subs, 'launch_ros': launch_ros,
+                         'launch_ros.actions': ros_actions}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location('ami_launch', ROOT / 'launch' / 'ami.launch.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(launch_file, **given):
+    description = launch_file.generate_launch_description()
+    entities = description.args[0]
+    declared = {e.args[0]: e.kwargs for e in entities if e.args and isinstance(e.args[0], str)}
+    opaque = [e for e in entities if 'function' in e.kwargs][0]
+    config = {name: arg.default for name, arg in graph.LAUNCH_ARGUMENTS.items()}
+    config.update(given)
+    context = types.SimpleNamespace(launch_configurations=config)
+    return declared, opaque.kwargs['function'](context)
+
+
+def test_declares_every_graph_argument_with_description_and_choices(launch_file):
+    declared, _ = _run(launch_file)
+    assert set(declared) == set(graph.LAUNCH_ARGUMENTS)
+    for name, arg in graph.LAUNCH_ARGUMENTS.items():
+        assert declared[name]['default_value'] == arg.default
+        assert declared[name]['description']
+        if arg.choices:
+            assert declared[name]['choices'] == list(arg.choices)
+
+
+@pytest.mark.parametrize('world', ['vrchat', 'doom'])
+def test_starts_the_graph_nodes_with_the_params_file(launch_file, world):
+    _, nodes = _run(launch_file, world=world, preset='ami', vrchat_port='9123', namespace='bot')
+    specs = graph.describe({'world': world, 'preset': 'ami', 'vrchat_port': '9123',
+                            'namespace': 'bot'})
+    assert [n.kwargs['executable'] for n in nodes] == [s.executable for s in specs]
+    assert [n.kwargs['name'] for n in nodes] == [s.name for s in specs]
+    params_file = Path(nodes[0].kwargs['parameters'][0])
+    assert params_file == ROOT / 'config' / 'ami.yaml'
+    for node, spec in zip(nodes, specs, strict=True):
+        assert node.kwargs['package'] == 'ami_ros'
+        assert node.kwargs['namespace'] == 'bot'
+        assert node.kwargs['parameters'] == [str(params_file), spec.parameters]
+    executables = [n.kwargs['executable'] for n in nodes]
+    assert ('doom_world' in executables) == (world == 'doom')
+    assert ('camera' in executables) == (world == 'vrchat')
+    agent = nodes[executables.index('agent')]
+    assert agent.kwargs['parameters'][1]['preset'] == 'ami'
+    bridge = nodes[executables.index('osc_bridge')]
+    assert bridge.kwargs['parameters'][1]['port'] == 9123
+
+
+def test_bad_arguments_are_refused_with_the_choices(launch_file):
+    with pytest.raises(graph.GraphArgumentError, match='world:=quake is not valid; use one of vrchat, doom'):
+        _run(launch_file, world='quake')
+    with pytest.raises(graph.GraphArgumentError, match='not a UDP port'):
+        _run(launch_file, vrchat_port='70000')
+
+
+def test_every_node_executable_is_a_node_module_and_an_entry_point():
+    from ami_ros.cli import available_nodes
+
+    setup_src = (ROOT / 'setup.py').read_text()
+    nodes = available_nodes()
+    for world in ('vrchat', 'doom'):
+        for spec in graph.describe({'world': world}):
+            assert spec.executable in nodes
+            assert f"'{spec.executable}'" in setup_src, f'{spec.executable} missing in setup.py NODES'
+
+
+def test_params_file_names_only_graph_nodes():
+    params = yaml.safe_load((ROOT / 'config' / 'ami.yaml').read_text())
+    names = {s.name for w in ('vrchat', 'doom') for s in graph.describe({'world': w})}
+    for key, section in params.items():
+        assert key.startswith('/**/'), key
+        assert key[4:] in names, f'{key} is not a node of the graph'
+        assert 'ros__parameters' in section
