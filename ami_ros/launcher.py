@@ -10,20 +10,17 @@ non-zero exit when a node died.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import IO
 
-import yaml
-
-from ami_ros.graph import NodeSpec, describe, params_file, resolve_arguments
+from ami_ros.core.timing import LatencyWindow, RateMeter
+from ami_ros.graph import describe, params_file, resolve_arguments
+from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters
 
 STOP_TIMEOUT = 10.0
 
@@ -72,33 +69,6 @@ class _Printer:
             self.status = ''
 
 
-class _NodeProcess:
-    def __init__(self, spec: NodeSpec, cmd: list[str], printer: _Printer) -> None:
-        self.spec = spec
-        # Own session: a Ctrl-C on the terminal reaches only the launcher,
-        # which then stops the nodes in order.
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=os.environ.copy())
-        self._reader = threading.Thread(target=self._forward, args=(printer,), daemon=True)
-        self._reader.start()
-
-    def _forward(self, printer: _Printer) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            printer.line(f'[{self.spec.name}] {raw.decode(errors="replace").rstrip()}')
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:  # counts as a failure: exit code -9
-            self.proc.kill()
-            return self.proc.wait(5)
-
-
 class StatusMonitor:
     """Rates, latency and graph state from the graph's own topics."""
 
@@ -115,13 +85,13 @@ class StatusMonitor:
                    signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
         self.node = rclpy.create_node('launch_monitor', namespace=namespace or None,
                                       context=self.context, enable_rosout=False)
-        self.frames: deque[float] = deque(maxlen=600)
-        self.actions: deque[float] = deque(maxlen=600)
-        self.latency: deque[float] = deque(maxlen=100)
+        self.frames = RateMeter()
+        self.actions = RateMeter()
+        self.latency = LatencyWindow(100)
         self.reward = float('nan')
         self.state = 'starting'
         self.node.create_subscription(Image, 'camera/image_raw',
-                                      lambda m: self.frames.append(time.monotonic()),
+                                      lambda m: self.frames.tick(),
                                       qos_profile_sensor_data)
         self.node.create_subscription(Joy, 'action', self._on_action, 10)
         self.node.create_subscription(Float32, 'reward', self._on_reward, 10)
@@ -140,26 +110,20 @@ class StatusMonitor:
             pass
 
     def _on_action(self, msg) -> None:
-        self.actions.append(time.monotonic())
+        self.actions.tick()
         now = self.node.get_clock().now().nanoseconds
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         if stamp:
-            self.latency.append((now - stamp) / 1e6)
+            self.latency.add((now - stamp) / 1e6)
 
     def _on_reward(self, msg) -> None:
         self.reward = msg.data
 
-    @staticmethod
-    def _rate(times: deque[float], window: float = 5.0) -> float:
-        now = time.monotonic()
-        return sum(1 for t in list(times) if now - t <= window) / window
-
     def line(self, started: float) -> str:
-        lat = sorted(self.latency)
-        p50 = f'{lat[len(lat) // 2]:.1f}' if lat else '-'
+        p50 = self.latency.summary()['p50']
         up = int(time.monotonic() - started)
-        return (f'ami_ros {self.state} | frames {self._rate(self.frames):4.1f} Hz | '
-                f'actions {self._rate(self.actions):4.1f} Hz | frame->action p50 {p50} ms | '
+        return (f'ami_ros {self.state} | frames {self.frames.rate():4.1f} Hz | '
+                f'actions {self.actions.rate():4.1f} Hz | frame->action p50 {p50:.1f} ms | '
                 f'reward {self.reward:.3f} | up {up // 3600:02d}:{up // 60 % 60:02d}:{up % 60:02d}')
 
     def close(self) -> None:
@@ -183,22 +147,19 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
         stop_requested.set()
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    procs: list[_NodeProcess] = []
+    procs: list[NodeProcess] = []
     monitor: StatusMonitor | None = None
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix='ami_ros_launch_') as tmp:
         try:
             for spec in specs:
-                overrides = Path(tmp) / f'{spec.name}.yaml'
-                overrides.write_text(yaml.safe_dump(
-                    {f'/**/{spec.name}': {'ros__parameters': spec.parameters}}))
-                cmd = [sys.executable, '-m', 'ami_ros.cli', 'run', spec.executable,
-                       '--ros-args', '-r', f'__node:={spec.name}',
-                       '--params-file', str(params), '--params-file', str(overrides)]
-                if args['namespace']:
-                    cmd += ['-r', f'__ns:={args["namespace"]}']
-                procs.append(_NodeProcess(spec, cmd, printer))
-            printer.line(f'[launch] started {", ".join(p.spec.name for p in procs)} '
+                overrides = write_parameters(Path(tmp) / f'{spec.name}.yaml', spec.name,
+                                             spec.parameters)
+                cmd = node_command(spec.executable, spec.name, [params, overrides],
+                                   namespace=args['namespace'])
+                procs.append(NodeProcess(spec.name, cmd,
+                                         on_line=lambda text, n=spec.name: printer.line(f'[{n}] {text}')))
+            printer.line(f'[launch] started {", ".join(p.name for p in procs)} '
                          f'(world:={args["world"]} preset:={args["preset"]} device:={args["device"]}); '
                          'Ctrl-C stops')
             monitor = StatusMonitor(args['namespace'])
@@ -208,14 +169,14 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
             while not stop_requested.is_set():
                 for p in procs:
                     code = p.proc.poll()
-                    if code is not None and p.spec.name not in reported:
-                        reported.add(p.spec.name)
+                    if code is not None and p.name not in reported:
+                        reported.add(p.name)
                         if code != 0:
-                            failed.append(p.spec.name)
-                            printer.line(f'[launch] {p.spec.name} died with exit code {code}; '
+                            failed.append(p.name)
+                            printer.line(f'[launch] {p.name} died with exit code {code}; '
                                          'see its output above')
                         else:
-                            printer.line(f'[launch] {p.spec.name} exited')
+                            printer.line(f'[launch] {p.name} exited')
                 if all(p.proc.poll() is not None for p in procs):
                     break
                 if duration and time.monotonic() - started >= duration:
@@ -230,11 +191,10 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
         finally:
             printer.close()
             for p in procs:  # in graph order: frames stop first, the bridge releases last
-                p.stop()
-                code = p.wait(STOP_TIMEOUT)
-                if code != 0 and p.spec.name not in failed:
-                    failed.append(p.spec.name)
-                    printer.line(f'[launch] {p.spec.name} stopped with exit code {code}')
+                code = p.stop(signal.SIGINT, STOP_TIMEOUT)
+                if code != 0 and p.name not in failed:
+                    failed.append(p.name)
+                    printer.line(f'[launch] {p.name} stopped with exit code {code}')
             if monitor is not None:
                 monitor.close()
             for s, handler in old_handlers.items():

@@ -36,12 +36,12 @@ def test_node():
 @pytest.fixture
 def launch(tmp_path):
     """Start node processes; every one is stopped when the test ends."""
-    from ros_harness import NodeProcess
+    from ros_harness import start_node
 
-    started: list[NodeProcess] = []
+    started = []
 
-    def start(node: str, **kwargs) -> NodeProcess:
-        proc = NodeProcess(node, tmp_path / 'logs', **kwargs)
+    def start(node: str, **kwargs):
+        proc = start_node(node, tmp_path / 'logs', **kwargs)
         started.append(proc)
         return proc
 

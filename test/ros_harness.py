@@ -6,17 +6,13 @@ discovery on localhost only and a ROS_DOMAIN_ID of this test run alone.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.02,
@@ -32,52 +28,17 @@ def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.0
         time.sleep(interval)
 
 
-class NodeProcess:
-    """One node started as `python -m ami_ros.cli run NODE --ros-args ...`."""
-
-    def __init__(self, node: str, log_dir: Path, parameters: dict[str, Any] | None = None,
-                 name: str | None = None, namespace: str = '',
-                 remaps: dict[str, str] | None = None, env: dict[str, str] | None = None,
-                 extra_args: list[str] | None = None) -> None:
-        self.node = node
-        self.name = name or node
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f'{self.name}.log'
-        params_path = log_dir / f'{self.name}.params.yaml'
-        params_path.write_text(yaml.safe_dump({'/**': {'ros__parameters': parameters or {}}}))
-        cmd = [sys.executable, '-u', '-m', 'ami_ros.cli', 'run', node, '--ros-args',
-               '--params-file', str(params_path), '-r', f'__node:={self.name}']
-        if namespace:
-            cmd += ['-r', f'__ns:={namespace}']
-        for src, dst in (remaps or {}).items():
-            cmd += ['-r', f'{src}:={dst}']
-        cmd += extra_args or []
-        self._log = open(self.log_path, 'wb')
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors='replace')
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, sig: int) -> None:
-        if self.alive():
-            self.proc.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
-        """Stop with `sig`, SIGKILL after `timeout`; the exit code."""
-        self.send(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
-        finally:
-            self._log.close()
+def start_node(node: str, log_dir: Path, parameters: dict[str, Any] | None = None,
+               name: str | None = None, namespace: str = '',
+               remaps: dict[str, str] | None = None, env: dict[str, str] | None = None,
+               extra_args: list[str] | None = None) -> NodeProcess:
+    """Start node `node` as a process logging to `log_dir/<name>.log`."""
+    name = name or node
+    log_dir.mkdir(parents=True, exist_ok=True)
+    params = write_parameters(log_dir / f'{name}.params.yaml', name, parameters or {})
+    cmd = node_command(node, name, [params], namespace=namespace, remaps=remaps,
+                       extra_ros_args=extra_args or [])
+    return NodeProcess(name, cmd, log_path=log_dir / f'{name}.log', env=env)
 
 
 class TestNode:

@@ -41,6 +41,6 @@ class LatencyWindow:
         self.values.append(ms)
 
     def summary(self) -> dict[str, float]:
-        values = sorted(self.values)
+        values = sorted(self.values.copy())  # copy is atomic; callbacks may append meanwhile
         return {'p50': percentile(values, 0.5), 'p99': percentile(values, 0.99),
                 'max': values[-1] if values else float('nan')}
