@@ -70,8 +70,13 @@ class SConvLayer(nn.Module):
         n = lag.clamp(min=0).to(x.dtype)[..., None]  # [T, T, 1]
         mag = torch.exp(n * log_r) * causal[..., None].to(x.dtype)
         ang = n * self.phase
-        decay = torch.complex(mag * torch.cos(ang), mag * torch.sin(ang))  # [T, T, dim]
-        h = torch.einsum('tkc,bkc->btc', decay, self._input(x))
+        d_re, d_im = mag * torch.cos(ang), mag * torch.sin(ang)  # [T, T, dim]
+        u_re, u_im = x * self.gain_re, x * self.gain_im  # [B, T, dim]
+        # Complex products in real arithmetic, as broadcast multiply-and-sum:
+        # complex einsum/bmm on the CPU falls back to a slow per-matrix loop
+        # (about 10x slower here), and B*T*T*dim stays small for training chunks.
+        u_re, u_im = u_re[:, None], u_im[:, None]  # [B, 1, T(k), dim]
+        h = torch.complex((d_re * u_re - d_im * u_im).sum(2), (d_re * u_im + d_im * u_re).sum(2))
         # The initial state decays as lam^(t+1).
         n0 = (t + 1).to(x.dtype)[:, None]  # [T, 1]
         mag0 = torch.exp(n0 * log_r)
