@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where tensors are made: camera and doom_world only crop
+# and resize, and need not pay torch's second of start-up and ~200 MB.
 
 
 def center_crop_resize(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -28,9 +35,13 @@ def center_crop_resize(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def to_observation(rgb: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> float tensor [3, H, W] in [0, 1]."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
 
 
 def to_uint8_chw(rgb: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> uint8 tensor [3, H, W], the form buffers and envelopes store."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()

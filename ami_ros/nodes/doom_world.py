@@ -1,0 +1,211 @@
+"""doom_world: the embedded stand-in for VRChat + OBS, a headless ViZDoom world.
+
+It listens for VRChat's OSC input (`/input/Vertical`, `/input/Horizontal`,
+`/input/LookHorizontal` floats; `/input/MoveForward`, `/input/MoveBackward`,
+`/input/MoveLeft`, `/input/MoveRight`, `/input/LookLeft`, `/input/LookRight`,
+`/input/Jump`, `/input/Run` ints) on UDP, exactly where VRChat would, steps
+the game in real time with the held input, and publishes the frame as the
+camera node would. Control mapping: see ami_ros.core.doom.
+
+Published topics (relative names; lifecycle publishers, nothing while inactive):
+    camera/image_raw  sensor_msgs/Image     rgb8 width x height, stamped at capture
+    world/pose        geometry_msgs/PoseStamped  player position (map units) and yaw
+
+Parameters:
+    host, port        OSC input address (127.0.0.1, 9000 like VRChat)
+    scenario          ViZDoom scenario name in vizdoom.scenarios_path, or a .cfg path
+                      (my_way_home)
+    fps               camera frame rate at time_scale 1 (10.0); each step is
+                      round(35 / fps) Doom tics
+    time_scale        speed-up of the world, 0.1..20 (1.0): steps per second are
+                      fps * time_scale, game time per step stays the same
+    width, height     published image size (84 x 84), centre crop of the 160x120 render
+    episode_timeout   seconds of game time per episode, 0 = the scenario's (0.0)
+    seed              game seed, -1 = random (-1)
+    turn_speed        degrees per second of game time at full LookHorizontal (~123,
+                      Doom's keyboard turn)
+    frame_id          frame of world/pose (map)
+    camera_frame_id   frame of camera/image_raw (camera)
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import sys
+import threading
+
+from geometry_msgs.msg import PoseStamped
+from pythonosc.dispatcher import Dispatcher
+from pythonosc.osc_server import BlockingOSCUDPServer
+from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
+from sensor_msgs.msg import Image
+
+from ami_ros.core.doom import (
+    DEFAULT_TURN_SPEED,
+    DoomWorld,
+    VRChatInputState,
+    WorldState,
+    frame_skip_for,
+    resolve_scenario,
+)
+from ami_ros.ros.images import rgb_to_image
+from ami_ros.ros.managed_node import ManagedNode, run
+
+
+class DoomWorldNode(ManagedNode):
+    """ViZDoom driven by VRChat's OSC input, publishing camera frames and the pose."""
+
+    def __init__(self) -> None:
+        super().__init__('doom_world')
+        self.host = self.declare('host', '127.0.0.1', 'Address the OSC input server binds (as VRChat).')
+        self.port = self.declare('port', 9000, 'UDP port of the OSC input (VRChat listens on 9000).',
+                                 low=1, high=65535)
+        scenario = self.declare('scenario', 'my_way_home',
+                                'ViZDoom scenario: a .cfg name in vizdoom.scenarios_path, or a .cfg path.')
+        self.fps = self.declare('fps', 10.0,
+                                'Frames per second at time_scale 1; a step is round(35/fps) tics.',
+                                low=1.0, high=35.0)
+        self.time_scale = self.declare('time_scale', 1.0,
+                                       'World speed-up: steps per second = fps * time_scale.',
+                                       low=0.1, high=20.0)
+        self.width = self.declare('width', 84, 'Published image width.', low=8, high=1024)
+        self.height = self.declare('height', 84, 'Published image height.', low=8, high=1024)
+        self.episode_timeout = self.declare(
+            'episode_timeout', 0.0, 'Episode length in seconds of game time; 0 = the scenario default.',
+            low=0.0, high=86400.0)
+        self.seed = self.declare('seed', -1, 'Game seed; -1 = random.', low=-1, high=2**31 - 1)
+        self.turn_speed = self.declare(
+            'turn_speed', DEFAULT_TURN_SPEED,
+            'Turn rate in degrees per second of game time at LookHorizontal = 1.', low=1.0, high=1440.0)
+        self.frame_id = self.declare('frame_id', 'map', 'Frame of world/pose.')
+        self.camera_frame_id = self.declare('camera_frame_id', 'camera', 'Frame of camera/image_raw.')
+
+        # Fail before anything starts: a bad scenario or a busy port ends the process.
+        self.config_path = resolve_scenario(scenario)
+        self.frame_skip = frame_skip_for(self.fps)
+        self.inputs = VRChatInputState(self.turn_speed)
+        self.world: DoomWorld | None = None
+        self._image_pub = None
+        self._pose_pub = None
+        self._timer = None
+        self._osc = self._open_osc()
+        self._osc_thread = threading.Thread(target=self._osc.serve_forever, kwargs={'poll_interval': 0.5},
+                                            name='osc_input', daemon=True)
+        self._osc_thread.start()
+
+    # -- OSC input ----------------------------------------------------------
+    def _open_osc(self) -> BlockingOSCUDPServer:
+        dispatcher = Dispatcher()
+        dispatcher.set_default_handler(self._on_osc)
+        try:
+            # One blocking server on its own thread: no thread per datagram.
+            return BlockingOSCUDPServer((self.host, self.port), dispatcher)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise RuntimeError(
+                    f'UDP port {self.port} on {self.host} is already in use (VRChat or another '
+                    f'doom_world?); stop that program or pick another port: --ros-args -p port:=9002'
+                ) from None
+            raise RuntimeError(f'cannot listen for OSC on {self.host}:{self.port}: {exc}') from None
+
+    def _on_osc(self, address: str, *values: object) -> None:
+        # Runs on the OSC thread; the input state has its own lock. Returns
+        # None on purpose: python-osc would send a returned value back.
+        try:
+            if not self.inputs.handle(address, *values):
+                self.get_logger().debug(f'ignoring OSC {address} {values!r}: not a VRChat input')
+        except ValueError as exc:
+            self.get_logger().warning(f'ignoring OSC message: {exc}', throttle_duration_sec=5.0)
+
+    def _close_osc(self) -> None:
+        if self._osc is None:
+            return
+        if self._osc_thread.is_alive():
+            self._osc.shutdown()  # waits for serve_forever to return
+        self._osc.server_close()
+        self._osc = None
+
+    # -- lifecycle ----------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self.world = DoomWorld(
+                self.config_path, frame_skip=self.frame_skip, width=self.width, height=self.height,
+                episode_timeout=self.episode_timeout, seed=self.seed if self.seed >= 0 else None)
+        except Exception as exc:
+            self.get_logger().error(f'cannot start ViZDoom with {self.config_path}: {exc}')
+            return TransitionCallbackReturn.FAILURE
+        self._image_pub = self.create_lifecycle_publisher(Image, 'camera/image_raw', 10)
+        self._pose_pub = self.create_lifecycle_publisher(PoseStamped, 'world/pose', 10)
+        rate = self.fps * self.time_scale
+        self._timer = self.create_timer(1.0 / rate, self._step)
+        self._timer.cancel()  # runs only while active
+        self.get_logger().info(
+            f'scenario {self.config_path}; OSC input on udp://{self.host}:{self.port}; '
+            f'{rate:g} steps/s (fps {self.fps:g} x time_scale {self.time_scale:g}), '
+            f'{self.frame_skip} tics per step; camera/image_raw {self.width}x{self.height}, world/pose')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self._timer is not None:
+            self._timer.reset()
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self._timer is not None:
+            self._timer.cancel()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_world()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_world()
+        return super().on_shutdown(state)
+
+    def on_exit(self) -> None:
+        self._close_osc()
+        if self.world is not None:
+            self.world.close()
+            self.world = None
+
+    def _release_world(self) -> None:
+        if self._timer is not None:
+            self.destroy_timer(self._timer)
+            self._timer = None
+        for pub in (self._image_pub, self._pose_pub):
+            if pub is not None:
+                self.destroy_lifecycle_publisher(pub)
+        self._image_pub = self._pose_pub = None
+        if self.world is not None:
+            self.world.close()
+            self.world = None
+
+    # -- the step -----------------------------------------------------------
+    def _step(self) -> None:
+        if not self.is_active or self.world is None:
+            return
+        snap = self.world.step(self.inputs.to_buttons())
+        stamp = self.get_clock().now().to_msg()
+        self._image_pub.publish(rgb_to_image(snap.frame, stamp, self.camera_frame_id))
+        self._pose_pub.publish(self._pose(snap, stamp))
+
+    def _pose(self, snap: WorldState, stamp) -> PoseStamped:
+        msg = PoseStamped()
+        msg.header.stamp = stamp
+        msg.header.frame_id = self.frame_id
+        msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = snap.x, snap.y, snap.z
+        # Doom's ANGLE is degrees counter-clockwise from +x: a ROS yaw (REP 103).
+        half = math.radians(snap.angle) / 2.0
+        msg.pose.orientation.z = math.sin(half)
+        msg.pose.orientation.w = math.cos(half)
+        return msg
+
+
+def main(args=None) -> int:
+    return run(DoomWorldNode, args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
