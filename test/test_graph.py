@@ -10,10 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import yaml
 from pythonosc.dispatcher import Dispatcher
 from pythonosc.osc_server import ThreadingOSCUDPServer
 from ros_harness import wait_for
@@ -95,9 +97,22 @@ def graph(tmp_path, vrchat):
     log.close()
 
 
-def test_full_chain_pause_resume_shutdown(graph, vrchat):
+def _declared_parameters(test_node, node_name):
+    from rcl_interfaces.srv import ListParameters
+
+    return set(test_node.call(ListParameters, f'{node_name}/list_parameters').result.names)
+
+
+def test_full_chain_pause_resume_shutdown(graph, vrchat, test_node):
     # Actions reach VRChat as well-typed OSC at about the camera's 10 Hz.
     wait_for(lambda: len(vrchat.messages) > 20, 60, message='OSC from the graph')
+    # Every parameter config/ami.yaml sets is one its node declares (a typo
+    # there would be silently ignored by ROS).
+    params = yaml.safe_load((Path(__file__).parent.parent / 'config' / 'ami.yaml').read_text())
+    for node_name in ('camera', 'agent', 'osc_bridge', 'manager'):
+        declared = _declared_parameters(test_node, node_name)
+        missing = set(params[f'/**/{node_name}']['ros__parameters']) - declared
+        assert not missing, f'{node_name} does not declare {missing}'
     t0 = time.monotonic()
     time.sleep(3.0)  # observe three seconds of steady acting
     window = vrchat.since(t0)
