@@ -48,20 +48,14 @@ def _check_kind(info: StateInfo, kind: str) -> None:
         raise ValueError(f'buffer state is of kind {got!r}, expected {kind!r}')
 
 
-class ImageBuffer:
-    """Images for the VAE; random replacement once `capacity` is reached."""
+class _CountedBuffer:
+    """Size and new-data counters under one lock, shared by the replay buffers."""
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        if capacity < 1:
-            raise ValueError(f'capacity must be >= 1, got {capacity}')
-        self.capacity = int(capacity)
-        self.seed = int(seed)
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._gen = torch.Generator().manual_seed(self.seed)
-        self._images: Tensor | None = None  # allocated on the first add, when the shape is known
         self._size = 0
-        self._new = 0
-        self._added = 0
+        self._new = 0  # added since the last mark_trained()
+        self._added = 0  # ever added (restored from checkpoints)
 
     def __len__(self) -> int:
         with self._lock:
@@ -69,19 +63,32 @@ class ImageBuffer:
 
     @property
     def new_count(self) -> int:
-        """Images added since the last `mark_trained()`."""
+        """Items added since the last `mark_trained()`."""
         with self._lock:
             return self._new
 
     @property
     def added(self) -> int:
-        """Images ever added (restored from checkpoints)."""
+        """Items ever added (restored from checkpoints)."""
         with self._lock:
             return self._added
 
     def mark_trained(self) -> None:
         with self._lock:
             self._new = 0
+
+
+class ImageBuffer(_CountedBuffer):
+    """Images for the VAE; random replacement once `capacity` is reached."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        if capacity < 1:
+            raise ValueError(f'capacity must be >= 1, got {capacity}')
+        self.capacity = int(capacity)
+        self.seed = int(seed)
+        super().__init__()
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self._images: Tensor | None = None  # allocated on the first add, when the shape is known
 
     def add(self, image: Tensor) -> None:
         """Store one uint8 [3, H, W] image (copied)."""
@@ -147,7 +154,7 @@ class ImageBuffer:
             _set_generator_state(self._gen, tensors['generator'])
 
 
-class DynamicsBuffer:
+class DynamicsBuffer(_CountedBuffer):
     """Time-ordered (latent, hidden, action) steps for the forward dynamics;
     the oldest step is dropped once `capacity` is reached (FIFO)."""
 
@@ -155,36 +162,14 @@ class DynamicsBuffer:
         if capacity < 2:
             raise ValueError(f'capacity must be >= 2, got {capacity}')
         self.capacity = int(capacity)
-        self._lock = threading.Lock()
+        super().__init__()
         # Ring storage, allocated on the first add when the shapes are known.
         self._latent: Tensor | None = None
         self._hidden: Tensor | None = None
         self._action: Tensor | None = None
         self._starts: Tensor | None = None  # True where a step does not follow the previous one
         self._head = 0  # ring index of the oldest step
-        self._size = 0
-        self._new = 0
-        self._added = 0
         self._break_next = True  # the very first step starts a sequence
-
-    def __len__(self) -> int:
-        with self._lock:
-            return self._size
-
-    @property
-    def new_count(self) -> int:
-        """Steps added since the last `mark_trained()`."""
-        with self._lock:
-            return self._new
-
-    @property
-    def added(self) -> int:
-        with self._lock:
-            return self._added
-
-    def mark_trained(self) -> None:
-        with self._lock:
-            self._new = 0
 
     def break_sequence(self) -> None:
         """The next step does not follow the last one (restart, dropped steps)."""

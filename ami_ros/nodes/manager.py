@@ -125,25 +125,25 @@ class Manager(Node):
                 problems.append(problem)
         return problems
 
-    async def _pause(self, request, response):
-        problems = await self._apply(self.managed, Transition.TRANSITION_DEACTIVATE,
-                                     State.PRIMARY_STATE_ACTIVE)
-        self.state = 'paused'
+    async def _move_graph(self, names: Sequence[str], transition: int, only_from: int,
+                          state: str, response):
+        problems = await self._apply(names, transition, only_from)
+        self.state = state
         self._publish_state()
         response.success = not problems
-        response.message = 'paused' + (f' ({"; ".join(problems)})' if problems else '')
+        response.message = state + (f' ({"; ".join(problems)})' if problems else '')
         self.get_logger().info(response.message)
         return response
 
+    async def _pause(self, request, response):
+        return await self._move_graph(self.managed, Transition.TRANSITION_DEACTIVATE,
+                                      State.PRIMARY_STATE_ACTIVE, 'paused', response)
+
     async def _resume(self, request, response):
-        problems = await self._apply(list(reversed(self.managed)), Transition.TRANSITION_ACTIVATE,
-                                     State.PRIMARY_STATE_INACTIVE)
-        self.state = 'running'
-        self._publish_state()
-        response.success = not problems
-        response.message = 'running' + (f' ({"; ".join(problems)})' if problems else '')
-        self.get_logger().info(response.message)
-        return response
+        # Reverse order: the bridge listens before the agent acts, the agent
+        # before frames flow.
+        return await self._move_graph(list(reversed(self.managed)), Transition.TRANSITION_ACTIVATE,
+                                      State.PRIMARY_STATE_INACTIVE, 'running', response)
 
     async def _status(self, request, response):
         parts, reachable = [], True
