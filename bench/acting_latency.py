@@ -23,14 +23,15 @@ import time
 from pathlib import Path
 
 os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-os.environ.setdefault('ROS_DOMAIN_ID', str(150 + os.getpid() % 50))
+# Linux DDS domains stay in 0..101 (higher ones reach into ephemeral ports).
+os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
 
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from pythonosc.dispatcher import Dispatcher  # noqa: E402
-from pythonosc.osc_server import ThreadingOSCUDPServer  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from pythonosc.osc_server import BlockingOSCUDPServer  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from sensor_msgs.msg import Image, Joy  # noqa: E402
 
 from ami_ros.core.timing import percentile  # noqa: E402
@@ -52,7 +53,7 @@ class Chain:
         dispatcher = Dispatcher()
         dispatcher.set_default_handler(self._on_osc)
         port = free_udp_port()
-        self.osc = ThreadingOSCUDPServer(('127.0.0.1', port), dispatcher)
+        self.osc = BlockingOSCUDPServer(('127.0.0.1', port), dispatcher)
         threading.Thread(target=self.osc.serve_forever, daemon=True).start()
         self.procs = []
         for exe, params in (('agent', {'preset': preset, 'publish_prediction': False}),
@@ -69,7 +70,8 @@ class Chain:
         self.agent_diag: dict[str, str] = {}
         self.node.create_subscription(Joy, 'action', self._on_action, 100)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
-        self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
+        # One thread: rclpy's MultiThreadedExecutor busy-loops a core here.
+        self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         threading.Thread(target=self._spin, daemon=True).start()
 

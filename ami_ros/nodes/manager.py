@@ -24,7 +24,7 @@ from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile
 from rclpy.task import Future
@@ -58,7 +58,7 @@ class Manager(Node):
             'call_timeout', 5.0, ParameterDescriptor(
                 description='Seconds to wait for one node to answer a lifecycle call.',
                 floating_point_range=[FloatingPointRange(from_value=0.5, to_value=60.0)])).value)
-        group = ReentrantCallbackGroup()  # service handlers await other services
+        group = ReentrantCallbackGroup()  # handlers await other services' answers
         self._change = {n: self.create_client(ChangeState, f'{n}/change_state', callback_group=group)
                         for n in self.managed}
         self._get = {n: self.create_client(GetState, f'{n}/get_state', callback_group=group)
@@ -174,7 +174,10 @@ class Manager(Node):
 def main(args: list[str] | None = None) -> int:
     rclpy.init(args=args)
     node = Manager()
-    executor = MultiThreadedExecutor(num_threads=2)
+    # One thread is enough: the service handlers are coroutines that await
+    # the nodes' answers (rclpy's MultiThreadedExecutor would also busy-loop
+    # a core the agent needs).
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
         while rclpy.ok() and not node.finished:
