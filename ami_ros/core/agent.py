@@ -9,17 +9,22 @@ around this class; benchmarks drive it directly.
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ami_ros.core.envelope import EnvelopeError, TensorSpec, specs_of
 from ami_ros.core.models import MODEL_NAMES, build_models
 from ami_ros.core.observation import to_observation
 from ami_ros.core.presets import IMAGE_SHAPE, Preset, get_preset
 from ami_ros.core.reward import make_reward
+from ami_ros.core.schemas import decode_weights
 
 
 @dataclass
@@ -33,6 +38,7 @@ class AgentStep:
     prediction_error: float  # mean squared error of the previous prediction, NaN likewise
     latent: Tensor  # float32 [L], z_t
     hidden: Tensor  # complex64 [depth, dim], the state the dynamics used at this step
+    versions: dict[str, int]  # of the weights that produced this step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,16 +69,23 @@ class CuriosityAgent:
         self.hidden = self.models['dynamics'].initial_hidden(1, self.device)
         self.prediction: Tensor | None = None  # mean of z_{t+1} predicted at step t
         self.steps = 0
+        # Held by step() and swap(): new weights go in between two steps, never during one.
+        self._lock = threading.Lock()
+        self._specs = {name: specs_of(m.state_dict()) for name, m in self.models.items()}
 
     @property
     def encoder(self):
         return self.models['encoder']
 
-    @torch.inference_mode()
     def step(self, rgb: np.ndarray) -> AgentStep:
         """Act on one HxWx3 uint8 RGB frame of the preset's image size."""
         if rgb.shape != (IMAGE_SHAPE[1], IMAGE_SHAPE[2], 3):
             raise ValueError(f'frame must be {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[2]}x3, got {rgb.shape}')
+        with self._lock:
+            return self._step(rgb)
+
+    @torch.inference_mode()
+    def _step(self, rgb: np.ndarray) -> AgentStep:
         obs = to_observation(rgb).unsqueeze(0).to(self.device)
         z = self.models['encoder'].encode_mean(obs)
         if self.prediction is not None:
@@ -95,7 +108,8 @@ class CuriosityAgent:
         self.steps += 1
         return AgentStep(action=action[0].cpu(), log_prob=log_prob[0].cpu(),
                          value=float(value[0]), reward=reward, prediction_error=error,
-                         latent=z[0].cpu(), hidden=hidden_used[0].cpu())
+                         latent=z[0].cpu(), hidden=hidden_used[0].cpu(),
+                         versions=dict(self.versions))
 
     @torch.inference_mode()
     def predicted_frame(self) -> np.ndarray | None:
@@ -108,3 +122,37 @@ class CuriosityAgent:
     def forget_prediction(self) -> None:
         """After a pause the last prediction no longer refers to the next frame."""
         self.prediction = None
+
+    # -- weight sync --------------------------------------------------------
+    def weight_specs(self, name: str) -> dict[str, TensorSpec]:
+        return self._specs[name]
+
+    def prepare_weights(self, blobs: Mapping[str, bytes]) -> dict[str, tuple[torch.nn.Module, int]]:
+        """Validate weight envelopes and build the models they describe, off to the side.
+
+        Every blob is checked (model name, preset, tensor names, dtypes,
+        shapes, finite values) before any model is built; the first problem
+        raises EnvelopeError naming the model. Nothing the agent runs is
+        touched: `swap()` puts the result in.
+        """
+        decoded = {}
+        for name, blob in blobs.items():
+            if name not in self.models:
+                raise EnvelopeError(f'unknown model {name!r}; models: {", ".join(MODEL_NAMES)}')
+            try:
+                decoded[name] = decode_weights(blob, name, self._specs[name], self.preset)
+            except EnvelopeError as exc:
+                raise EnvelopeError(f'{name}: {exc}') from None
+        prepared = {}
+        for name, (state, version) in decoded.items():
+            model = copy.deepcopy(self.models[name])
+            model.load_state_dict(state)
+            prepared[name] = (model.to(self.device).eval(), version)
+        return prepared
+
+    def swap(self, prepared: Mapping[str, tuple[torch.nn.Module, int]]) -> None:
+        """Put prepared models in, all together, between two steps."""
+        with self._lock:
+            for name, (model, version) in prepared.items():
+                self.models[name] = model
+                self.versions[name] = version

@@ -10,7 +10,17 @@ Publishes:
   prediction_error        std_msgs/Float32, MSE of the latent prediction
   prediction/image_raw    sensor_msgs/Image, the decoded predicted next frame
                           (only while someone subscribes)
+  experience              std_msgs/UInt8MultiArray, one envelope per step (see
+                          ami_ros/core/schemas.py): everything a trainer needs
   /diagnostics            rate, step latency, steps, model versions
+Serves:
+  agent/sync_weights      rcl_interfaces/srv/SetParameters: one Parameter per
+                          model ('encoder', 'decoder', 'dynamics', 'policy'),
+                          its byte_array_value a weights envelope, or its
+                          string_value 'file:///path' of one (same machine:
+                          no copy through DDS). The whole request is checked
+                          before anything changes; the new models are built
+                          on a worker thread and swapped in between two steps.
 
 Parameters: preset, device, seed, reward, deterministic, torch_threads,
 publish_prediction (see `ami-ros run agent --ros-args -p ...` and README).
@@ -20,18 +30,25 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
+from pathlib import Path
 
 import torch
+from rcl_interfaces.msg import ParameterType, SetParametersResult
+from rcl_interfaces.srv import SetParameters
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.task import Future
 from sensor_msgs.msg import Image, Joy
-from std_msgs.msg import Float32
+from std_msgs.msg import Float32, UInt8MultiArray
 
 from ami_ros.core.action import action_to_controls
 from ami_ros.core.agent import CuriosityAgent
-from ami_ros.core.observation import center_crop_resize
+from ami_ros.core.envelope import EnvelopeError
+from ami_ros.core.observation import center_crop_resize, to_uint8_chw
 from ami_ros.core.presets import IMAGE_SHAPE, PRESETS
 from ami_ros.core.reward import REWARDS
+from ami_ros.core.schemas import ExperienceStep, encode_experience
 from ami_ros.core.timing import LatencyWindow, RateMeter
 from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.images import image_to_rgb, rgb_to_image
@@ -65,6 +82,13 @@ class AgentNode(ManagedNode):
         self.reward_pub = self.create_lifecycle_publisher(Float32, 'reward', 10)
         self.error_pub = self.create_lifecycle_publisher(Float32, 'prediction_error', 10)
         self.prediction_pub = self.create_lifecycle_publisher(Image, 'prediction/image_raw', 1)
+        # Deep enough that a trainer busy for a moment loses no step.
+        self.experience_pub = self.create_lifecycle_publisher(UInt8MultiArray, 'experience', 100)
+        self.create_service(SetParameters, 'agent/sync_weights', self.on_sync_weights)
+        self._sync_lock = threading.Lock()  # one preparation at a time, swaps in arrival order
+        self.syncs_ok = 0
+        self.syncs_refused = 0
+        self.continues = False  # the next step follows the previous one without a gap
         self.create_subscription(Image, 'camera/image_raw', self.on_frame, NEWEST_FRAME)
         self.rate = RateMeter()
         self.latency = LatencyWindow(1000)
@@ -76,6 +100,7 @@ class AgentNode(ManagedNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.agent.forget_prediction()  # its frame will not be the next one after the pause
+        self.continues = False
         return super().on_deactivate(state)
 
     def _frame_rgb(self, msg: Image):
@@ -108,18 +133,76 @@ class AgentNode(ManagedNode):
         if not math.isnan(step.reward):
             self.reward_pub.publish(Float32(data=step.reward))
             self.error_pub.publish(Float32(data=step.prediction_error))
+        self._publish_experience(rgb, step, stamp)
         if self.publish_prediction and self.prediction_pub.get_subscription_count() > 0:
             frame = self.agent.predicted_frame()
             if frame is not None:
                 self.prediction_pub.publish(rgb_to_image(frame, msg.header.stamp, 'prediction'))
+
+    def _publish_experience(self, rgb, step, stamp_ns: int) -> None:
+        blob = encode_experience(ExperienceStep(
+            observation=to_uint8_chw(rgb), latent=step.latent, hidden=step.hidden,
+            action=step.action, log_prob=step.log_prob, value=step.value,
+            reward=None if math.isnan(step.reward) else step.reward, stamp_ns=stamp_ns,
+            step=self.agent.steps, continues=self.continues, versions=step.versions,
+            preset=self.agent.preset.name))
+        self.experience_pub.publish(UInt8MultiArray(data=blob))
+        self.continues = True
+
+    # -- weight sync --------------------------------------------------------
+    async def on_sync_weights(self, request: SetParameters.Request,
+                              response: SetParameters.Response) -> SetParameters.Response:
+        names = [p.name for p in request.parameters]
+        done = Future(executor=self.executor)
+
+        def prepare() -> None:
+            # Off the executor: decoding and building models of the ami preset
+            # takes tens of ms, which must not delay a step.
+            try:
+                with self._sync_lock:
+                    blobs = {p.name: _envelope_bytes(p) for p in request.parameters}
+                    if len(blobs) != len(names):
+                        raise EnvelopeError('a model is named twice in one request')
+                    if not blobs:
+                        raise EnvelopeError('the request holds no weights')
+                    prepared = self.agent.prepare_weights(blobs)
+                    self.agent.swap(prepared)
+                done.set_result(None)
+            except (EnvelopeError, ValueError, OSError, RuntimeError) as exc:
+                done.set_result(str(exc))
+
+        threading.Thread(target=prepare, name='sync_weights', daemon=True).start()
+        problem = await done
+        if problem is None:
+            self.syncs_ok += 1
+            versions = ', '.join(f'{n} v{self.agent.versions[n]}' for n in names)
+            self.get_logger().info(f'new weights: {versions}')
+            response.results = [SetParametersResult(successful=True) for _ in names]
+        else:
+            self.syncs_refused += 1
+            self.warn_throttled('sync', f'refused weights ({", ".join(names) or "none"}): {problem}')
+            response.results = [SetParametersResult(successful=False, reason=problem) for _ in names]
+        return response
 
     def _update_diagnostics(self) -> None:
         lat = self.latency.summary()
         self.diagnostics.set(rate_hz=self.rate.rate(), latency_p50_ms=lat['p50'],
                              latency_p99_ms=lat['p99'], latency_max_ms=lat['max'],
                              steps=self.agent.steps, dropped_frames=self.dropped,
+                             syncs_ok=self.syncs_ok, syncs_refused=self.syncs_refused,
                              active=self.is_active,
                              **{f'version_{k}': v for k, v in self.agent.versions.items()})
+
+
+def _envelope_bytes(parameter) -> bytes:
+    """The weights envelope a sync Parameter carries, inline or in a file."""
+    value = parameter.value
+    if value.type == ParameterType.PARAMETER_BYTE_ARRAY:
+        return b''.join(value.byte_array_value)  # rclpy hands byte[] over as a list of bytes
+    if value.type == ParameterType.PARAMETER_STRING and value.string_value.startswith('file://'):
+        return Path(value.string_value.removeprefix('file://')).read_bytes()
+    raise EnvelopeError(f'{parameter.name}: weights come as a byte_array value or a '
+                        f"'file://' string, not parameter type {value.type}")
 
 
 def main(args: list[str] | None = None) -> int:

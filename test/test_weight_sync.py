@@ -1,0 +1,153 @@
+"""agent/sync_weights and the experience stream, with the real agent process."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
+from ros_harness import wait_for
+from sensor_msgs.msg import Image, Joy
+from std_msgs.msg import UInt8MultiArray
+
+from ami_ros.core.envelope import encode
+from ami_ros.core.models import build_models
+from ami_ros.core.presets import ACTION_CHOICES, get_preset
+from ami_ros.core.schemas import decode_experience, encode_weights
+from ami_ros.ros.images import rgb_to_image
+
+PRESET = get_preset('small')
+
+
+class Frames:
+    """10 Hz frames from a thread, like a camera."""
+
+    def __init__(self, test_node):
+        self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
+        self.clock = test_node.node.get_clock()
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        rng = np.random.default_rng(0)
+        while not self.stop.wait(0.1):
+            rgb = rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)
+            self.pub.publish(rgb_to_image(rgb, self.clock.now().to_msg()))
+
+
+@pytest.fixture
+def acting(launch, test_node):
+    agent = launch('agent', parameters={'preset': 'small'})
+    actions = test_node.collect(Joy, 'action')
+    experience = test_node.collect(UInt8MultiArray, 'experience', qos=200)
+    frames = Frames(test_node)
+    wait_for(lambda: len(actions) >= 5, 30, message='the agent acting')
+    yield agent, actions, experience
+    frames.stop.set()
+
+
+def _param(name, blob=None, value=None):
+    if value is None:
+        value = ParameterValue(type=ParameterType.PARAMETER_BYTE_ARRAY, byte_array_value=blob)
+    return Parameter(name=name, value=value)
+
+
+def _sync(test_node, *params):
+    request = SetParameters.Request(parameters=list(params))
+    return test_node.call(SetParameters, 'agent/sync_weights', request).results
+
+
+def _forcing_policy(target):
+    """A policy whose heads always choose `target` (logit bias +50)."""
+    policy = build_models(PRESET, seed=3)['policy']
+    state = policy.state_dict()
+    heads = sorted(k for k in state if k.endswith('.bias') and state[k].shape[0] in ACTION_CHOICES
+                   and state[k].shape[0] > 1)
+    assert len(heads) == len(ACTION_CHOICES), heads
+    for key, choice in zip(heads, target, strict=True):
+        state[key.replace('.bias', '.weight')].zero_()
+        state[key].zero_()
+        state[key][choice] = 50.0
+    return state
+
+
+def test_experience_carries_every_step(acting):
+    _, actions, experience = acting
+    wait_for(lambda: len(experience) >= 10, 10, message='experience')
+    steps = [decode_experience(bytes(m.data), PRESET) for _, m in experience[-10:]]
+    numbers = [s.step for s in steps]
+    assert numbers == list(range(numbers[0], numbers[0] + 10))  # one message per step, none lost
+    assert all(s.continues for s in steps[1:])
+    assert all(s.reward is not None and np.isfinite(s.reward) for s in steps[1:])
+    assert steps[0].observation.shape == (3, 84, 84) and steps[0].observation.dtype == torch.uint8
+    assert steps[0].hidden.dtype == torch.complex64
+    assert steps[-1].versions == {'encoder': 0, 'decoder': 0, 'dynamics': 0, 'policy': 0}
+    # The hidden state a step used is the one the previous step produced: it changes.
+    assert not torch.equal(steps[0].hidden, steps[-1].hidden)
+
+
+def test_pushed_policy_changes_behaviour(acting, test_node):
+    _, actions, experience = acting
+    target = [1, 2, 1, 1, 0]  # forward, left, look right, jump, walk
+    blob = encode_weights('policy', _forcing_policy(target), 7, 'small')
+    results = _sync(test_node, _param('policy', blob))
+    assert [r.successful for r in results] == [True], results
+    count = len(actions)
+    wait_for(lambda: len(actions) >= count + 5, 10, message='actions after the sync')
+    expected_axes = [1.0, -1.0, 1.0]
+    for _, joy in actions[-3:]:
+        assert list(joy.axes) == expected_axes and list(joy.buttons) == [1, 0]
+    # Experience reports the new policy version.
+    wait_for(lambda: decode_experience(bytes(experience[-1][1].data), PRESET).versions['policy'] == 7,
+             5, message='policy version 7 in experience')
+
+
+def _good_state(model):
+    return build_models(PRESET, seed=0)[model].state_dict()
+
+
+def test_malformed_sync_requests_are_refused_and_acting_goes_on(acting, test_node):
+    agent, actions, _ = acting
+    good = encode_weights('dynamics', _good_state('dynamics'), 1, 'small')
+    wrong_shape = dict(_good_state('dynamics'))
+    key = next(k for k, v in wrong_shape.items() if v.ndim == 2)
+    wrong_shape[key] = torch.zeros(3, 3)
+    wrong_dtype = {k: (v.double() if v.is_floating_point() else v)
+                   for k, v in _good_state('dynamics').items()}
+    with_nan = dict(_good_state('dynamics'))
+    with_nan[key] = with_nan[key].clone()
+    with_nan[key][0, 0] = float('nan')
+    cases = {
+        'truncated': (_param('dynamics', good[: len(good) // 2]), 'truncated'),
+        'unknown model': (_param('critic', good), "unknown model 'critic'"),
+        'wrong shape': (_param('dynamics', encode_weights('dynamics', wrong_shape, 1, 'small')),
+                        f'{key} has shape [3, 3]'),
+        'wrong dtype': (_param('dynamics', encode_weights('dynamics', wrong_dtype, 1, 'small')),
+                        'dtype float64, expected float32'),
+        'NaN': (_param('dynamics', encode_weights('dynamics', with_nan, 1, 'small')), 'NaN'),
+        'other preset': (_param('dynamics', encode_weights('dynamics', _good_state('dynamics'), 1,
+                                                           'ami')),
+                         "preset 'ami', this node runs 'small'"),
+        'wrong schema': (_param('dynamics', encode(_good_state('dynamics'), 'weights/policy')),
+                         "expected 'weights/dynamics'"),
+        'not bytes': (_param('dynamics', value=ParameterValue(
+            type=ParameterType.PARAMETER_INTEGER, integer_value=3)), 'byte_array'),
+    }
+    start = len(actions)
+    t0 = time.monotonic()
+    for name, (param, reason) in cases.items():
+        results = _sync(test_node, param)
+        assert len(results) == 1 and not results[0].successful, name
+        assert reason in results[0].reason, (name, results[0].reason)
+    # A request with one good and one bad model changes nothing: all or none.
+    results = _sync(test_node, _param('dynamics', good), cases['NaN'][0])
+    assert not any(r.successful for r in results)
+    elapsed = time.monotonic() - t0
+    # Acting went on at its rate throughout, old weights serving.
+    wait_for(lambda: len(actions) >= start + int(elapsed * 10 * 0.8), 5, message='steady actions')
+    stamps = [t for t, _ in actions[start:]]
+    assert max(np.diff(stamps)) < 0.35, 'an action gap while refusing weights'
+    assert agent.alive()
+    assert 'refused weights' in agent.output()
