@@ -33,12 +33,13 @@ import sys
 import threading
 from pathlib import Path
 
+import rclpy
 import torch
 from rcl_interfaces.msg import ParameterType, SetParametersResult
 from rcl_interfaces.srv import SetParameters
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from rclpy.task import Future
 from sensor_msgs.msg import Image, Joy
 from std_msgs.msg import Float32, UInt8MultiArray
 
@@ -84,8 +85,7 @@ class AgentNode(ManagedNode):
         self.prediction_pub = self.create_lifecycle_publisher(Image, 'prediction/image_raw', 1)
         # Deep enough that a trainer busy for a moment loses no step.
         self.experience_pub = self.create_lifecycle_publisher(UInt8MultiArray, 'experience', 100)
-        self.create_service(SetParameters, 'agent/sync_weights', self.on_sync_weights)
-        self._sync_lock = threading.Lock()  # one preparation at a time, swaps in arrival order
+        self._start_sync_service()
         self.syncs_ok = 0
         self.syncs_refused = 0
         self.continues = False  # the next step follows the previous one without a gap
@@ -150,29 +150,46 @@ class AgentNode(ManagedNode):
         self.continues = True
 
     # -- weight sync --------------------------------------------------------
-    async def on_sync_weights(self, request: SetParameters.Request,
-                              response: SetParameters.Response) -> SetParameters.Response:
+    def _start_sync_service(self) -> None:
+        """Serve <agent name>/sync_weights from a second node on its own thread.
+
+        Weights are decoded and the new models built on that thread, so a
+        sync never waits for a step nor a step for a sync (a coroutine
+        handler on the agent's executor would be re-run in a busy loop by
+        rclpy while it waits). The helper node ignores the process's global
+        remaps, which name the agent.
+        """
+        self._sync_node = rclpy.create_node(
+            f'{self.get_name()}_weight_sync', namespace=self.get_namespace(),
+            context=self.context, use_global_arguments=False, start_parameter_services=False)
+        self._sync_node.create_service(SetParameters, f'{self.get_name()}/sync_weights',
+                                       self.on_sync_weights)
+        self._sync_executor = SingleThreadedExecutor(context=self.context)
+        self._sync_executor.add_node(self._sync_node)
+        self._sync_thread = threading.Thread(target=self._spin_sync, name='sync_weights',
+                                             daemon=True)
+        self._sync_thread.start()
+
+    def _spin_sync(self) -> None:
+        try:
+            self._sync_executor.spin()
+        except (ExternalShutdownException, RuntimeError):  # the process is ending
+            pass
+
+    def on_sync_weights(self, request: SetParameters.Request,
+                        response: SetParameters.Response) -> SetParameters.Response:
         names = [p.name for p in request.parameters]
-        done = Future(executor=self.executor)
-
-        def prepare() -> None:
-            # Off the executor: decoding and building models of the ami preset
-            # takes tens of ms, which must not delay a step.
-            try:
-                with self._sync_lock:
-                    blobs = {p.name: _envelope_bytes(p) for p in request.parameters}
-                    if len(blobs) != len(names):
-                        raise EnvelopeError('a model is named twice in one request')
-                    if not blobs:
-                        raise EnvelopeError('the request holds no weights')
-                    prepared = self.agent.prepare_weights(blobs)
-                    self.agent.swap(prepared)
-                done.set_result(None)
-            except (EnvelopeError, ValueError, OSError, RuntimeError) as exc:
-                done.set_result(str(exc))
-
-        threading.Thread(target=prepare, name='sync_weights', daemon=True).start()
-        problem = await done
+        try:
+            blobs = {p.name: _envelope_bytes(p) for p in request.parameters}
+            if len(blobs) != len(names):
+                raise EnvelopeError('a model is named twice in one request')
+            if not blobs:
+                raise EnvelopeError('the request holds no weights')
+            prepared = self.agent.prepare_weights(blobs)
+            self.agent.swap(prepared)
+            problem = None
+        except (EnvelopeError, ValueError, OSError, RuntimeError) as exc:
+            problem = str(exc)
         if problem is None:
             self.syncs_ok += 1
             versions = ', '.join(f'{n} v{self.agent.versions[n]}' for n in names)
@@ -183,6 +200,10 @@ class AgentNode(ManagedNode):
             self.warn_throttled('sync', f'refused weights ({", ".join(names) or "none"}): {problem}')
             response.results = [SetParametersResult(successful=False, reason=problem) for _ in names]
         return response
+
+    def on_exit(self) -> None:
+        self._sync_executor.shutdown(timeout_sec=1)
+        self._sync_node.destroy_node()
 
     def _update_diagnostics(self) -> None:
         lat = self.latency.summary()
