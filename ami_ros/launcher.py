@@ -74,6 +74,7 @@ class StatusMonitor:
 
     def __init__(self, namespace: str) -> None:
         import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
         from sensor_msgs.msg import Image, Joy
@@ -90,6 +91,7 @@ class StatusMonitor:
         self.latency = LatencyWindow(100)
         self.reward = float('nan')
         self.state = 'starting'
+        self.health: dict[str, dict[str, str]] = {}  # node name -> its latest diagnostic values
         self.node.create_subscription(Image, 'camera/image_raw',
                                       lambda m: self.frames.tick(),
                                       qos_profile_sensor_data)
@@ -98,6 +100,7 @@ class StatusMonitor:
         self.node.create_subscription(
             String, 'ami/state', lambda m: setattr(self, 'state', m.data),
             QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 20)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self._spin, daemon=True)
@@ -119,12 +122,32 @@ class StatusMonitor:
     def _on_reward(self, msg) -> None:
         self.reward = msg.data
 
+    def _on_diagnostics(self, msg) -> None:
+        for status in msg.status:
+            self.health[status.name.rsplit('/', 1)[-1]] = {kv.key: kv.value for kv in status.values}
+
+    def _learning(self) -> str:
+        """Steps, weight versions and each trainer's rounds and loss, where known."""
+        parts = []
+        agent = self.health.get('agent', {})
+        if agent:
+            versions = '/'.join(agent.get(f'version_{m}', '?') for m in ('encoder', 'dynamics', 'policy'))
+            parts.append(f'steps {agent.get("steps", "?")} | weights e/d/p v{versions}')
+        for trainer, short in (('vae_trainer', 'vae'), ('dynamics_trainer', 'dyn'),
+                               ('policy_trainer', 'ppo')):
+            values = self.health.get(trainer)
+            if values:
+                parts.append(f'{short} r{values.get("rounds", "?")} loss {values.get("loss", "-")}')
+        return ' | '.join(parts)
+
     def line(self, started: float) -> str:
         p50 = self.latency.summary()['p50']
         up = int(time.monotonic() - started)
+        learning = self._learning()
         return (f'ami_ros {self.state} | frames {self.frames.rate():4.1f} Hz | '
                 f'actions {self.actions.rate():4.1f} Hz | frame->action p50 {p50:.1f} ms | '
-                f'reward {self.reward:.3f} | up {up // 3600:02d}:{up // 60 % 60:02d}:{up % 60:02d}')
+                f'reward {self.reward:.3f} | ' + (learning + ' | ' if learning else '')
+                + f'up {up // 3600:02d}:{up // 60 % 60:02d}:{up % 60:02d}')
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=1)
