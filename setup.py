@@ -14,6 +14,10 @@ NODES = [
     'osc_bridge',
     'manager',
     'doom_world',
+    'vae_trainer',
+    'dynamics_trainer',
+    'policy_trainer',
+    'recorder',
 ]
 
 setup(

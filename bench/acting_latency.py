@@ -46,9 +46,10 @@ def free_udp_port() -> int:
 
 
 class Chain:
-    """agent + osc_bridge processes, an OSC server, and a probe node."""
+    """agent + osc_bridge (+ extra node) processes, an OSC server, and a probe node."""
 
-    def __init__(self, preset: str, log_dir: Path) -> None:
+    def __init__(self, preset: str, log_dir: Path,
+                 extra_nodes: tuple[tuple[str, dict], ...] = ()) -> None:
         self.osc_messages = 0
         dispatcher = Dispatcher()
         dispatcher.set_default_handler(self._on_osc)
@@ -57,7 +58,7 @@ class Chain:
         threading.Thread(target=self.osc.serve_forever, daemon=True).start()
         self.procs = []
         for exe, params in (('agent', {'preset': preset, 'publish_prediction': False}),
-                            ('osc_bridge', {'port': port})):
+                            ('osc_bridge', {'port': port}), *extra_nodes):
             pfile = write_parameters(log_dir / f'{exe}.yaml', exe, params)
             self.procs.append(NodeProcess(exe, node_command(exe, exe, [pfile]),
                                           log_path=log_dir / f'{exe}.log'))
@@ -67,7 +68,7 @@ class Chain:
         self.pub = self.node.create_publisher(Image, 'camera/image_raw', 10)
         self.sent: dict[int, float] = {}
         self.latencies: list[float] = []
-        self.agent_diag: dict[str, str] = {}
+        self.diag: dict[str, dict[str, str]] = {}  # node name -> latest /diagnostics values
         self.node.create_subscription(Joy, 'action', self._on_action, 100)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
         # One thread: rclpy's MultiThreadedExecutor busy-loops a core here.
@@ -93,8 +94,11 @@ class Chain:
 
     def _on_diag(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
-            if status.name.endswith('/agent'):
-                self.agent_diag = {kv.key: kv.value for kv in status.values}
+            self.diag[status.name.rsplit('/', 1)[-1]] = {kv.key: kv.value for kv in status.values}
+
+    @property
+    def agent_diag(self) -> dict[str, str]:
+        return self.diag.get('agent', {})
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

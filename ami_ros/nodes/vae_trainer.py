@@ -1,0 +1,82 @@
+"""vae_trainer: trains the observation VAE on camera frames, pushes it to the agent.
+
+Subscribes:
+  camera/image_raw      sensor_msgs/Image (rgb8 84x84; bgr8, rgba8, bgra8,
+                        mono8 and other sizes are converted as the agent
+                        does); best effort, so any publisher matches. Bad
+                        frames are dropped with a throttled warning.
+Calls:
+  agent/sync_weights    rcl_interfaces/srv/SetParameters: 'encoder' and
+                        'decoder' together in one request after each round
+Publishes:
+  /diagnostics          see ami_ros/ros/trainer_node.py; plus dropped_frames
+
+Parameters: those of every trainer node (ami_ros/ros/trainer_node.py),
+max_batches included; min_new overrides the preset's vae_training.min_new
+(new images before a round).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+from torch import nn
+
+from ami_ros.core.observation import center_crop_resize, to_uint8_chw
+from ami_ros.core.presets import IMAGE_SHAPE, Preset
+from ami_ros.core.trainers import DEFAULT_MAX_BATCHES, VAETrainer
+from ami_ros.ros.images import image_to_rgb
+from ami_ros.ros.managed_node import run
+from ami_ros.ros.trainer_node import TrainerNode
+
+# Best effort matches publishers of either reliability; a few frames of
+# queue absorb a round's GIL contention, and the VAE needs no frame in order.
+FRAMES = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
+                    reliability=ReliabilityPolicy.BEST_EFFORT)
+
+
+class VAETrainerNode(TrainerNode):
+    pushed_models = ('encoder', 'decoder')
+    min_new_field = ('vae_training', 'min_new')
+    caps_batches = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__('vae_trainer', **kwargs)
+        self.dropped_frames = 0
+        self.create_subscription(Image, 'camera/image_raw', self.on_frame, FRAMES)
+
+    def make_trainer(self, preset: Preset, models: dict[str, nn.Module], device: str, seed: int,
+                     max_batches: int) -> VAETrainer:
+        return VAETrainer(models['encoder'], models['decoder'], preset.vae_training, device=device,
+                          seed=seed, max_batches=max_batches or DEFAULT_MAX_BATCHES)
+
+    def on_frame(self, msg: Image) -> None:
+        if not self.is_active:
+            return
+        try:
+            rgb = image_to_rgb(msg)
+        except ValueError as exc:
+            self.dropped_frames += 1
+            kind = str(exc).split(' ', 1)[0]  # e.g. 'unsupported', 'data', 'step'
+            self.warn_throttled(f'frame-{kind}', f'dropping frame: {exc}')
+            return
+        self.trainer.add(to_uint8_chw(center_crop_resize(rgb, IMAGE_SHAPE[1], IMAGE_SHAPE[2])))
+
+    def buffer_status(self) -> dict[str, object]:
+        buffer = self.trainer.buffer
+        return {'buffer_len': len(buffer), 'buffer_capacity': buffer.capacity,
+                'new_count': buffer.new_count}
+
+    def node_status(self) -> dict[str, object]:
+        return {'dropped_frames': self.dropped_frames}
+
+
+def main(args: list[str] | None = None) -> int:
+    return run(VAETrainerNode, args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The shared shell of the trainer nodes: learn in a thread, push weights back.
+
+A trainer node wraps one trainer of the learning core (`core/trainers.py`).
+Its executor only collects data (subscription callbacks call the trainer's
+thread-safe `add`) and talks to the agent; the optimisation runs in a
+background thread, so collecting never stops while a round trains:
+
+    training thread: while running: if active and trainer.ready():
+                         train_round() -> metrics; encode the new weights;
+                         leave them in the `pending` slot (a newer round
+                         replaces an older, not yet sent, one)
+    executor:        a 0.2 s timer sends the pending weights with
+                     call_async(agent/sync_weights); never waits on it
+
+Weights go to the agent as one `rcl_interfaces/srv/SetParameters` request,
+one Parameter per model (name = model name, PARAMETER_BYTE_ARRAY value = a
+weights envelope of `core/schemas.py`), so the VAE's encoder and decoder
+change together. If the service is missing, a call fails, times out or is
+refused, one throttled line is logged and the newest pending weights are sent
+again `sync_retry` s later: a trainer started before the agent, or an agent
+that restarts, gets the weights once it is there.
+
+Versions: every trainer starts from `build_models(preset, seed)` with the
+agent's seed, so both hold identical initial weights, version 0. A round
+makes version `rounds` (1, 2, ...), the version pushed. A restarted trainer
+(no checkpoint) starts again at 0; the agent accepts whatever version it is
+sent and reports it.
+
+Pause (lifecycle deactivate): no round starts, incoming data is ignored (the
+agent is paused too, and the step after a pause is marked as a break), and
+pending weights wait until activation. A round already running finishes.
+
+The process yields the CPU to the acting agent: `nice` is applied with
+`os.nice` before any worker thread starts (threads inherit it on Linux), and
+torch runs `torch_threads` intra-op threads (default 1).
+
+Parameters (every trainer node):
+  preset               model size preset (same as the agent's)
+  device               torch device for training: cpu, cuda, cuda:N
+  seed                 seed of the initial weights (the agent's seed) and
+                       of the trainer's minibatch order
+  torch_threads        torch intra-op threads of this process (1)
+  nice                 niceness added at start, 0..19 (10)
+  min_new              new samples before a round; 0 = the preset's value
+                       (for the policy trainer: PPO steps per update)
+  min_round_interval   seconds at least between two round starts (0)
+  sync_service         the agent's weight service ('agent/sync_weights')
+  sync_retry           seconds between tries while pushing fails (2.0)
+  sync_timeout         seconds an unanswered push is given up after (10.0)
+  max_batches          (VAE and dynamics trainers) minibatches per epoch at
+                       most; 0 = the trainer's default
+
+Diagnostics (/diagnostics, status named after the node, every second):
+  active, rounds, version, buffer (fill "len/capacity"), buffer_len,
+  buffer_capacity, new_count, pushes_ok, pushes_failed, pushed_version (the
+  last version the agent accepted; -1 none yet), pending_version (-1 none),
+  last_sync ('ok' or the last failure's reason), train_errors, and the last
+  round's metrics under the trainer's own names, formatted with 6
+  significant digits:
+    vae_trainer       loss, reconstruction, kl, grad_norm
+    dynamics_trainer  loss, loss_last_epoch, grad_norm
+    policy_trainer    loss, policy_loss, value_loss, entropy, approx_kl,
+                      clip_fraction, grad_norm, reward_mean, advantage_mean,
+                      return_mean, policy_version_min
+  and for every trainer batches, samples and seconds (the round's duration).
+  Node-specific keys are listed in each node's docstring.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
+from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.task import Future
+from std_msgs.msg import UInt8MultiArray
+from torch import nn
+
+from ami_ros.core.agent import resolve_device
+from ami_ros.core.envelope import EnvelopeError
+from ami_ros.core.models import build_models
+from ami_ros.core.presets import PRESETS, Preset, get_preset, with_overrides
+from ami_ros.core.schemas import ExperienceStep, decode_experience, encode_weights
+from ami_ros.ros.diagnostics import NodeDiagnostics
+from ami_ros.ros.managed_node import ManagedNode
+
+# Matches the agent's experience publisher: reliable, deep enough that a
+# trainer busy for a moment loses no step.
+EXPERIENCE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                            reliability=ReliabilityPolicy.RELIABLE)
+
+# Metrics that are counters of the round rather than measures: published as ints.
+_COUNT_METRICS = ('batches', 'samples')
+
+
+@dataclass
+class PendingWeights:
+    """Encoded weights of one version, waiting to be sent."""
+
+    version: int
+    blobs: dict[str, bytes]  # model name -> weights envelope
+
+
+class TrainerNode(ManagedNode):
+    """Base of vae_trainer, dynamics_trainer and policy_trainer.
+
+    A subclass sets `pushed_models`, `min_new_field` (preset section and
+    field that `min_new` overrides) and `caps_batches`, builds its trainer in
+    `make_trainer`, subscribes to its data in `__init__` (after calling this
+    one) and reports its buffer in `buffer_status`.
+    """
+
+    pushed_models: tuple[str, ...] = ()
+    min_new_field: tuple[str, str] = ('', '')
+    caps_batches = False  # whether the trainer takes max_batches
+
+    def __init__(self, node_name: str, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        preset_name = self.declare('preset', 'small', 'Model size preset (the agent\'s).',
+                                   choices=tuple(PRESETS))
+        device = self.declare('device', 'cpu', 'Torch device for training: cpu, cuda or cuda:N.')
+        seed = self.declare('seed', 0, 'Seed of the initial weights (use the agent\'s) and of '
+                            'the minibatch order.', low=0, high=2**31 - 1)
+        threads = self.declare('torch_threads', 1, 'Torch intra-op threads of this process.',
+                               low=1, high=64)
+        nice = self.declare('nice', 10, 'Niceness added at start so the acting agent wins the '
+                            'CPU (0 = none).', low=0, high=19)
+        min_new = self.declare('min_new', 0, 'New samples before a round; 0 = the preset\'s '
+                               'value.', low=0, high=1_000_000)
+        max_batches = 0
+        if self.caps_batches:
+            max_batches = self.declare('max_batches', 0, 'Minibatches per epoch at most, so a '
+                                       'round stays short on a CPU; 0 = the trainer\'s default.',
+                                       low=0, high=1_000_000)
+        self.min_round_interval = self.declare(
+            'min_round_interval', 0.0, 'Seconds at least between two round starts.',
+            low=0.0, high=3600.0)
+        self.sync_service = self.declare('sync_service', 'agent/sync_weights',
+                                         'The agent\'s weight service.')
+        self.sync_retry = self.declare('sync_retry', 2.0, 'Seconds between tries while pushing '
+                                       'weights fails.', low=0.1, high=600.0)
+        self.sync_timeout = self.declare('sync_timeout', 10.0, 'Seconds an unanswered push is '
+                                         'given up after.', low=0.5, high=600.0)
+        # Before torch starts its pools and before our thread: threads inherit
+        # the creator's niceness on Linux.
+        if nice:
+            os.nice(nice)
+        torch.set_num_threads(threads)
+        self.preset = self._with_min_new(get_preset(preset_name), min_new)
+        resolve_device(device)  # a clear error for a missing CUDA, before building anything
+        self.trainer = self.make_trainer(self.preset, build_models(self.preset, seed=seed),
+                                         device, seed, max_batches)
+
+        # Shared between the training thread and the executor, under _lock.
+        self._lock = threading.Lock()
+        self._pending: PendingWeights | None = None
+        self._metrics: dict[str, float] = {}
+        self.train_errors = 0
+        # Executor-side push state.
+        self.client = self.create_client(SetParameters, self.sync_service)
+        self._in_flight: tuple[Future, PendingWeights, float] | None = None
+        self._next_try = 0.0
+        self.pushes_ok = 0
+        self.pushes_failed = 0
+        self.pushed_version = -1
+        self.last_sync = 'nothing pushed yet'
+        self.create_timer(0.2, self._push_tick)
+
+        self.diagnostics = NodeDiagnostics(self)
+        self.diagnostics.set(preset=preset_name, device=device)
+        self.create_timer(1.0, self._update_diagnostics)
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._train_loop, name=f'{node_name}_training',
+                                        daemon=True)
+        self._thread.start()
+        self.get_logger().info(
+            f'{node_name} ready: preset {preset_name} on {device}, {threads} torch thread(s), '
+            f'nice +{nice}; pushing {", ".join(self.pushed_models)} to {self.sync_service}')
+
+    # -- for subclasses ---------------------------------------------------
+    def make_trainer(self, preset: Preset, models: dict[str, nn.Module], device: str, seed: int,
+                     max_batches: int) -> Any:
+        raise NotImplementedError
+
+    def buffer_status(self) -> dict[str, object]:
+        """buffer_len, buffer_capacity and what else the buffer tells (new_count...)."""
+        raise NotImplementedError
+
+    def before_round(self) -> None:
+        """Called on the training thread right before a round (policy staleness)."""
+
+    def node_status(self) -> dict[str, object]:
+        """Extra diagnostics of the node (called on the executor)."""
+        return {}
+
+    # -- training thread --------------------------------------------------
+    def _with_min_new(self, preset: Preset, min_new: int) -> Preset:
+        if not min_new:
+            return preset
+        section, name = self.min_new_field
+        return with_overrides(preset, **{section: {name: int(min_new)}})
+
+    def _train_loop(self) -> None:
+        last_start = -float('inf')
+        while not self._stop.is_set():
+            wait = last_start + self.min_round_interval - time.monotonic()
+            if not self.is_active or wait > 0 or not self.trainer.ready():
+                self._stop.wait(min(max(wait, 0.05), 0.2))
+                continue
+            last_start = time.monotonic()
+            try:
+                self.before_round()
+                if not self.trainer.ready():  # staleness may have emptied it
+                    continue
+                metrics = self.trainer.train_round()
+                version = int(self.trainer.version)
+                weights = self.trainer.weights()
+                pending = PendingWeights(version, {
+                    name: encode_weights(name, weights[name], version, self.preset.name)
+                    for name in self.pushed_models})
+            except Exception as exc:  # noqa: BLE001 - a failed round must not end training
+                with self._lock:
+                    self.train_errors += 1
+                self.warn_throttled('train', f'training round failed: {type(exc).__name__}: {exc}')
+                self._stop.wait(1.0)  # no hot loop on a persistent failure
+                continue
+            with self._lock:
+                self._metrics = metrics
+                self._pending = pending  # replaces an older one that was not sent yet
+            self.get_logger().info(
+                f'round {int(metrics["round"])}: version {version}, loss {metrics.get("loss", 0):.4g}, '
+                f'{metrics["seconds"]:.2f} s')
+
+    # -- pushing (executor) -----------------------------------------------
+    def _push_tick(self) -> None:
+        now = time.monotonic()
+        if self._in_flight is not None:
+            future, pending, sent_at = self._in_flight
+            if not future.done() and now - sent_at > self.sync_timeout:
+                self._push_failed(pending, f'no answer within {self.sync_timeout:.1f} s')
+                self.client.remove_pending_request(future)
+                future.cancel()
+            return
+        if not self.is_active or now < self._next_try:
+            return
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if not self.client.service_is_ready():
+            self._push_failed(pending, f'{self.client.service_name} not available')
+            return
+        request = SetParameters.Request(parameters=[
+            Parameter(name=name, value=ParameterValue(
+                type=ParameterType.PARAMETER_BYTE_ARRAY, byte_array_value=blob))
+            for name, blob in pending.blobs.items()])
+        future = self.client.call_async(request)
+        self._in_flight = (future, pending, now)
+        future.add_done_callback(self._on_push_done)
+
+    def _on_push_done(self, future: Future) -> None:
+        if self._in_flight is None or self._in_flight[0] is not future:
+            return  # timed out earlier and already counted
+        _, pending, _ = self._in_flight
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._push_failed(pending, f'call failed: {exc}')
+            return
+        results = future.result().results
+        refused = [r.reason for r in results if not r.successful]
+        if refused or len(results) != len(pending.blobs):
+            self._push_failed(pending, 'refused: ' + ('; '.join(refused) or
+                                                      f'{len(results)} results for '
+                                                      f'{len(pending.blobs)} models'))
+            return
+        self._in_flight = None
+        self.pushes_ok += 1
+        self.pushed_version = pending.version
+        if self.last_sync != 'ok':
+            self.get_logger().info(f'agent took version {pending.version} of '
+                                   f'{", ".join(pending.blobs)}')
+        self.last_sync = 'ok'
+
+    def _push_failed(self, pending: PendingWeights, reason: str) -> None:
+        """Count, log (throttled) and schedule the retry with the newest weights."""
+        self._in_flight = None
+        self.pushes_failed += 1
+        self.last_sync = reason
+        self._next_try = time.monotonic() + self.sync_retry
+        with self._lock:
+            if self._pending is None:  # a newer round would replace it anyway
+                self._pending = pending
+        self.warn_throttled('sync', f'pushing version {pending.version} failed ({reason}); '
+                            f'retrying every {self.sync_retry:g} s')
+
+    # -- diagnostics, lifecycle -------------------------------------------
+    def _update_diagnostics(self) -> None:
+        with self._lock:
+            metrics = dict(self._metrics)
+            pending = self._pending
+            errors = self.train_errors
+        values: dict[str, object] = {}
+        for key, value in metrics.items():
+            if key in ('round', 'version'):
+                continue  # the counters below say it
+            values[key] = int(value) if key in _COUNT_METRICS else f'{value:.6g}'
+        status = self.buffer_status()
+        values.update(
+            active=self.is_active, rounds=self.trainer.rounds, version=self.trainer.version,
+            buffer=f'{status["buffer_len"]}/{status["buffer_capacity"]}', **status,
+            pushes_ok=self.pushes_ok, pushes_failed=self.pushes_failed,
+            pushed_version=self.pushed_version,
+            pending_version=pending.version if pending else -1,
+            last_sync=self.last_sync, train_errors=errors, **self.node_status())
+        self.diagnostics.set(**values)
+        if self.last_sync not in ('ok', 'nothing pushed yet'):
+            self.diagnostics.warn(f'pushing weights fails: {self.last_sync}')
+        else:
+            self.diagnostics.ok()
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop.set()
+        return super().on_shutdown(state)
+
+    def on_exit(self) -> None:
+        """Stop the training thread; a round in progress gets a few seconds."""
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        if self._thread.is_alive():  # a daemon: it ends with the process
+            self.get_logger().warning('a training round was still running at exit')
+
+
+class ExperienceTrainerNode(TrainerNode):
+    """A trainer fed by the agent's `experience` topic (dynamics and policy).
+
+    Decodes each message against this node's preset, drops undecodable ones
+    with a throttled warning naming the reason, and notices breaks in time:
+    a step the agent marks `continues=False` (its first step, after a pause),
+    or a step number that does not follow the last one received (a lost
+    message, an agent restart). `add_step(step, follows)` gets each step.
+    """
+
+    def __init__(self, node_name: str, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self.received = 0
+        self.undecodable = 0
+        self.gaps = 0  # steps missing between two received ones (not agent-marked breaks)
+        self._last_step: int | None = None
+        self.create_subscription(UInt8MultiArray, 'experience', self._on_experience, EXPERIENCE_QOS)
+
+    def add_step(self, step: ExperienceStep, follows: bool) -> None:
+        raise NotImplementedError
+
+    def _on_experience(self, msg: UInt8MultiArray) -> None:
+        if not self.is_active:
+            return
+        try:
+            step = decode_experience(bytes(msg.data), self.preset)
+        except EnvelopeError as exc:
+            self.undecodable += 1
+            kind = str(exc).split(' ', 2)[:2]  # one throttle per kind of problem
+            self.warn_throttled(f'experience-{"-".join(kind)}', f'dropping experience: {exc}')
+            return
+        expected = None if self._last_step is None else self._last_step + 1
+        if step.continues and expected is not None and step.step != expected:
+            self.gaps += 1
+            self.warn_throttled('gap', f'experience step {step.step} after {self._last_step}: '
+                                'treating it as a break in time')
+        follows = step.continues and step.step == expected
+        self._last_step = step.step
+        self.received += 1
+        try:
+            self.add_step(step, follows)
+        except ValueError as exc:  # a shape the buffer does not hold: say it, keep going
+            self.undecodable += 1
+            self.warn_throttled('add', f'dropping experience step {step.step}: {exc}')
+
+    def node_status(self) -> dict[str, object]:
+        return {'received': self.received, 'undecodable': self.undecodable, 'gaps': self.gaps}

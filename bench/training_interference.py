@@ -1,0 +1,147 @@
+"""Benchmark: does training slow the acting agent down? Ours vs one process.
+
+(1) ami_ros: the agent, the OSC bridge and the three trainer nodes as
+    separate processes (trainers niced, one torch thread each), frames at
+    10 Hz from this script; the trainers train continuously (small min_new).
+(2) The reference design: the same agent loop and the same three trainers as
+    threads of ONE process, sharing its interpreter.
+Both print the agent's step latency p50/p99/max and missed steps while all
+three trainers train, and the ratio of the p99s.
+
+    .venv/bin/python bench/training_interference.py [--presets small ami] [--seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from acting_latency import Chain
+
+from ami_ros.core.agent import CuriosityAgent
+from ami_ros.core.models import build_models
+from ami_ros.core.observation import to_uint8_chw
+from ami_ros.core.presets import get_preset, with_overrides
+from ami_ros.core.timing import percentile
+from ami_ros.core.trainers import DynamicsTrainer, PPOTrainer, VAETrainer
+
+TRAINERS = ('vae_trainer', 'dynamics_trainer', 'policy_trainer')
+
+
+def _summary(latencies: list[float], frames: int, answered: int, rounds: dict[str, int]) -> str:
+    lat = sorted(latencies)
+    return (f'p50 {percentile(lat, 0.5):6.2f} ms  p99 {percentile(lat, 0.99):7.2f} ms  '
+            f'max {lat[-1]:7.2f} ms  missed {frames - answered}/{frames}  rounds '
+            + ' '.join(f'{k.split("_")[0]}={v}' for k, v in rounds.items()))
+
+
+def run_processes(preset: str, seconds: float, min_new: int, max_batches: int) -> tuple[float, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        params = {'preset': preset, 'min_new': min_new, 'max_batches': max_batches}
+        chain = Chain(preset, Path(tmp), extra_nodes=tuple((t, dict(params)) for t in TRAINERS))
+        try:
+            chain.wait_ready()
+            time.sleep(5.0)  # let the trainers fill their first rounds' data
+            r = chain.run(10.0, seconds)
+            lat = sorted(chain.latencies)
+            rounds = {t: int(chain.diag.get(t, {}).get('rounds', 0)) for t in TRAINERS}
+            text = _summary(lat, r['frames'], r['answered'], rounds)
+            return r['p99'], text
+        finally:
+            chain.close()
+
+
+def run_threads(preset_name: str, seconds: float, min_new: int, max_batches: int) -> tuple[float, str]:
+    """The reference system's design: agent and trainers as threads of one process."""
+    torch.set_num_threads(1)
+    preset = get_preset(preset_name)
+    preset = with_overrides(preset, vae_training={'min_new': min_new},
+                            dynamics_training={'min_new': min_new},
+                            ppo_training={'steps': max(min_new, 8)})
+    agent = CuriosityAgent(preset)
+    models = build_models(preset, seed=0)
+    trainers = {
+        'vae_trainer': VAETrainer(models['encoder'], models['decoder'], preset.vae_training),
+        'dynamics_trainer': DynamicsTrainer(models['dynamics'], preset.dynamics_training),
+        'policy_trainer': PPOTrainer(models['policy'], preset.ppo_training),
+    }
+    for trainer in trainers.values():
+        if hasattr(trainer, 'max_batches'):
+            trainer.max_batches = max_batches
+    stop = threading.Event()
+    rounds = dict.fromkeys(trainers, 0)
+
+    def train(name: str) -> None:
+        trainer = trainers[name]
+        while not stop.is_set():
+            if trainer.ready():
+                trainer.train_round()
+                rounds[name] += 1
+                # Sync as the reference did: copy the new weights into the acting models.
+                for model, state in trainer.weights().items():
+                    agent.models[model].load_state_dict(state)
+            else:
+                stop.wait(0.05)
+
+    threads = [threading.Thread(target=train, args=(n,), daemon=True) for n in trainers]
+    for t in threads:
+        t.start()
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 255, (84, 84, 3), dtype=np.uint8) for _ in range(16)]
+    latencies: list[float] = []
+    n = int(seconds * 10)
+    warmup = 50
+    start = time.perf_counter()
+    answered = 0
+    for i in range(n + warmup):
+        target = start + i * 0.1
+        delay = target - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        elif i >= warmup and -delay > 0.1:
+            continue  # the frame slot passed while the agent was stuck: a missed step
+        rgb = frames[i % len(frames)]
+        step = agent.step(rgb)
+        if i >= warmup:
+            latencies.append((time.perf_counter() - target) * 1000)
+            answered += 1
+        obs = to_uint8_chw(rgb)
+        trainers['vae_trainer'].add(obs)
+        trainers['dynamics_trainer'].add(step.latent, step.hidden, step.action)
+        trainers['policy_trainer'].add(obs, step.action, step.log_prob, step.value,
+                                       0.0 if np.isnan(step.reward) else step.reward,
+                                       step.versions['policy'])
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    lat = sorted(latencies)
+    return percentile(lat, 0.99), _summary(lat, n, answered, rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--presets', nargs='+', default=['small', 'ami'])
+    parser.add_argument('--seconds', type=float, default=60.0)
+    parser.add_argument('--min-new', type=int, default=32, help='new samples per round')
+    parser.add_argument('--max-batches', type=int, default=16, help='minibatches per epoch')
+    args = parser.parse_args()
+    print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
+          f'{args.seconds:g}s at 10 Hz per run; trainers: min_new {args.min_new}, '
+          f'max_batches {args.max_batches}')
+    for preset in args.presets:
+        ours, ours_text = run_processes(preset, args.seconds, args.min_new, args.max_batches)
+        print(f'[{preset}] ami_ros (processes): {ours_text}')
+        theirs, theirs_text = run_threads(preset, args.seconds, args.min_new, args.max_batches)
+        print(f'[{preset}] one process (threads): {theirs_text}')
+        print(f'[{preset}] p99 ratio ours / one-process: {ours / theirs:.2f}')
+
+
+if __name__ == '__main__':
+    main()

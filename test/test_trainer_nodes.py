@@ -1,0 +1,213 @@
+"""The trainer nodes as real processes beside the real agent: learning while acting.
+
+Small preset, rounds made short (min_new 16, max_batches 4), frames at 10 Hz
+from the test like a camera. The agent's model versions are read from the
+`experience` it publishes (each step carries the versions that produced it).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import rclpy
+import torch
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.parameter import Parameter
+from ros_harness import start_node, wait_for
+from sensor_msgs.msg import Image, Joy
+from std_msgs.msg import UInt8MultiArray
+
+from ami_ros.core.presets import ACTION_CHOICES, get_preset
+from ami_ros.core.schemas import ExperienceStep, decode_experience
+from ami_ros.ros.images import rgb_to_image
+
+PRESET = get_preset('small')
+FRAME_HZ = 10.0
+# Rounds every 16 new samples, 4 minibatches per epoch: seconds, not minutes.
+FAST = {'preset': 'small', 'min_new': 16, 'max_batches': 4, 'sync_retry': 0.5}
+FAST_POLICY = {'preset': 'small', 'min_new': 16, 'sync_retry': 0.5}
+TRAINERS = {'vae_trainer': FAST, 'dynamics_trainer': FAST, 'policy_trainer': FAST_POLICY}
+
+
+class Frames:
+    """Random frames at FRAME_HZ from a thread, like a camera."""
+
+    def __init__(self, test_node) -> None:
+        self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
+        self.clock = test_node.node.get_clock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(0)
+        while not self.stop.wait(1.0 / FRAME_HZ):
+            rgb = rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)
+            self.pub.publish(rgb_to_image(rgb, self.clock.now().to_msg()))
+
+
+class Watch:
+    """What the test sees of the graph: actions, experience versions, diagnostics."""
+
+    def __init__(self, test_node) -> None:
+        self.actions = test_node.collect(Joy, 'action')
+        self.versions: list[tuple[float, dict[str, int]]] = []  # (receive time, versions) per step
+        self.status: dict[str, dict[str, str]] = {}  # diagnostics: node name -> key -> value
+        test_node.node.create_subscription(UInt8MultiArray, 'experience', self._on_experience, 200)
+        test_node.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 50)
+
+    def _on_experience(self, msg: UInt8MultiArray) -> None:
+        step = decode_experience(bytes(msg.data), PRESET)
+        self.versions.append((time.monotonic(), step.versions))
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            self.status[status.name] = {kv.key: kv.value for kv in status.values}
+
+    def version(self, model: str) -> int:
+        return self.versions[-1][1][model] if self.versions else 0
+
+    def value(self, node: str, key: str, default: float = 0.0) -> float:
+        return float(self.status.get(f'/{node}', {}).get(key, default))
+
+    def actions_since(self, t: float) -> int:
+        return sum(1 for at, _ in self.actions if at >= t)
+
+
+@pytest.fixture
+def graph(launch, test_node):
+    watch = Watch(test_node)
+    frames = Frames(test_node)
+    yield watch
+    frames.stop.set()
+    frames.thread.join(timeout=2)
+
+
+def _assert_acting(watch: Watch, seconds: float) -> None:
+    """Over the next `seconds`, the agent answers about every frame, with no long gap."""
+    start = time.monotonic()
+    time.sleep(seconds)
+    stamps = [at for at, _ in watch.actions if at >= start]
+    assert len(stamps) >= 0.7 * seconds * FRAME_HZ, f'{len(stamps)} actions in {seconds} s'
+    assert max(np.diff(stamps)) < 0.6, 'a gap in acting'
+
+
+def test_trainers_push_weights_while_the_agent_acts(launch, graph):
+    watch = graph
+    launch('agent', parameters={'preset': 'small'})
+    procs = {name: launch(name, parameters=params) for name, params in TRAINERS.items()}
+    wait_for(lambda: len(watch.actions) >= 5, 30, message='the agent acting')
+    start, count = time.monotonic(), len(watch.actions)
+    for model in ('encoder', 'dynamics', 'policy'):
+        wait_for(lambda model=model: watch.version(model) > 0, 60,
+                 message=f'a trained {model} in the agent')
+    # The decoder travels with the encoder, in the same request.
+    assert watch.version('decoder') == watch.version('encoder')
+    elapsed = time.monotonic() - start
+    # Acting went on while three trainers trained.
+    assert len(watch.actions) - count >= 0.7 * elapsed * FRAME_HZ
+    _assert_acting(watch, 2.0)
+    wait_for(lambda: all(watch.value(n, 'pushes_ok') >= 1 for n in TRAINERS), 5,
+             message='diagnostics of every trainer')
+    for name, proc in procs.items():
+        assert proc.alive(), proc.output()
+        assert watch.value(name, 'rounds') >= 1
+        assert watch.value(name, 'pushed_version') >= 1
+        assert watch.value(name, 'pushes_failed') == 0, watch.status[f'/{name}']
+        assert np.isfinite(watch.value(name, 'loss', float('nan')))
+        print(f'{name}: round {watch.value(name, "seconds"):.2f} s, '
+              f'{watch.value(name, "batches"):.0f} batches')
+    assert 'kl' in watch.status['/vae_trainer']
+    assert 'policy_loss' in watch.status['/policy_trainer']
+
+
+def test_a_killed_trainer_leaves_the_agent_acting_and_a_restart_resumes(launch, graph, tmp_path):
+    watch = graph
+    launch('agent', parameters={'preset': 'small'})
+    trainer = launch('dynamics_trainer', parameters=FAST)
+    wait_for(lambda: watch.version('dynamics') >= 2, 60, message='dynamics version 2 in the agent')
+    before = watch.version('dynamics')
+    trainer.send(signal.SIGKILL)
+    assert trainer.wait(5) == -signal.SIGKILL
+    killed = time.monotonic()
+    _assert_acting(watch, 3.0)
+    # Nothing pushes any more (a push already on its way may land at first).
+    assert len({v['dynamics'] for at, v in watch.versions if at > killed + 0.5}) == 1
+    # Same seed, no checkpoint: the new trainer counts from 0 again, so the
+    # agent taking its weights shows as a version below the old one.
+    restarted = time.monotonic()
+    again = start_node('dynamics_trainer', tmp_path / 'restart', parameters=FAST)
+    try:
+        wait_for(lambda: any(at > restarted and v['dynamics'] < before for at, v in watch.versions),
+                 60, message='the restarted trainer\'s weights in the agent')
+        assert again.alive()
+    finally:
+        again.stop()
+
+
+def test_a_trainer_started_before_the_agent_pushes_once_it_appears(launch, graph):
+    watch = graph
+    vae = launch('vae_trainer', parameters=FAST)
+    # The VAE learns from the camera alone: rounds happen, pushes fail and retry.
+    wait_for(lambda: watch.value('vae_trainer', 'rounds') >= 1
+             and watch.value('vae_trainer', 'pushes_failed') >= 2, 60,
+             message='a VAE round and failing pushes')
+    assert 'not available' in watch.status['/vae_trainer']['last_sync']
+    launch('agent', parameters={'preset': 'small'})
+    wait_for(lambda: watch.version('encoder') >= 1, 60, message='the VAE weights in the agent')
+    assert watch.version('decoder') == watch.version('encoder')
+    wait_for(lambda: watch.status['/vae_trainer']['last_sync'] == 'ok', 5, message='last_sync ok')
+    assert vae.alive()
+
+
+# -- the policy trainer's staleness and break handling, in this process -------
+
+def _step(policy_version: int, reward: float | None = 0.5) -> ExperienceStep:
+    heads = len(ACTION_CHOICES)
+    return ExperienceStep(
+        observation=torch.zeros(3, 84, 84, dtype=torch.uint8),
+        latent=torch.zeros(PRESET.encoder.latent),
+        hidden=torch.zeros(PRESET.dynamics.depth, PRESET.dynamics.dim, dtype=torch.complex64),
+        action=torch.zeros(heads, dtype=torch.int64), log_prob=torch.zeros(heads), value=0.0,
+        reward=reward, stamp_ns=0, step=0, continues=True,
+        versions={'encoder': 0, 'decoder': 0, 'dynamics': 0, 'policy': policy_version})
+
+
+@pytest.fixture
+def policy_node():
+    from ami_ros.nodes.policy_trainer import PolicyTrainerNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = PolicyTrainerNode(context=context, parameter_overrides=[
+        Parameter('nice', value=0), Parameter('min_new', value=8),
+        Parameter('max_policy_lag', value=2)])
+    yield node  # never activated: its training thread stays idle
+    node.on_exit()
+    node.destroy_node()
+    rclpy.try_shutdown(context=context)
+
+
+def test_policy_trainer_drops_stale_steps_and_reports_them(policy_node):
+    node = policy_node
+    buffer = node.trainer.buffer
+    assert buffer.steps == 8  # min_new overrides the PPO steps per update
+    for version in (1, 1, 2, 3, 3, 4, 3):
+        node.add_step(_step(version), follows=True)
+    node.trainer.version = 5  # five rounds pushed since: policies < 3 are too old
+    node.before_round()
+    # Only a prefix goes, so what stays is one stretch of time.
+    assert len(buffer) == 4 and node.dropped_stale == 3
+    status = node.node_status()
+    assert status['dropped_stale'] == 3 and status['dropped'] == 3
+    # A break in time (or a step without the previous reward) empties the trajectory.
+    node.add_step(_step(5), follows=False)
+    assert len(buffer) == 1
+    node.add_step(_step(5), follows=True)
+    node.add_step(_step(5, reward=None), follows=True)
+    assert len(buffer) == 1
+    assert node.node_status()['dropped_stale'] == 3  # breaks are not staleness
