@@ -151,7 +151,9 @@ def test_a_killed_trainer_leaves_the_agent_acting_and_a_restart_resumes(launch, 
 
 def test_a_trainer_started_before_the_agent_pushes_once_it_appears(launch, graph):
     watch = graph
-    vae = launch('vae_trainer', parameters=FAST)
+    # Inline bytes here (the transport for a trainer on another machine); the
+    # other tests use the default file transport.
+    vae = launch('vae_trainer', parameters={**FAST, 'sync_transport': 'bytes'})
     # The VAE learns from the camera alone: rounds happen, pushes fail and retry.
     wait_for(lambda: watch.value('vae_trainer', 'rounds') >= 1
              and watch.value('vae_trainer', 'pushes_failed') >= 2, 60,

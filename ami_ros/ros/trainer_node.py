@@ -13,8 +13,9 @@ background thread, so collecting never stops while a round trains:
                      call_async(agent/sync_weights); never waits on it
 
 Weights go to the agent as one `rcl_interfaces/srv/SetParameters` request,
-one Parameter per model (name = model name, PARAMETER_BYTE_ARRAY value = a
-weights envelope of `core/schemas.py`), so the VAE's encoder and decoder
+one Parameter per model (name = model name, value = a weights envelope of
+`core/schemas.py`, as a 'file://' string by default or inline bytes; see
+`sync_transport`), so the VAE's encoder and decoder
 change together. If the service is missing, a call fails, times out or is
 refused, one throttled line is logged and the newest pending weights are sent
 again `sync_retry` s later: a trainer started before the agent, or an agent
@@ -47,6 +48,12 @@ Parameters (every trainer node):
   sync_service         the agent's weight service ('agent/sync_weights')
   sync_retry           seconds between tries while pushing fails (2.0)
   sync_timeout         seconds an unanswered push is given up after (10.0)
+  sync_transport       'file' (default): the weights envelope is written to
+                       sync_dir and named by a 'file://' string value, so no
+                       large message crosses DDS into the agent's
+                       interpreter; 'bytes': inline byte_array values, for a
+                       trainer on another machine
+  sync_dir             where 'file' transport writes ('' = /dev/shm)
   max_batches          (VAE and dynamics trainers) minibatches per epoch at
                        most; 0 = the trainer's default
 
@@ -69,9 +76,12 @@ Diagnostics (/diagnostics, status named after the node, every second):
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,6 +108,43 @@ EXPERIENCE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
 
 # Metrics that are counters of the round rather than measures: published as ints.
 _COUNT_METRICS = ('batches', 'samples')
+
+
+class WeightFiles:
+    """Weight envelopes handed to the agent as files, the newest few per model."""
+
+    KEEP = 3  # the agent may still be reading the one before the newest
+
+    def __init__(self, base: str, name: str) -> None:
+        root = Path(base) if base else Path('/dev/shm' if os.path.isdir('/dev/shm')
+                                            else tempfile.gettempdir())
+        self.dir = root / 'ami_ros_weights' / name
+        self.written: dict[str, list[Path]] = {}
+        self._remove_orphans(self.dir.parent)
+
+    @staticmethod
+    def _remove_orphans(parent: Path) -> None:
+        """Remove directories of trainers that died without cleaning up (SIGKILL)."""
+        for old in parent.glob('*-*'):
+            pid = old.name.rsplit('-', 1)[1]
+            if pid.isdigit() and not Path(f'/proc/{pid}').exists():
+                shutil.rmtree(old, ignore_errors=True)
+
+    def write(self, model: str, version: int, blob: bytes) -> str:
+        """Write atomically (the agent never sees half a file); the file:// URL."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f'{model}-v{version}.safetensors'
+        tmp = path.with_suffix('.tmp')
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+        paths = self.written.setdefault(model, [])
+        paths.append(path)
+        while len(paths) > self.KEEP:
+            paths.pop(0).unlink(missing_ok=True)
+        return f'file://{path}'
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass
@@ -148,6 +195,14 @@ class TrainerNode(ManagedNode):
                                        'weights fails.', low=0.1, high=600.0)
         self.sync_timeout = self.declare('sync_timeout', 10.0, 'Seconds an unanswered push is '
                                          'given up after.', low=0.5, high=600.0)
+        self.sync_transport = self.declare(
+            'sync_transport', 'file', "How weights reach the agent: 'file' = an envelope file "
+            "in sync_dir named by a file:// string (same machine; no copy through DDS, which "
+            "costs the agent's interpreter time); 'bytes' = inline byte arrays (any machine).",
+            choices=('file', 'bytes'))
+        sync_dir = self.declare('sync_dir', '', "Directory for 'file' transport; '' = /dev/shm "
+                                '(memory) if present, else the temporary directory.')
+        self._sync_dir = WeightFiles(sync_dir, f'{self.get_name()}-{os.getpid()}')
         # Before torch starts its pools and before our thread: threads inherit
         # the creator's niceness on Linux.
         if nice:
@@ -258,10 +313,15 @@ class TrainerNode(ManagedNode):
         if not self.client.service_is_ready():
             self._push_failed(pending, f'{self.client.service_name} not available')
             return
+        if self.sync_transport == 'file':
+            values = [ParameterValue(type=ParameterType.PARAMETER_STRING,
+                                     string_value=self._sync_dir.write(name, pending.version, blob))
+                      for name, blob in pending.blobs.items()]
+        else:
+            values = [ParameterValue(type=ParameterType.PARAMETER_BYTE_ARRAY, byte_array_value=blob)
+                      for blob in pending.blobs.values()]
         request = SetParameters.Request(parameters=[
-            Parameter(name=name, value=ParameterValue(
-                type=ParameterType.PARAMETER_BYTE_ARRAY, byte_array_value=blob))
-            for name, blob in pending.blobs.items()])
+            Parameter(name=name, value=value) for name, value in zip(pending.blobs, values, strict=True)])
         future = self.client.call_async(request)
         self._in_flight = (future, pending, now)
         future.add_done_callback(self._on_push_done)
@@ -338,6 +398,7 @@ class TrainerNode(ManagedNode):
         self._thread.join(timeout=5.0)
         if self._thread.is_alive():  # a daemon: it ends with the process
             self.get_logger().warning('a training round was still running at exit')
+        self._sync_dir.remove()
 
 
 class ExperienceTrainerNode(TrainerNode):
