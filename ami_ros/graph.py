@@ -34,12 +34,15 @@ LAUNCH_ARGUMENTS: dict[str, LaunchArgument] = {
     'camera_source': LaunchArgument(
         '', 'camera source: empty = the V4L2 device named "OBS Virtual Camera"; '
         'or a device index, /dev/video* path, video file or stream URL'),
+    'train': LaunchArgument('true', 'start the VAE, dynamics and policy trainers, which learn '
+                            'while the agent acts and push their weights to it', ('true', 'false')),
+    'trainer_device': LaunchArgument('', "torch device of the trainers ('' = the agent's device)"),
+    'record': LaunchArgument('true', 'record the run in MLflow (recorder node)', ('true', 'false')),
     'params_file': LaunchArgument('', 'ROS 2 parameters file (empty: the package\'s config/ami.yaml)'),
     'namespace': LaunchArgument('', 'namespace for every node of the graph'),
 }
 
-ACTING_NODES_VRCHAT = ('camera', 'agent', 'osc_bridge')
-ACTING_NODES_DOOM = ('doom_world', 'agent', 'osc_bridge')
+TRAINERS = ('vae_trainer', 'dynamics_trainer', 'policy_trainer')
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,19 @@ def describe(given: dict[str, str]) -> list[NodeSpec]:
     nodes.append(NodeSpec('agent', 'agent', {'preset': args['preset'], 'device': args['device']}))
     nodes.append(NodeSpec('osc_bridge', 'osc_bridge',
                           {'host': args['vrchat_host'], 'port': port}))
+    if args['train'] == 'true':
+        device = args['trainer_device'] or args['device']
+        nodes += [NodeSpec(t, t, {'preset': args['preset'], 'device': device}) for t in TRAINERS]
+    if args['record'] == 'true':
+        nodes.append(NodeSpec('recorder', 'recorder', {'log_params': _run_params(args)}))
     nodes.append(NodeSpec('manager', 'manager', {'managed_nodes': [n.name for n in nodes]}))
     return nodes
+
+
+def _run_params(args: dict[str, str]) -> str:
+    """The launch arguments worth recording with a run, as 'k=v;k=v'."""
+    keep = ('world', 'preset', 'device', 'train', 'trainer_device')
+    return ';'.join(f'{k}={args[k]}' for k in keep)
 
 
 def package_share() -> Path:

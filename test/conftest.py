@@ -8,6 +8,7 @@ This is set before any test imports rclpy, and node processes inherit it.
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 os.environ.pop('ROS_LOCALHOST_ONLY', None)
@@ -16,6 +17,10 @@ os.environ.setdefault('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')
 os.environ['PYTHONUNBUFFERED'] = '1'
 # Node processes and the test process share 2 cores: one torch thread each.
 os.environ['OMP_NUM_THREADS'] = '1'
+# MLflow runs of launched graphs go to a directory of this test run, never
+# into the working tree.
+_mlflow_dir = tempfile.mkdtemp(prefix='ami_ros_test_mlflow_')
+os.environ['MLFLOW_TRACKING_URI'] = f'sqlite:///{_mlflow_dir}/mlflow.db'
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

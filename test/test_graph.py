@@ -109,7 +109,8 @@ def test_full_chain_pause_resume_shutdown(graph, vrchat, test_node):
     # Every parameter config/ami.yaml sets is one its node declares (a typo
     # there would be silently ignored by ROS).
     params = yaml.safe_load((Path(__file__).parent.parent / 'config' / 'ami.yaml').read_text())
-    for node_name in ('camera', 'agent', 'osc_bridge', 'manager'):
+    for node_name in ('camera', 'agent', 'osc_bridge', 'vae_trainer', 'dynamics_trainer',
+                      'policy_trainer', 'recorder', 'manager'):
         declared = _declared_parameters(test_node, node_name)
         missing = set(params[f'/**/{node_name}']['ros__parameters']) - declared
         assert not missing, f'{node_name} does not declare {missing}'

@@ -1,0 +1,429 @@
+"""recorder: records the launch's training in one MLflow run.
+
+One process writes the run, so several processes never write one run and
+no node ever waits on the tracking store: every callback here only appends
+to a buffer, and a writer thread (ami_ros.core.run_record.BackgroundRecorder)
+opens the run, writes metrics with one log_batch per `flush_interval` and
+logs the artifacts. A store that cannot be reached or created gives one
+error line (which URI, what to do) and the node runs on without recording.
+
+Subscribes (relative names, except /diagnostics; only while active):
+  reward, prediction_error  std_msgs/Float32 from the agent -> metrics `reward`,
+                            `prediction_error`
+  /diagnostics              diagnostic_msgs/DiagnosticArray: every value of a
+                            status named <namespace>/<node> (this recorder's
+                            namespace) that parses as a finite float -> metric
+                            `<node>/<key>` (agent/latency_p99_ms, vae_trainer/loss,
+                            policy_trainer/rounds, ...)
+  world/pose                geometry_msgs/PoseStamped (doom_world) -> exploration
+                            map; metric `world/cells_visited`
+  camera/image_raw,         sensor_msgs/Image, only around a sample every
+  prediction/image_raw      `image_interval` s: the agent decodes predictions
+                            only while someone subscribes, so the recorder
+                            subscribes, takes one, and unsubscribes
+Publishes:
+  /diagnostics              its own status: run id, metrics logged, pending, cells
+
+Metric steps: the agent's step count (its diagnostics' `steps`, advanced by
+one per reward message between two diagnostics), else seconds since start
+until the agent is heard. MLflow also keeps each value's wall time.
+
+Artifacts: frames/step_<step>.png (camera t | predicted t+1 | camera t+1),
+exploration/step_<step>.png (every `map_interval` s), exploration_map.png and
+exploration/cells.json (at the end), summary.json (at the end: steps,
+rounds per trainer, final losses, cells visited, reward mean over the last
+`summary_window` steps).
+
+Parameters:
+  tracking_uri      MLflow store; '' = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+                    in the working directory ('')
+  experiment        MLflow experiment name (ami_ros)
+  run_name          run name; '' = the start time YYYY-mm-dd_HH-MM-SS ('')
+  artifact_location where a newly created experiment keeps artifacts; '' = next to a
+                    sqlite store (<db dir>/mlruns/<experiment>), the server's default
+                    for an http store ('')
+  log_params        run params: 'k=v;k=v' or a list of 'k=v' (the graph's launch
+                    arguments) ('')
+  flush_interval    seconds between writes to the store (5.0)
+  cell_size         exploration map cell size in map units (64)
+  image_interval    seconds between frame/prediction samples; 0 = none (60.0)
+  map_interval      seconds between exploration map snapshots; 0 = only at the end (60.0)
+  summary_window    rewards averaged for the summary (100)
+  step_node         the node whose diagnostics' `steps` is the step axis (agent)
+
+The run ends (FINISHED, summary written) on SIGINT/SIGTERM or the lifecycle
+shutdown; stop the recorder after the nodes it records, so their last
+diagnostics are in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import rclpy.logging
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PoseStamped
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.impl.rcutils_logger import RcutilsLogger
+from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+from std_msgs.msg import Float32
+
+from ami_ros.core.run_record import (
+    BackgroundRecorder,
+    ExplorationMap,
+    RunRecorder,
+    RunStats,
+    iter_numeric,
+    parse_params,
+    resolve_tracking_uri,
+    side_by_side,
+    summary_line,
+)
+from ami_ros.ros.diagnostics import NodeDiagnostics
+from ami_ros.ros.images import image_to_rgb
+from ami_ros.ros.managed_node import ManagedNode, run
+
+# Samples take what comes: best effort matches reliable and best-effort publishers.
+SAMPLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5,
+                        reliability=ReliabilityPolicy.BEST_EFFORT)
+SAMPLE_TIMEOUT = 10.0  # s to wait for a prediction and the frame after it
+SAMPLE_FRAMES = 32  # camera frames kept while sampling, to find the prediction's frame
+CLOSE_TIMEOUT = 8.0  # s for the last flush + artifacts; the launcher kills after 10 s
+
+
+def _stamp_ns(msg: Image) -> int:
+    return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+
+
+@dataclass
+class _Sample:
+    """A frame/prediction sample in progress: its subscriptions and what they got."""
+
+    started: float
+    subscriptions: list = field(default_factory=list)
+    frames: dict[int, np.ndarray] = field(default_factory=dict)  # stamp ns -> RGB, arrival order
+    prediction: tuple[int, np.ndarray] | None = None
+    done: bool = False
+
+
+class RecorderNode(ManagedNode):
+    def __init__(self) -> None:
+        super().__init__('recorder')
+        uri = self.declare('tracking_uri', '', "MLflow tracking store; '' = $MLFLOW_TRACKING_URI, "
+                           'else sqlite:///mlflow.db in the working directory.')
+        self.experiment = self.declare('experiment', 'ami_ros', 'MLflow experiment name.')
+        self.run_name = self.declare('run_name', '', "MLflow run name; '' = the start time.")
+        self.artifact_location = self.declare(
+            'artifact_location', '', "Artifact root of a newly created experiment; '' = "
+            '<db dir>/mlruns/<experiment> for a sqlite store, the server\'s default otherwise.')
+        # A string from a params file, a list from the launcher: dynamic typing takes both.
+        raw_params = self.declare_parameter('log_params', '', ParameterDescriptor(
+            description="Run params: 'k=v;k=v' or a list of 'k=v' (the graph's launch arguments).",
+            dynamic_typing=True)).value
+        self.flush_interval = self.declare('flush_interval', 5.0, 'Seconds between writes to the store.',
+                                           low=0.1, high=3600.0)
+        self.cell_size = self.declare('cell_size', 64, 'Exploration map cell size in map units.',
+                                      low=1, high=1_000_000)
+        self.image_interval = self.declare(
+            'image_interval', 60.0, 'Seconds between frame/prediction image samples; 0 = none.',
+            low=0.0, high=86400.0)
+        self.map_interval = self.declare(
+            'map_interval', 60.0, 'Seconds between exploration map snapshots; 0 = only at the end.',
+            low=0.0, high=86400.0)
+        window = self.declare('summary_window', 100, 'Rewards averaged for the end-of-run summary.',
+                              low=1, high=1_000_000)
+        self.step_node = self.declare('step_node', 'agent',
+                                      "Node whose diagnostics' `steps` is the metrics' step axis.")
+
+        try:
+            self.run_params = parse_params(raw_params if raw_params else None)
+        except ValueError as exc:  # a launcher slip must not cost the record
+            self.get_logger().warning(f'{exc}; logging log_params as one param')
+            self.run_params = {'log_params': str(raw_params)}
+        self.run_params.setdefault('cell_size', str(self.cell_size))
+        self.tracking_uri = resolve_tracking_uri(uri)
+        namespace = self.get_namespace()
+        self._prefix = '' if namespace == '/' else namespace  # statuses of this namespace only
+        self._own_name = self.get_fully_qualified_name()
+
+        self.map = ExplorationMap(self.cell_size)
+        self.stats = RunStats(window, self.step_node)
+        self.writer: BackgroundRecorder | None = None
+        self._t0 = time.monotonic()
+        self._agent_steps: int | None = None
+        self._rewards_since_status = 0
+        self._last_step = 0
+        self._cells_dirty = False
+        self._poses = 0
+        self.images_logged = 0
+        self._sample: _Sample | None = None
+        self._opened = False
+        self._exiting = False
+
+        self.create_subscription(Float32, 'reward', self.on_reward, 100)
+        self.create_subscription(Float32, 'prediction_error', self.on_prediction_error, 100)
+        self.create_subscription(DiagnosticArray, '/diagnostics', self.on_diagnostics, 50)
+        self.create_subscription(PoseStamped, 'world/pose', self.on_pose, 50)
+        self.create_timer(1.0, self._tick)
+        if self.image_interval > 0:
+            self.create_timer(self.image_interval, self._start_sample)
+        if self.map_interval > 0:
+            self.create_timer(self.map_interval, self._snapshot_map)
+        self.diagnostics = NodeDiagnostics(self)
+
+    # -- lifecycle ------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.writer is None:  # one run per process, even across cleanup/configure
+            self.writer = BackgroundRecorder(self._open_run, self.flush_interval,
+                                             on_open=self._on_open, on_error=self._on_writer_error)
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._end_sample()
+        return super().on_deactivate(state)
+
+    def _open_run(self) -> RunRecorder:
+        # Runs on the writer thread: mlflow's import and store migration take seconds.
+        import mlflow  # noqa: F401  (its import sets its loggers to INFO: quieten them after it)
+
+        for name in ('mlflow', 'alembic'):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        return RunRecorder(self.tracking_uri, self.experiment, self.run_name, self.run_params,
+                           tags={'ami_ros.recorder': self._own_name,
+                                 'ami_ros.namespace': self.get_namespace()},
+                           artifact_location=self.artifact_location)
+
+    def _on_open(self, rec: RunRecorder) -> None:
+        self._opened = True
+        self.diagnostics.set(run_id=rec.run_id, tracking_uri=rec.tracking_uri)
+        self.get_logger().info(
+            f'recording to MLflow run {rec.run_id} ({rec.run_name}) at {rec.tracking_uri}; '
+            f'open with: mlflow ui --backend-store-uri {rec.tracking_uri}')
+
+    def _run_logger(self) -> RcutilsLogger:
+        if self._exiting:
+            # ROS is down by now: the node's logger would try to publish to /rosout and
+            # complain that it cannot.
+            return rclpy.logging.get_logger(f'{self.get_name()}.run')
+        return self.get_logger()
+
+    def _on_writer_error(self, text: str) -> None:
+        if not self._opened:  # may run before self.writer is even assigned
+            self._run_logger().error(f'{text}; the graph runs on without recording')
+        else:
+            self._run_logger().warning(text)
+
+    def _recording(self) -> bool:
+        return self.is_active and self.writer is not None and not self.writer.failed
+
+    # -- steps ----------------------------------------------------------------
+    def _step(self) -> int:
+        """The agent's step now, never going back; seconds since start until it is heard."""
+        if self._agent_steps is None:
+            step = int(time.monotonic() - self._t0)
+        else:
+            step = self._agent_steps + self._rewards_since_status
+        self._last_step = max(self._last_step, step)
+        return self._last_step
+
+    # -- topics ---------------------------------------------------------------
+    def on_reward(self, msg: Float32) -> None:
+        if not self._recording() or not math.isfinite(msg.data):
+            return
+        self._rewards_since_status += 1  # the agent publishes one reward per step
+        self.stats.add_reward(msg.data)
+        self.writer.add_metric('reward', msg.data, self._step())
+
+    def on_prediction_error(self, msg: Float32) -> None:
+        if self._recording() and math.isfinite(msg.data):
+            self.writer.add_metric('prediction_error', msg.data, self._step())
+
+    def _node_key(self, status_name: str) -> str | None:
+        """'agent' for '<namespace>/agent'; None for other namespaces and other names."""
+        head = self._prefix + '/'
+        if not status_name.startswith(head) or status_name == self._own_name:
+            return None
+        rest = status_name[len(head):]
+        return rest if rest and '/' not in rest else None
+
+    def on_diagnostics(self, msg: DiagnosticArray) -> None:
+        if not self._recording():
+            return
+        for status in msg.status:
+            node = self._node_key(status.name)
+            if node is None:
+                continue
+            values = iter_numeric((kv.key, kv.value) for kv in status.values)
+            if node == self.step_node and 'steps' in values:
+                self._agent_steps = int(values['steps'])
+                self._rewards_since_status = 0
+            self.stats.update(node, values)
+            step = self._step()
+            for key, value in values.items():
+                self.writer.add_metric(f'{node}/{key}', value, step)
+
+    def on_pose(self, msg: PoseStamped) -> None:
+        if not self._recording():
+            return
+        self._poses += 1
+        if self.map.visit(msg.pose.position.x, msg.pose.position.y):
+            self._cells_dirty = True  # logged once a second by _tick, not per pose
+
+    # -- periodic work --------------------------------------------------------
+    def _log_cells(self) -> None:
+        if self._cells_dirty and self.writer is not None:
+            self.writer.add_metric('world/cells_visited', self.map.cells_visited, self._step())
+            self._cells_dirty = False
+
+    def _tick(self) -> None:
+        if self._recording():
+            self._log_cells()
+        sample = self._sample
+        if sample is not None and time.monotonic() - sample.started > SAMPLE_TIMEOUT:
+            self._finish_sample(timed_out=True)
+        writer = self.writer
+        self.diagnostics.set(
+            recording=bool(writer and writer.recorder and not writer.failed),
+            metrics_logged=writer.metrics_logged if writer else 0,
+            pending=writer.pending if writer else 0,
+            dropped=writer.dropped if writer else 0,
+            images_logged=self.images_logged, cells_visited=self.map.cells_visited)
+        if writer is not None and writer.failed:
+            self.diagnostics.warn('not recording: ' + (writer.error or '')[:200])
+
+    def _snapshot_map(self) -> None:
+        if not self._recording() or not self.map.cells_visited:
+            return
+        # Rendered here: the map changes under this thread's callbacks, never on the writer's.
+        rgb = self.map.render()
+        name = f'exploration/step_{self._step():08d}.png'
+        self.writer.submit(lambda rec: rec.log_image(name, rgb))
+
+    # -- frame / prediction samples --------------------------------------------
+    def _start_sample(self) -> None:
+        if not self._recording() or self._sample is not None:
+            return
+        sample = _Sample(started=time.monotonic())
+        sample.subscriptions = [
+            self.create_subscription(Image, 'camera/image_raw', self._on_sample_frame, SAMPLE_QOS),
+            self.create_subscription(Image, 'prediction/image_raw', self._on_sample_prediction,
+                                     SAMPLE_QOS),
+        ]
+        self._sample = sample
+
+    def _rgb(self, msg: Image) -> np.ndarray | None:
+        try:
+            return np.array(image_to_rgb(msg))  # a copy: the message buffer is reused
+        except ValueError as exc:
+            self.warn_throttled('sample-image', f'ignoring image for the sample: {exc}')
+            return None
+
+    def _on_sample_frame(self, msg: Image) -> None:
+        sample = self._sample
+        if sample is None or sample.done:
+            return
+        rgb = self._rgb(msg)
+        if rgb is None:
+            return
+        sample.frames[_stamp_ns(msg)] = rgb
+        while len(sample.frames) > SAMPLE_FRAMES:
+            del sample.frames[next(iter(sample.frames))]
+        self._finish_sample()
+
+    def _on_sample_prediction(self, msg: Image) -> None:
+        sample = self._sample
+        if sample is None or sample.done or sample.prediction is not None:
+            return
+        rgb = self._rgb(msg)
+        if rgb is not None:
+            # The agent stamps a prediction with the frame it predicts from.
+            sample.prediction = (_stamp_ns(msg), rgb)
+            self._finish_sample()
+
+    def _finish_sample(self, timed_out: bool = False) -> None:
+        """Save camera t | predicted t+1 | camera t+1 once all are in (what there is on timeout)."""
+        sample = self._sample
+        if sample is None or sample.done:
+            return
+        panels: list[tuple[str, np.ndarray]] = []
+        if sample.prediction is not None:
+            stamp, predicted = sample.prediction
+            before = [t for t in sample.frames if t <= stamp]
+            after = [t for t in sample.frames if t > stamp]
+            if not after and not timed_out:
+                return  # wait for the frame that shows what really came
+            if before:
+                panels.append(('camera t', sample.frames[stamp if stamp in sample.frames else max(before)]))
+            panels.append(('predicted t+1', predicted))
+            if after:
+                panels.append(('camera t+1', sample.frames[min(after)]))
+        elif timed_out and sample.frames:
+            panels.append(('camera (no prediction)', sample.frames[next(reversed(sample.frames))]))
+        elif not timed_out:
+            return
+        if panels and self.writer is not None:
+            picture = side_by_side(panels)
+            name = f'frames/step_{self._step():08d}.png'
+            self.writer.submit(lambda rec: rec.log_image(name, picture))
+            self.images_logged += 1
+        elif timed_out:
+            self.warn_throttled('sample-empty', f'no camera/image_raw within {SAMPLE_TIMEOUT:g} s '
+                                'for the image sample', 300.0)
+        self._end_sample()
+
+    def _end_sample(self) -> None:
+        sample, self._sample = self._sample, None
+        if sample is None:
+            return
+        sample.done = True
+        # Unsubscribing stops the agent decoding predictions (it publishes only to subscribers).
+        for sub in sample.subscriptions:
+            self.destroy_subscription(sub)
+
+    # -- the end --------------------------------------------------------------
+    def on_exit(self) -> None:
+        writer = self.writer
+        if writer is None:
+            return
+        if writer.failed:
+            return
+        self._log_cells()
+        extra = {'cells_visited': self.map.cells_visited if self._poses else None,
+                 'cell_size': self.cell_size, 'images_logged': self.images_logged,
+                 'tracking_uri': self.tracking_uri, 'experiment': self.experiment}
+        summary = self.stats.summary(extra)
+        map_rgb = self.map.render() if self._poses else None
+        cells = self.map.to_json()
+
+        def final(rec: RunRecorder) -> None:
+            if map_rgb is not None:
+                rec.log_image('exploration_map.png', map_rgb)
+                rec.log_json('exploration/cells.json', cells)
+            summary.update(run_id=rec.run_id, run_name=rec.run_name,
+                           metrics_logged=rec.metrics_logged, dropped_metrics=writer.dropped)
+            rec.log_json('summary.json', summary)
+
+        self._exiting = True
+        logger = self._run_logger()
+        if writer.close(final, CLOSE_TIMEOUT) and writer.recorder is not None and writer.error is None:
+            logger.info(f'MLflow run {writer.recorder.run_id} finished: {summary_line(summary)}')
+        elif writer.recorder is None:
+            logger.error(f'MLflow store {self.tracking_uri} did not open within the run; nothing recorded')
+        else:
+            logger.error(f'MLflow run {writer.recorder.run_id} may be incomplete: '
+                         f'{writer.error or f"the store did not answer within {CLOSE_TIMEOUT:g} s"}')
+
+
+def main(args: list[str] | None = None) -> int:
+    return run(RecorderNode, args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The recorder node as a real process: topics in, one finished MLflow run out."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import cv2
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import PoseStamped
+from ros_harness import wait_for
+from sensor_msgs.msg import Image
+from std_msgs.msg import Float32
+
+from ami_ros.ros.images import rgb_to_image
+
+# cell_size 100: (10,10) and (50,50) share cell (0,0); then (1,0), (-1,-1), (2,2).
+POSES = [(10.0, 10.0), (50.0, 50.0), (150.0, 10.0), (-10.0, -10.0), (250.0, 250.0)]
+CELLS = 4
+
+
+def _status(name: str, **values: str) -> DiagnosticStatus:
+    return DiagnosticStatus(name=name, values=[KeyValue(key=k, value=v) for k, v in values.items()])
+
+
+class CameraAndAgent:
+    """Frames at 10 Hz, and the agent's prediction of each while anyone subscribes to it."""
+
+    def __init__(self, node) -> None:
+        self.frames = node.create_publisher(Image, 'camera/image_raw', 10)
+        self.predictions = node.create_publisher(Image, 'prediction/image_raw', 1)
+        self.clock = node.get_clock()
+        self.prediction_listeners: list[int] = []  # subscription counts seen, in order
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(0)
+        while not self.stop.wait(0.1):
+            stamp = self.clock.now().to_msg()
+            self.frames.publish(rgb_to_image(rng.integers(0, 255, (84, 84, 3), dtype=np.uint8), stamp))
+            listeners = self.predictions.get_subscription_count()
+            if not self.prediction_listeners or self.prediction_listeners[-1] != listeners:
+                self.prediction_listeners.append(listeners)
+            if listeners:  # like the agent: decode only for subscribers, stamped with the frame
+                self.predictions.publish(rgb_to_image(np.full((84, 84, 3), 128, np.uint8), stamp,
+                                                      'prediction'))
+
+
+def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
+    uri = 'sqlite:///' + str(tmp_path / 'mlflow.db')
+    artifacts = tmp_path / 'artifacts'
+    recorder = launch('recorder', parameters={
+        'tracking_uri': uri, 'experiment': 'test', 'run_name': 'ros_test',
+        'artifact_location': artifacts.as_uri(), 'log_params': 'preset=small;world=doom',
+        'cell_size': 100, 'image_interval': 2.0, 'map_interval': 1.0, 'flush_interval': 0.5,
+        'summary_window': 10})
+    node = test_node.node
+    diagnostics = node.create_publisher(DiagnosticArray, '/diagnostics', 10)
+    rewards = node.create_publisher(Float32, 'reward', 50)
+    errors = node.create_publisher(Float32, 'prediction_error', 50)
+    poses = node.create_publisher(PoseStamped, 'world/pose', 50)
+    wait_for(lambda: 'recording to MLflow run' in recorder.output(), 30, message='the run to open')
+    for pub in (diagnostics, rewards, errors, poses):
+        wait_for(lambda pub=pub: pub.get_subscription_count() > 0, 10, message=f'{pub.topic} matched')
+
+    feeder = CameraAndAgent(node)
+    try:
+        diagnostics.publish(DiagnosticArray(status=[
+            _status('/agent', steps='100', latency_p99_ms='12.5', preset='small', active='True'),
+            _status('/vae_trainer', rounds='3', loss='0.25'),
+            _status('/elsewhere/agent', steps='999999')]))  # another namespace: not this run's
+        time.sleep(0.3)
+        for i in range(20):
+            rewards.publish(Float32(data=float(i)))
+            errors.publish(Float32(data=0.5))
+            time.sleep(0.01)
+        for x, y in POSES:
+            pose = PoseStamped()
+            pose.pose.position.x, pose.pose.position.y = x, y
+            poses.publish(pose)
+        time.sleep(0.3)
+        diagnostics.publish(DiagnosticArray(status=[_status('/agent', steps='120', latency_p99_ms='13.0')]))
+        # A sample: the recorder subscribes to predictions, saves a picture, unsubscribes.
+        wait_for(lambda: list(artifacts.glob('*/artifacts/frames/*.png')), 20, message='a frame sample')
+        wait_for(lambda: feeder.prediction_listeners[-1] == 0, 5, message='the unsubscription')
+        assert 1 in feeder.prediction_listeners
+        wait_for(lambda: list(artifacts.glob('*/artifacts/exploration/step_*.png')), 5,
+                 message='a map snapshot')
+    finally:
+        feeder.stop.set()
+        feeder.thread.join(2)
+    assert recorder.stop(signal.SIGINT) == 0, recorder.output()
+    assert 'finished: 120 agent steps' in recorder.output()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name('test').experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == 'FINISHED' and run.info.run_name == 'ros_test'
+    assert run.data.params == {'preset': 'small', 'world': 'doom', 'cell_size': '100'}
+
+    def history(key: str) -> list:
+        return sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+
+    reward = history('reward')
+    assert [m.value for m in reward] == [float(i) for i in range(20)]
+    assert [m.step for m in reward] == list(range(101, 121))  # the agent's steps
+    assert len(history('prediction_error')) == 20
+    assert [m.value for m in history('agent/latency_p99_ms')] == [12.5, 13.0]
+    assert max(m.value for m in history('agent/steps')) == 120
+    assert [m.value for m in history('vae_trainer/loss')] == [0.25]
+    assert history('world/cells_visited')[-1].value == CELLS
+    assert not any(key.startswith(('agent/preset', 'agent/active', 'elsewhere')) for key in run.data.metrics)
+
+    root = artifacts / run.info.run_id / 'artifacts'
+    world_map = cv2.imread(str(root / 'exploration_map.png'))
+    assert world_map is not None and world_map.ndim == 3
+    frame = cv2.imread(str(sorted((root / 'frames').glob('*.png'))[0]))
+    assert frame.shape == (252 + 18, 3 * 252 + 2 * 4, 3)  # camera t | predicted t+1 | camera t+1
+    assert json.loads((root / 'exploration' / 'cells.json').read_text())['cells_visited'] == CELLS
+    summary = json.loads((root / 'summary.json').read_text())
+    assert summary['run_id'] == run.info.run_id
+    assert summary['steps'] == 120 and summary['rounds'] == {'vae_trainer': 3}
+    assert summary['losses'] == {'vae_trainer/loss': 0.25}
+    assert summary['cells_visited'] == CELLS
+    assert summary['reward_mean_last_n'] == 14.5 and summary['reward_count'] == 20
