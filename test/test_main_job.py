@@ -1,0 +1,71 @@
+"""The README's main command, for real and shortened: ami-ros launch world:=doom duration:=..."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+DURATION = 60
+
+
+def _free_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def main_job(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('main_job')
+    uri = f'sqlite:///{tmp}/mlflow.db'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=doom', 'preset:=small',
+         f'vrchat_port:={_free_udp_port()}', f'duration:={DURATION}'],
+        cwd=tmp, env={**os.environ, 'MLFLOW_TRACKING_URI': uri}, capture_output=True, text=True,
+        timeout=DURATION + 120)
+    return proc, uri, tmp
+
+
+def test_main_job_exits_cleanly(main_job):
+    proc, _, _ = main_job
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert '[launch] all nodes stopped cleanly' in proc.stdout
+    # Every node of the main job ran.
+    for node in ('doom_world', 'agent', 'osc_bridge', 'vae_trainer', 'dynamics_trainer',
+                 'policy_trainer', 'recorder', 'manager'):
+        assert f'[{node}]' in proc.stdout, node
+
+
+def test_main_job_learns_while_acting_and_records_it(main_job):
+    from mlflow.tracking import MlflowClient
+
+    proc, uri, tmp = main_job
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name('ami_ros')
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == 'FINISHED'
+    assert run.data.params['world'] == 'doom' and run.data.params['preset'] == 'small'
+    metrics = run.data.metrics
+    # Every trainer trained at least one round...
+    for trainer in ('vae_trainer', 'dynamics_trainer', 'policy_trainer'):
+        assert metrics.get(f'{trainer}/rounds', 0) >= 1, (trainer, sorted(metrics))
+    # ...and the agent acted with synced weights of each.
+    for model in ('encoder', 'decoder', 'dynamics', 'policy'):
+        assert metrics.get(f'agent/version_{model}', 0) >= 1, model
+    assert metrics['agent/steps'] > DURATION * 10 * 0.6  # about 10 Hz
+    assert 'reward' in metrics and 'prediction_error' in metrics
+    assert metrics.get('world/cells_visited', 0) >= 1
+    history = client.get_metric_history(run.info.run_id, 'reward')
+    assert len(history) > 100
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {'exploration_map.png', 'summary.json'} <= artifacts, artifacts
+    summary = json.loads(open(client.download_artifacts(run.info.run_id, 'summary.json',
+                                                        str(tmp))).read())
+    assert summary['steps'] > 0 and summary['cells_visited'] >= 1
+    assert all(summary['rounds'][t] >= 1 for t in ('vae_trainer', 'dynamics_trainer',
+                                                   'policy_trainer')), summary['rounds']
