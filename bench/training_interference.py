@@ -42,9 +42,10 @@ def _summary(latencies: list[float], frames: int, answered: int, rounds: dict[st
             + ' '.join(f'{k.split("_")[0]}={v}' for k, v in rounds.items()))
 
 
-def run_processes(preset: str, seconds: float, min_new: int, max_batches: int) -> tuple[float, str]:
+def run_processes(preset: str, seconds: float, min_new: int, max_batches: int,
+                  nice: int) -> tuple[float, str]:
     with tempfile.TemporaryDirectory() as tmp:
-        params = {'preset': preset, 'min_new': min_new, 'max_batches': max_batches}
+        params = {'preset': preset, 'min_new': min_new, 'max_batches': max_batches, 'nice': nice}
         chain = Chain(preset, Path(tmp), extra_nodes=tuple((t, dict(params)) for t in TRAINERS))
         try:
             chain.wait_ready()
@@ -131,12 +132,14 @@ def main() -> None:
     parser.add_argument('--seconds', type=float, default=60.0)
     parser.add_argument('--min-new', type=int, default=32, help='new samples per round')
     parser.add_argument('--max-batches', type=int, default=16, help='minibatches per epoch')
+    parser.add_argument('--nice', type=int, default=10, help="the trainer nodes' nice parameter")
     args = parser.parse_args()
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
           f'{args.seconds:g}s at 10 Hz per run; trainers: min_new {args.min_new}, '
-          f'max_batches {args.max_batches}')
+          f'max_batches {args.max_batches}, nice {args.nice}')
     for preset in args.presets:
-        ours, ours_text = run_processes(preset, args.seconds, args.min_new, args.max_batches)
+        ours, ours_text = run_processes(preset, args.seconds, args.min_new, args.max_batches,
+                                        args.nice)
         print(f'[{preset}] ami_ros (processes): {ours_text}')
         theirs, theirs_text = run_threads(preset, args.seconds, args.min_new, args.max_batches)
         print(f'[{preset}] one process (threads): {theirs_text}')

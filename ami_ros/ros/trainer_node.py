@@ -31,9 +31,10 @@ Pause (lifecycle deactivate): no round starts, incoming data is ignored (the
 agent is paused too, and the step after a pause is marked as a break), and
 pending weights wait until activation. A round already running finishes.
 
-The process yields the CPU to the acting agent: `nice` is applied with
-`os.nice` before any worker thread starts (threads inherit it on Linux), and
-torch runs `torch_threads` intra-op threads (default 1).
+The process yields the CPU to the acting agent: `nice` is added to every
+thread of the process before any worker thread starts (later threads inherit
+it; at 19 the threads also run SCHED_IDLE, only when a core is otherwise
+idle), and torch runs `torch_threads` intra-op threads (default 1).
 
 Parameters (every trainer node):
   preset               model size preset (same as the agent's)
@@ -108,6 +109,24 @@ EXPERIENCE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
 
 # Metrics that are counters of the round rather than measures: published as ints.
 _COUNT_METRICS = ('batches', 'samples')
+
+
+def yield_cpu(nice: int) -> None:
+    """Lower every thread of this process so the acting agent wins the CPU.
+
+    Linux keeps a niceness per thread: os.nice() alone would miss the DDS
+    threads rclpy started before the node existed. Later threads inherit
+    from their creator. At nice 19 the threads also go to SCHED_IDLE, which
+    runs them only when no normal task wants the core.
+    """
+    for tid in os.listdir('/proc/self/task'):
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, int(tid))
+            os.setpriority(os.PRIO_PROCESS, int(tid), min(19, current + nice))
+            if nice >= 19 and hasattr(os, 'SCHED_IDLE'):
+                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+        except (OSError, ValueError):  # a thread that just ended
+            pass
 
 
 class WeightFiles:
@@ -206,7 +225,7 @@ class TrainerNode(ManagedNode):
         # Before torch starts its pools and before our thread: threads inherit
         # the creator's niceness on Linux.
         if nice:
-            os.nice(nice)
+            yield_cpu(nice)
         torch.set_num_threads(threads)
         self.preset = self._with_min_new(get_preset(preset_name), min_new)
         resolve_device(device)  # a clear error for a missing CUDA, before building anything

@@ -1,0 +1,146 @@
+"""Benchmark: does the curious agent explore more of my_way_home than chance?
+
+For each seed it runs the main job twice for the same wall time, as real
+processes (`ami-ros launch world:=doom`): once learning (train:=true) and
+once with the untrained policy (train:=false: its five heads start near
+uniform, logits within about 0.01 of each other, so it is a uniformly random
+policy that never changes). The world runs `time_scale` times faster than
+real time. This script counts the distinct map cells (cell_size x cell_size
+map units) visited on world/pose, per step, and prints the ratio; it writes
+the curves to an image. It also records the agent's prediction error
+(curiosity) and prints its mean over the first and the last fifth of each
+run: where the forward model learns, it falls.
+
+    .venv/bin/python bench/exploration.py [--seeds 0 1] [--minutes 3] [--time-scale 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+os.environ.setdefault('ROS_DOMAIN_ID', str(1 + (os.getpid() + 71) % 100))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import rclpy  # noqa: E402
+import yaml  # noqa: E402
+from geometry_msgs.msg import PoseStamped  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from std_msgs.msg import Float32  # noqa: E402
+
+from ami_ros.core.run_record import ExplorationMap  # noqa: E402
+from ami_ros.graph import default_params_file  # noqa: E402
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: int,
+             tmp: Path) -> tuple[list[int], list[float]]:
+    """Cells visited after each world step of one run, and the prediction errors."""
+    params = yaml.safe_load(default_params_file().read_text())
+    params['/**/doom_world']['ros__parameters'].update(time_scale=time_scale, seed=seed)
+    params['/**/agent']['ros__parameters'].update(seed=seed)
+    params_file = tmp / f'params-{seed}-{train}.yaml'
+    params_file.write_text(yaml.safe_dump(params))
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node('exploration_probe', context=context)
+    explored = ExplorationMap(cell)
+    curve: list[int] = []
+
+    def on_pose(msg: PoseStamped) -> None:
+        explored.visit(msg.pose.position.x, msg.pose.position.y)
+        curve.append(explored.cells_visited)
+
+    errors: list[float] = []
+    node.create_subscription(PoseStamped, 'world/pose', on_pose, 100)
+    node.create_subscription(Float32, 'prediction_error', lambda m: errors.append(m.data), 100)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        subprocess.run(
+            [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=doom', 'preset:=small',
+             f'train:={"true" if train else "false"}', 'record:=false',
+             f'vrchat_port:={free_udp_port()}', f'params_file:={params_file}',
+             f'duration:={seconds}'],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=seconds + 120)
+    finally:
+        executor.shutdown(timeout_sec=2)
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+    return curve, errors
+
+
+def plot(curves: dict[str, list[list[int]]], path: Path) -> None:
+    """Cells visited against steps, one line per run (cv2: no plotting dependency)."""
+    width, height, margin = 800, 500, 50
+    img = np.full((height, width, 3), 255, np.uint8)
+    longest = max(len(c) for runs in curves.values() for c in runs)
+    top = max(max(c) for runs in curves.values() for c in runs if c)
+    colours = {'learning': (200, 80, 20), 'random': (40, 40, 200)}
+    cv2.rectangle(img, (margin, margin), (width - margin, height - margin), (0, 0, 0), 1)
+    for label, runs in curves.items():
+        for curve in runs:
+            xs = margin + np.arange(len(curve)) * (width - 2 * margin) / max(1, longest - 1)
+            ys = height - margin - np.asarray(curve) * (height - 2 * margin) / max(1, top)
+            pts = np.stack([xs, ys], 1).astype(np.int32).reshape(-1, 1, 2)
+            cv2.polylines(img, [pts], False, colours[label], 2)
+    for i, (label, colour) in enumerate(colours.items()):
+        cv2.putText(img, label, (margin + 10, margin + 25 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
+                    colour, 2)
+    cv2.putText(img, f'cells visited (max {top}) vs world steps (max {longest})',
+                (margin, margin - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1)
+    cv2.imwrite(str(path), img[:, :, ::-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1])
+    parser.add_argument('--minutes', type=float, default=3.0, help='wall time per run')
+    parser.add_argument('--time-scale', type=float, default=3.0)
+    parser.add_argument('--cell', type=int, default=64)
+    parser.add_argument('--out', default='bench/results/exploration.png')
+    args = parser.parse_args()
+    print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
+          f'{args.minutes:g} min per run at time_scale {args.time_scale:g}, cells {args.cell}')
+    curves: dict[str, list[list[int]]] = {'learning': [], 'random': []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for label, train in (('learning', True), ('random', False)):
+                t0 = time.monotonic()
+                curve, errors = run_once(train, seed, args.minutes * 60, args.time_scale, args.cell,
+                                         Path(tmp))
+                curves[label].append(curve)
+                fifth = max(1, len(errors) // 5)
+                print(f'seed {seed} {label:8s}: {curve[-1] if curve else 0:4d} cells in '
+                      f'{len(curve)} steps ({time.monotonic() - t0:.0f} s); prediction error '
+                      f'{np.mean(errors[:fifth]):.4f} in the first fifth -> '
+                      f'{np.mean(errors[-fifth:]):.4f} in the last', flush=True)
+    steps = min(len(c) for runs in curves.values() for c in runs)
+    mean = {k: float(np.mean([c[steps - 1] for c in runs])) for k, runs in curves.items()}
+    print(f'after {steps} steps: learning {mean["learning"]:.1f} cells, random '
+          f'{mean["random"]:.1f} cells, ratio {mean["learning"] / max(mean["random"], 1e-9):.2f}')
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(curves, out)
+    print(f'curves: {out}')
+
+
+if __name__ == '__main__':
+    main()
