@@ -127,6 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--preset', default='ami')
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--transports', nargs='+', default=['file', 'bytes'],
+                        choices=['file', 'bytes'])
     args = parser.parse_args()
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
           f'preset {args.preset}')
@@ -137,7 +139,7 @@ def main() -> None:
                 time.sleep(0.1)
             states = {n: m.state_dict() for n, m in build_models(args.preset, seed=1).items()}
             version = 0
-            for transport in ('bytes', 'file'):
+            for transport in args.transports:
                 for group in [[n] for n in MODEL_NAMES] + [list(MODEL_NAMES)]:
                     rows = []
                     for _ in range(args.repeats):
