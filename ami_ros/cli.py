@@ -27,8 +27,13 @@ def run_node(node: str, ros_args: Sequence[str]) -> int:
         print(f'ami-ros: no node {node!r}; nodes: {", ".join(nodes) or "(none yet)"}',
               file=sys.stderr)
         return 2
-    module = importlib.import_module(f'ami_ros.nodes.{node}')
-    code = module.main([f'ami-ros-{node}', *ros_args])
+    try:
+        module = importlib.import_module(f'ami_ros.nodes.{node}')
+        code = module.main([f'ami-ros-{node}', *ros_args])
+    except KeyboardInterrupt:
+        # Stopped while still importing or starting (torch takes seconds):
+        # nothing ran yet, so this is a clean stop, not a failure.
+        return 0
     return int(code or 0)
 
 
