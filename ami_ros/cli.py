@@ -2,7 +2,7 @@
 
     ami-ros run NODE [--ros-args ...]   start one node (like `ros2 run ami_ros NODE`)
     ami-ros launch [ARG:=VALUE ...]     start the whole graph (like `ros2 launch`)
-    ami-ros status|pause|resume|shutdown   call the manager's ami/* services
+    ami-ros status|pause|resume|save|shutdown   call the manager's ami/* services
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command, text in CONTROL_COMMANDS.items():
         control = sub.add_parser(command, help=text, description=text)
         control.add_argument('--namespace', default='', help='namespace of the graph')
-        control.add_argument('--timeout', type=float, default=15.0,
-                             help='seconds to wait for the manager (default 15)')
+        control.add_argument('--timeout', type=float, default=120.0 if command in ('save', 'shutdown')
+                             else 15.0, help='seconds to wait for the manager')
     return parser
 
 
@@ -67,8 +67,11 @@ CONTROL_COMMANDS = {
     'status': "print the graph's state and each node's lifecycle state",
     'pause': 'pause the whole graph (every input released)',
     'resume': 'resume the whole graph where it was',
-    'shutdown': 'stop every node of the graph cleanly',
+    'shutdown': 'save a final checkpoint and stop every node of the graph cleanly',
+    'save': 'save a checkpoint of the whole graph and print its directory',
 }
+# The manager's service for each control command.
+CONTROL_SERVICES = {'save': 'save_checkpoint'}
 
 
 def _launch_epilog() -> str:
@@ -104,7 +107,7 @@ def control(command: str, namespace: str, timeout: float) -> int:
     rclpy.init(args=['ami-ros', '--ros-args', '--disable-rosout-logs'])
     try:
         node = rclpy.create_node('ami_ros_cli', namespace=namespace or None, enable_rosout=False)
-        client = node.create_client(Trigger, f'ami/{command}')
+        client = node.create_client(Trigger, f'ami/{CONTROL_SERVICES.get(command, command)}')
         if not client.wait_for_service(timeout_sec=timeout):
             print(f'ami-ros {command}: no manager answers on {client.srv_name} within {timeout:g}s; '
                   'is the graph running (ami-ros launch) in this ROS_DOMAIN_ID and namespace?',

@@ -38,6 +38,9 @@ LAUNCH_ARGUMENTS: dict[str, LaunchArgument] = {
                             'while the agent acts and push their weights to it', ('true', 'false')),
     'trainer_device': LaunchArgument('', "torch device of the trainers ('' = the agent's device)"),
     'record': LaunchArgument('true', 'record the run in MLflow (recorder node)', ('true', 'false')),
+    'checkpoint': LaunchArgument('', "restore the graph from a checkpoint: a directory, 'latest' "
+                                 "(the newest in checkpoint_dir), or '' to start fresh"),
+    'checkpoint_dir': LaunchArgument('checkpoints', 'where checkpoints are saved and looked up'),
     'params_file': LaunchArgument('', 'ROS 2 parameters file (empty: the package\'s config/ami.yaml)'),
     'namespace': LaunchArgument('', 'namespace for every node of the graph'),
 }
@@ -86,21 +89,44 @@ def describe(given: dict[str, str]) -> list[NodeSpec]:
     """
     args = resolve_arguments(given)
     port = int(args['vrchat_port'])
+    checkpoint_dir = str(Path(args['checkpoint_dir']).absolute())
+    restore = {'checkpoint': str(restore_point(args['checkpoint'], checkpoint_dir, args['preset']))
+               } if args['checkpoint'] else {}
     nodes: list[NodeSpec] = []
     if args['world'] == 'doom':
         nodes.append(NodeSpec('doom_world', 'doom_world', {'port': port}))
     else:
         nodes.append(NodeSpec('camera', 'camera', {'source': args['camera_source']}))
-    nodes.append(NodeSpec('agent', 'agent', {'preset': args['preset'], 'device': args['device']}))
+    nodes.append(NodeSpec('agent', 'agent',
+                          {'preset': args['preset'], 'device': args['device'], **restore}))
     nodes.append(NodeSpec('osc_bridge', 'osc_bridge',
                           {'host': args['vrchat_host'], 'port': port}))
     if args['train'] == 'true':
         device = args['trainer_device'] or args['device']
-        nodes += [NodeSpec(t, t, {'preset': args['preset'], 'device': device}) for t in TRAINERS]
+        nodes += [NodeSpec(t, t, {'preset': args['preset'], 'device': device, **restore})
+                  for t in TRAINERS]
     if args['record'] == 'true':
         nodes.append(NodeSpec('recorder', 'recorder', {'log_params': _run_params(args)}))
-    nodes.append(NodeSpec('manager', 'manager', {'managed_nodes': [n.name for n in nodes]}))
+    nodes.append(NodeSpec('manager', 'manager', {'managed_nodes': [n.name for n in nodes],
+                                                 'checkpoint_dir': checkpoint_dir,
+                                                 'preset': args['preset']}))
     return nodes
+
+
+def restore_point(arg: str, checkpoint_dir: str, preset: str) -> Path:
+    """The checkpoint `arg` names, checked before anything starts.
+
+    A missing, damaged or foreign (other preset) checkpoint is refused with
+    the one-line reason of ami_ros.core.checkpoint.
+    """
+    from ami_ros.core.checkpoint import CheckpointError, load_manifest, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(arg, checkpoint_dir)
+        load_manifest(path, expected_preset=preset, verify=True)
+    except CheckpointError as exc:
+        raise GraphArgumentError(str(exc)) from None
+    return path.absolute()
 
 
 def _run_params(args: dict[str, str]) -> str:

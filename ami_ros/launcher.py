@@ -23,6 +23,7 @@ from ami_ros.graph import describe, params_file, resolve_arguments
 from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters
 
 STOP_TIMEOUT = 10.0
+SHUTDOWN_TIMEOUT = 180.0  # a final checkpoint of full ami buffers takes a while
 
 
 def parse_launch_arguments(items: list[str]) -> dict[str, str]:
@@ -149,6 +150,24 @@ class StatusMonitor:
                 f'reward {self.reward:.3f} | ' + (learning + ' | ' if learning else '')
                 + f'up {up // 3600:02d}:{up // 60 % 60:02d}:{up % 60:02d}')
 
+    def shutdown_graph(self, timeout: float) -> str:
+        """Call ami/shutdown; the manager's answer or why there is none."""
+        from std_srvs.srv import Trigger
+
+        client = self.node.create_client(Trigger, 'ami/shutdown')
+        try:
+            if not client.wait_for_service(timeout_sec=2.0):
+                return 'the manager does not answer; stopping the nodes with SIGINT'
+            future = client.call_async(Trigger.Request())
+            deadline = time.monotonic() + timeout
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not future.done():
+                return f'no answer from ami/shutdown within {timeout:g} s; stopping with SIGINT'
+            return future.result().message
+        finally:
+            self.node.destroy_client(client)
+
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=1)
         self.node.destroy_node()
@@ -213,6 +232,15 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                 stop_requested.wait(0.1)
         finally:
             printer.close()
+            if monitor is not None and any(p.name == 'manager' and p.alive() for p in procs):
+                # The manager saves the final checkpoint and takes every node
+                # through its lifecycle shutdown; signals are the fallback.
+                printer.line('[launch] stopping: final checkpoint and shutdown through the manager')
+                answer = monitor.shutdown_graph(timeout=SHUTDOWN_TIMEOUT)
+                printer.line(f'[launch] {answer}')
+                deadline = time.monotonic() + STOP_TIMEOUT
+                while any(p.alive() for p in procs) and time.monotonic() < deadline:
+                    time.sleep(0.1)
             for p in procs:  # in graph order: frames stop first, the bridge releases last
                 code = p.stop(signal.SIGINT, STOP_TIMEOUT)
                 if code != 0 and p.name not in failed:

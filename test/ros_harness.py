@@ -38,7 +38,9 @@ def start_node(node: str, log_dir: Path, parameters: dict[str, Any] | None = Non
     params = write_parameters(log_dir / f'{name}.params.yaml', name, parameters or {})
     cmd = node_command(node, name, [params], namespace=namespace, remaps=remaps,
                        extra_ros_args=extra_args or [])
-    return NodeProcess(name, cmd, log_path=log_dir / f'{name}.log', env=env)
+    # Each test's processes work in its own directory: checkpoints/ and
+    # mlflow.db never land in the working tree.
+    return NodeProcess(name, cmd, log_path=log_dir / f'{name}.log', env=env, cwd=log_dir)
 
 
 class TestNode:

@@ -85,7 +85,7 @@ def graph(tmp_path, vrchat):
     proc = subprocess.Popen(
         [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=vrchat', f'camera_source:={video}',
          f'vrchat_port:={vrchat.port}', 'preset:=small'],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)  # checkpoints/ lands in tmp_path
     proc.log_path = tmp_path / 'launch.log'
     yield proc
     if proc.poll() is None:
@@ -174,6 +174,6 @@ def test_a_node_that_dies_makes_the_launcher_fail(tmp_path, vrchat):
     proc = subprocess.run(
         [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=vrchat', f'params_file:={params}',
          f'vrchat_port:={vrchat.port}', 'duration:=20'],
-        capture_output=True, text=True, timeout=90)
+        capture_output=True, text=True, timeout=90, cwd=tmp_path)
     assert proc.returncode == 1
     assert '[launch] camera died with exit code' in proc.stdout

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ami_ros.core.checkpoint import read_json, read_tensors, write_json, write_tensors
 from ami_ros.core.envelope import EnvelopeError, TensorSpec, specs_of
 from ami_ros.core.models import MODEL_NAMES, build_models
 from ami_ros.core.observation import to_observation
 from ami_ros.core.presets import IMAGE_SHAPE, Preset, get_preset
 from ami_ros.core.reward import make_reward
-from ami_ros.core.schemas import decode_weights
+from ami_ros.core.schemas import decode_weights, weights_schema
 
 
 @dataclass
@@ -156,3 +157,43 @@ class CuriosityAgent:
             for name, (model, version) in prepared.items():
                 self.models[name] = model
                 self.versions[name] = version
+
+    # -- checkpoints --------------------------------------------------------
+    # models/<model>.safetensors          weights envelope (schema weights/<model>)
+    # interaction/agent/state.safetensors hidden state, sampling generator, prediction
+    # interaction/agent/state.json        steps, versions, preset
+    def save_checkpoint(self, stage) -> None:
+        """Write the agent's part of a checkpoint into a staging directory."""
+        with self._lock:  # between two steps, and never during a swap
+            for name, model in self.models.items():
+                state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                write_tensors(stage, f'models/{name}.safetensors', state, weights_schema(name),
+                              {'preset': self.preset.name, 'model': name,
+                               'version': self.versions[name]})
+            tensors = {'hidden': self.hidden.cpu(), 'generator': self.generator.get_state()}
+            if self.prediction is not None:
+                tensors['prediction'] = self.prediction.cpu()
+            write_tensors(stage, 'interaction/agent/state.safetensors', tensors, 'agent/state')
+            write_json(stage, 'interaction/agent/state.json',
+                       {'preset': self.preset.name, 'steps': self.steps, 'versions': self.versions,
+                        'has_prediction': self.prediction is not None})
+
+    def load_checkpoint(self, ckpt) -> None:
+        """Restore weights, versions, hidden state and sampling state from a checkpoint."""
+        with self._lock:
+            for name in MODEL_NAMES:
+                env = read_tensors(ckpt, f'models/{name}.safetensors', weights_schema(name),
+                                   self._specs[name], require_finite=True)
+                self.models[name].load_state_dict(env.tensors)
+                self.versions[name] = env.int_meta('version')
+            info = read_json(ckpt, 'interaction/agent/state.json')
+            state = read_tensors(ckpt, 'interaction/agent/state.safetensors', 'agent/state',
+                                 allow_extra=True,
+                                 expected={'hidden': TensorSpec(torch.complex64,
+                                                                tuple(self.hidden.shape)),
+                                           'generator': TensorSpec(torch.uint8, (None,))})
+            self.hidden = state.tensors['hidden'].to(self.device)
+            self.generator.set_state(state.tensors['generator'].contiguous())
+            prediction = state.tensors.get('prediction')
+            self.prediction = prediction.to(self.device) if prediction is not None else None
+            self.steps = int(info['steps'])

@@ -22,8 +22,10 @@ Serves:
                           before anything changes; the new models are built
                           on a worker thread and swapped in between two steps.
 
+  agent/save_checkpoint   its part of a checkpoint (models/, interaction/agent/)
+
 Parameters: preset, device, seed, reward, deterministic, torch_threads,
-publish_prediction (see `ami-ros run agent --ros-args -p ...` and README).
+publish_prediction, checkpoint (see README).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from ami_ros.core.presets import IMAGE_SHAPE, PRESETS
 from ami_ros.core.reward import REWARDS
 from ami_ros.core.schemas import ExperienceStep, encode_experience
 from ami_ros.core.timing import LatencyWindow, RateMeter
+from ami_ros.ros.checkpoint_part import CheckpointPart
 from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.images import image_to_rgb, rgb_to_image
 from ami_ros.ros.managed_node import ManagedNode, run
@@ -86,6 +89,10 @@ class AgentNode(ManagedNode):
         # Deep enough that a trainer busy for a moment loses no step.
         self.experience_pub = self.create_lifecycle_publisher(UInt8MultiArray, 'experience', 100)
         self._start_sync_service()
+        # Restores weights, versions, hidden state and sampling state before
+        # the first frame can arrive; serves agent/save_checkpoint.
+        self.checkpoints = CheckpointPart(self, self.agent.save_checkpoint,
+                                          self.agent.load_checkpoint, preset=preset)
         self.syncs_ok = 0
         self.syncs_refused = 0
         self.continues = False  # the next step follows the previous one without a gap

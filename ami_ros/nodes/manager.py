@@ -5,13 +5,23 @@ Services (std_srvs/srv/Trigger, relative names):
                 agent, then the bridge, which releases every input)
   ami/resume    activate them again, in reverse order (bridge first)
   ami/status    each node's lifecycle state, in `message`
-  ami/shutdown  take every node through its lifecycle shutdown, then exit
+  ami/save_checkpoint  pause, have every node write its part into one new
+                checkpoint directory, commit it atomically, resume only if the
+                graph was running; answers with the directory in `message`
+  ami/shutdown  save a final checkpoint (save_on_shutdown), take every node
+                through its lifecycle shutdown, then exit
 Topic:
   ami/state     std_msgs/String, latched: running | paused | shutting_down
 
 Parameters:
-  managed_nodes   names of the lifecycle nodes, in pause order
-  call_timeout    seconds to wait for one node's answer
+  managed_nodes        names of the lifecycle nodes, in pause order
+  call_timeout         seconds to wait for one node's answer
+  checkpoint_dir       where checkpoints go (checkpoints/ in the working directory)
+  checkpoint_interval  seconds between periodic checkpoints (0 = none)
+  keep_last            periodic and final checkpoints kept (0 = all); saved
+                       on request (ami/save_checkpoint) are never removed
+  save_on_shutdown     a final checkpoint at ami/shutdown
+  preset               the graph's preset, recorded in the manifest
 """
 
 from __future__ import annotations
@@ -22,7 +32,15 @@ from collections.abc import Sequence
 import rclpy
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
-from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    Parameter,
+    ParameterDescriptor,
+    ParameterType,
+    ParameterValue,
+)
+from rcl_interfaces.srv import SetParameters
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
@@ -30,6 +48,14 @@ from rclpy.qos import DurabilityPolicy, QoSProfile
 from rclpy.task import Future
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
+
+from ami_ros.core.checkpoint import (
+    CheckpointError,
+    abort_checkpoint,
+    apply_retention,
+    begin_checkpoint,
+    commit_checkpoint,
+)
 
 _SHUTDOWN_FROM = {
     State.PRIMARY_STATE_UNCONFIGURED: Transition.TRANSITION_UNCONFIGURED_SHUTDOWN,
@@ -58,7 +84,30 @@ class Manager(Node):
             'call_timeout', 5.0, ParameterDescriptor(
                 description='Seconds to wait for one node to answer a lifecycle call.',
                 floating_point_range=[FloatingPointRange(from_value=0.5, to_value=60.0)])).value)
+        self.checkpoint_dir = str(self.declare_parameter(
+            'checkpoint_dir', 'checkpoints', ParameterDescriptor(
+                description='Directory of the checkpoints (relative: to the working directory).')).value)
+        self.checkpoint_interval = float(self.declare_parameter(
+            'checkpoint_interval', 10800.0, ParameterDescriptor(
+                description='Seconds between periodic checkpoints; 0 = none.',
+                floating_point_range=[FloatingPointRange(from_value=0.0, to_value=1e7)])).value)
+        self.keep_last = int(self.declare_parameter(
+            'keep_last', 5, ParameterDescriptor(
+                description='Periodic and final checkpoints kept (0 = all); checkpoints saved '
+                            'on request are never removed.',
+                integer_range=[IntegerRange(from_value=0, to_value=100000, step=1)])).value)
+        self.save_on_shutdown = bool(self.declare_parameter(
+            'save_on_shutdown', True, ParameterDescriptor(
+                description='Save a final checkpoint at ami/shutdown.')).value)
+        self.preset = str(self.declare_parameter(
+            'preset', '', ParameterDescriptor(
+                description="The graph's preset, recorded in each checkpoint's manifest.")).value)
         group = ReentrantCallbackGroup()  # handlers await other services' answers
+        self._save_part = {n: self.create_client(SetParameters, f'{n}/save_checkpoint',
+                                                 callback_group=group) for n in self.managed}
+        self._saving = False
+        if self.checkpoint_interval > 0:
+            self.create_timer(self.checkpoint_interval, self._periodic_save, callback_group=group)
         self._change = {n: self.create_client(ChangeState, f'{n}/change_state', callback_group=group)
                         for n in self.managed}
         self._get = {n: self.create_client(GetState, f'{n}/get_state', callback_group=group)
@@ -68,7 +117,8 @@ class Manager(Node):
         self.state = 'running'
         self.finished = False
         for name, handler in (('pause', self._pause), ('resume', self._resume),
-                              ('status', self._status), ('shutdown', self._shutdown)):
+                              ('status', self._status), ('shutdown', self._shutdown),
+                              ('save_checkpoint', self._save_checkpoint)):
             self.create_service(Trigger, f'ami/{name}', handler, callback_group=group)
         self._publish_state()
         self.get_logger().info(f'managing {", ".join(self.managed)}')
@@ -157,15 +207,75 @@ class Manager(Node):
         return response
 
     async def _shutdown(self, request, response):
+        saved = ''
+        if self.save_on_shutdown and self.state != 'shutting_down':
+            ok, text = await self._save(manual=False)
+            saved = f'; final checkpoint {text}' if ok else f'; no final checkpoint: {text}'
         self.state = 'shutting_down'
         self._publish_state()
         problems = await self._apply(self.managed, -1, None)
         response.success = not problems
-        response.message = 'shut down' + (f' ({"; ".join(problems)})' if problems else '')
+        response.message = 'shut down' + (f' ({"; ".join(problems)})' if problems else '') + saved
         self.get_logger().info(response.message)
         # Let the answer go out before this process ends.
         self.create_timer(0.3, self._finish)
         return response
+
+    # -- checkpoints ---------------------------------------------------------
+    async def _save_checkpoint(self, request, response):
+        ok, text = await self._save(manual=True)
+        response.success, response.message = ok, text
+        return response
+
+    async def _periodic_save(self) -> None:
+        if self.state == 'running':
+            await self._save(manual=False)
+
+    async def _save(self, manual: bool) -> tuple[bool, str]:
+        """One checkpoint of the whole graph; (ok, directory or the reason)."""
+        if self._saving:
+            return False, 'a checkpoint is being saved already; try again when it is done'
+        self._saving = True
+        was_running = self.state == 'running'
+        try:
+            if was_running:  # a consistent picture: nothing acts or trains while parts are written
+                await self._apply(self.managed, Transition.TRANSITION_DEACTIVATE,
+                                  State.PRIMARY_STATE_ACTIVE)
+            try:
+                stage = begin_checkpoint(self.checkpoint_dir)
+            except (CheckpointError, OSError) as exc:
+                return False, f'cannot create a checkpoint in {self.checkpoint_dir}: {exc}'
+            saved, problems = [], []
+            for name in self.managed:
+                client = self._save_part[name]
+                if not client.service_is_ready():
+                    continue  # a node without state to keep (camera, bridge, world, recorder)
+                request = SetParameters.Request(parameters=[Parameter(
+                    name='directory', value=ParameterValue(type=ParameterType.PARAMETER_STRING,
+                                                           string_value=str(stage)))])
+                result, problem = await self._call(client, request, name)
+                if problem is None and not (result.results and result.results[0].successful):
+                    problem = f'{name}: ' + (result.results[0].reason if result.results else 'no answer')
+                if problem:
+                    problems.append(problem)
+                else:
+                    saved.append(name)
+            if problems or not saved:
+                abort_checkpoint(stage)
+                reason = '; '.join(problems) or 'no node holds state to save'
+                self.get_logger().error(f'checkpoint not saved: {reason}')
+                return False, f'checkpoint not saved: {reason}'
+            path = commit_checkpoint(stage, {'preset': self.preset, 'nodes': saved,
+                                             **({'manual': True} if manual else {})})
+            removed = apply_retention(self.checkpoint_dir, self.keep_last)
+            self.get_logger().info(f'checkpoint saved: {path} ({", ".join(saved)})'
+                                   + (f'; removed {len(removed)} old' if removed else ''))
+            return True, str(path)
+        finally:
+            if was_running:
+                await self._apply(list(reversed(self.managed)), Transition.TRANSITION_ACTIVATE,
+                                  State.PRIMARY_STATE_INACTIVE)
+            self._saving = False
 
     def _finish(self) -> None:
         self.finished = True

@@ -44,13 +44,14 @@ class NodeProcess:
 
     def __init__(self, name: str, cmd: list[str], log_path: Path | None = None,
                  on_line: Callable[[str], None] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, 'wb') if log_path else None
         stdout = self._log if self._log else subprocess.PIPE
         self.proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, **(env or {})})
+                                     start_new_session=True, env={**os.environ, **(env or {})},
+                                     cwd=cwd)
         self._reader = None
         if self._log is None:
             self._reader = threading.Thread(target=self._forward, args=(on_line or print,),

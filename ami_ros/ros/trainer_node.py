@@ -23,9 +23,35 @@ that restarts, gets the weights once it is there.
 
 Versions: every trainer starts from `build_models(preset, seed)` with the
 agent's seed, so both hold identical initial weights, version 0. A round
-makes version `rounds` (1, 2, ...), the version pushed. A restarted trainer
-(no checkpoint) starts again at 0; the agent accepts whatever version it is
-sent and reports it.
+makes the next version (1, 2, ...), the version pushed. A restarted trainer
+without a checkpoint starts again at 0; the agent accepts whatever version it
+is sent and reports it. Restored from a checkpoint, it continues from the
+saved version.
+
+Checkpoints (`ami_ros/ros/checkpoint_part.py`; the manager pauses the graph,
+then calls `<node name>/save_checkpoint`). A trainer's part, in the
+checkpoint directory:
+
+  trainers/<node name>/state.safetensors  envelope 'trainer/<node name>':
+                                          model weights, optimiser tensors,
+                                          the minibatch generator
+  trainers/<node name>/state.json         counters (rounds, version), the
+                                          optimiser's non-tensor state
+  data/<node name>/buffer.safetensors     envelope 'buffer/<node name>': the
+                                          buffer's contents and generator
+  data/<node name>/buffer.json            the buffer's counters
+
+A save waits (up to 120 s) for a running round to end, so the state is never
+caught half-way through one; it is taken while no round runs and the
+executor delivers no data. At start with `checkpoint:=<dir>` the node
+restores all of it before its training thread starts and before it
+subscribes; a missing or damaged file, or one that does not fit this
+trainer, refuses the start with one line naming it. The weights go to the
+agent again on activation unless the checkpoint's models/ already hold
+exactly them. A checkpoint without this trainer's part (saved while it did
+not run) starts it with an empty buffer and a fresh optimiser, from the
+agent's saved weights in models/<model>.safetensors and their version when
+those are there (else from the seed weights, version 0), with a warning.
 
 Pause (lifecycle deactivate): no round starts, incoming data is ignored (the
 agent is paused too, and the step after a pause is marked as a break), and
@@ -62,7 +88,10 @@ Diagnostics (/diagnostics, status named after the node, every second):
   active, rounds, version, buffer (fill "len/capacity"), buffer_len,
   buffer_capacity, new_count, pushes_ok, pushes_failed, pushed_version (the
   last version the agent accepted; -1 none yet), pending_version (-1 none),
-  last_sync ('ok' or the last failure's reason), train_errors, and the last
+  last_sync ('ok' or the last failure's reason), train_errors,
+  restored_from (the checkpoint restored at start, '' none), restored_part
+  ('trainer': the whole part; 'models': the agent's weights only; 'none':
+  the checkpoint held neither; '' no checkpoint), and the last
   round's metrics under the trainer's own names, formatted with 6
   significant digits:
     vae_trainer       loss, reconstruction, kl, grad_norm
@@ -95,10 +124,19 @@ from std_msgs.msg import UInt8MultiArray
 from torch import nn
 
 from ami_ros.core.agent import resolve_device
-from ami_ros.core.envelope import EnvelopeError
+from ami_ros.core.checkpoint import (
+    CheckpointError,
+    load_manifest,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
+from ami_ros.core.envelope import EnvelopeError, specs_of
 from ami_ros.core.models import build_models
 from ami_ros.core.presets import PRESETS, Preset, get_preset, with_overrides
-from ami_ros.core.schemas import ExperienceStep, decode_experience, encode_weights
+from ami_ros.core.schemas import ExperienceStep, decode_experience, encode_weights, weights_schema
+from ami_ros.ros.checkpoint_part import CheckpointPart
 from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.managed_node import ManagedNode
 
@@ -109,6 +147,24 @@ EXPERIENCE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
 
 # Metrics that are counters of the round rather than measures: published as ints.
 _COUNT_METRICS = ('batches', 'samples')
+
+# How long a checkpoint save waits for a running training round to end.
+SAVE_WAIT_S = 120.0
+# Format of the JSON files of a trainer's checkpoint part.
+PART_FORMAT = 1
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """`value` as plain JSON types (tuples become lists); anything else is refused.
+
+    Non-finite floats stay (Python's json writes and reads them back)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, where) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, where) for v in value]
+    raise CheckpointError(f'cannot save {where}: a {type(value).__name__} is not JSON')
 
 
 def yield_cpu(nice: int) -> None:
@@ -234,6 +290,9 @@ class TrainerNode(ManagedNode):
 
         # Shared between the training thread and the executor, under _lock.
         self._lock = threading.Lock()
+        # Held by the training thread for a whole round, and by a checkpoint
+        # save while it takes the state: a save never sees half a round.
+        self._round_lock = threading.Lock()
         self._pending: PendingWeights | None = None
         self._metrics: dict[str, float] = {}
         self.train_errors = 0
@@ -250,6 +309,13 @@ class TrainerNode(ManagedNode):
         self.diagnostics = NodeDiagnostics(self)
         self.diagnostics.set(preset=preset_name, device=device)
         self.create_timer(1.0, self._update_diagnostics)
+
+        # Restore (checkpoint:=) before training can start and before any data
+        # arrives (subclasses subscribe after this constructor), so a restored
+        # trainer never trains from fresh state first.
+        self.restored_part = ''
+        self.checkpoints = CheckpointPart(self, self._save_part, self._restore_part,
+                                          preset=self.preset.name)
 
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._train_loop, name=f'{node_name}_training',
@@ -291,15 +357,16 @@ class TrainerNode(ManagedNode):
                 continue
             last_start = time.monotonic()
             try:
-                self.before_round()
-                if not self.trainer.ready():  # staleness may have emptied it
-                    continue
-                metrics = self.trainer.train_round()
-                version = int(self.trainer.version)
-                weights = self.trainer.weights()
-                pending = PendingWeights(version, {
-                    name: encode_weights(name, weights[name], version, self.preset.name)
-                    for name in self.pushed_models})
+                with self._round_lock:  # a checkpoint save waits for the whole round
+                    if not self.is_active:  # paused while a save held the lock
+                        continue
+                    self.before_round()
+                    if not self.trainer.ready():  # staleness may have emptied it
+                        continue
+                    metrics = self.trainer.train_round()
+                    version = int(self.trainer.version)
+                    weights = self.trainer.weights()
+                pending = self._encode(version, weights)
             except Exception as exc:  # noqa: BLE001 - a failed round must not end training
                 with self._lock:
                     self.train_errors += 1
@@ -312,6 +379,142 @@ class TrainerNode(ManagedNode):
             self.get_logger().info(
                 f'round {int(metrics["round"])}: version {version}, loss {metrics.get("loss", 0):.4g}, '
                 f'{metrics["seconds"]:.2f} s')
+
+    def _encode(self, version: int, weights: dict[str, dict[str, torch.Tensor]]) -> PendingWeights:
+        return PendingWeights(version, {
+            name: encode_weights(name, weights[name], version, self.preset.name)
+            for name in self.pushed_models})
+
+    # -- checkpoints (executor / constructor) -----------------------------
+    def _part_paths(self) -> dict[str, str]:
+        name = self.get_name()
+        return {'state': f'trainers/{name}/state.safetensors', 'state_json': f'trainers/{name}/state.json',
+                'buffer': f'data/{name}/buffer.safetensors', 'buffer_json': f'data/{name}/buffer.json'}
+
+    def _save_part(self, stage: Path) -> None:
+        """Write this trainer's part into the staging directory `stage`.
+
+        The state is taken while no round runs (waiting up to SAVE_WAIT_S for
+        one to end) on the executor, so no data arrives meanwhile either; the
+        files are written afterwards from those copies.
+        """
+        name = self.get_name()
+        if not self._round_lock.acquire(timeout=SAVE_WAIT_S):
+            raise CheckpointError(f'{name}: a training round did not finish within {SAVE_WAIT_S:g} s; '
+                                  'its part was not saved (try again later)')
+        try:
+            tensors, info = self.trainer.state_dict()
+            buffer_tensors, buffer_info = self.trainer.buffer.state_dict()
+        finally:
+            self._round_lock.release()
+        paths = self._part_paths()
+        meta = {'node': name, 'trainer': self.trainer.kind, 'preset': self.preset.name,
+                'rounds': int(info['rounds']), 'version': int(info['version'])}
+        # JSON first: a failure there leaves no tensor file without its counters.
+        state_json = {'format': PART_FORMAT, **meta, 'state': _jsonable(info, paths['state_json'])}
+        buffer_json = {'format': PART_FORMAT, 'node': name,
+                       'state': _jsonable(buffer_info, paths['buffer_json'])}
+        write_tensors(stage, paths['state'], tensors, f'trainer/{name}', meta)
+        write_json(stage, paths['state_json'], state_json)
+        write_tensors(stage, paths['buffer'], buffer_tensors, f'buffer/{name}',
+                      {'node': name, 'buffer': str(buffer_info.get('kind', ''))})
+        write_json(stage, paths['buffer_json'], buffer_json)
+        self.get_logger().info(f'saved checkpoint part: {meta["rounds"]} rounds, version '
+                               f'{meta["version"]}, buffer {self.buffer_status()["buffer_len"]}')
+
+    def _restore_part(self, ckpt: Path) -> None:
+        """Restore from checkpoint `ckpt` (its manifest is already checked); see the module doc."""
+        name = self.get_name()
+        files = load_manifest(ckpt)['files']
+        if any(rel.startswith((f'trainers/{name}/', f'data/{name}/')) for rel in files):
+            self._restore_trainer(ckpt)
+            self._queue_restored_weights(ckpt, files)
+            self.restored_part = 'trainer'
+        else:
+            self.restored_part = self._restore_models(ckpt, files)
+        self.get_logger().info(
+            f'restored from {ckpt} ({self.restored_part}): {self.trainer.rounds} rounds, version '
+            f'{self.trainer.version}, buffer {self.buffer_status()["buffer_len"]}')
+
+    @staticmethod
+    def _state_of(ckpt: Path, relpath: str) -> dict[str, Any]:
+        data = read_json(ckpt, relpath)
+        if not isinstance(data, dict) or not isinstance(data.get('state'), dict):
+            raise CheckpointError(f'checkpoint {ckpt}: {relpath} is damaged (no "state" object); '
+                                  'use another checkpoint')
+        if data.get('format') != PART_FORMAT:
+            raise CheckpointError(f'checkpoint {ckpt}: {relpath} has format {data.get("format")!r}, '
+                                  f'this ami_ros reads {PART_FORMAT}; use another checkpoint')
+        return data['state']
+
+    def _restore_trainer(self, ckpt: Path) -> None:
+        name = self.get_name()
+        paths = self._part_paths()
+        state = read_tensors(ckpt, paths['state'], f'trainer/{name}')
+        info = self._state_of(ckpt, paths['state_json'])
+        buffer = read_tensors(ckpt, paths['buffer'], f'buffer/{name}')
+        buffer_info = self._state_of(ckpt, paths['buffer_json'])
+        for relpath, load in ((paths['state'], lambda: self.trainer.load_state_dict(state.tensors, info)),
+                              (paths['buffer'], lambda: self.trainer.buffer.load_state_dict(
+                                  dict(buffer.tensors), buffer_info))):
+            try:
+                load()
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+                raise CheckpointError(f'checkpoint {ckpt}: {relpath} does not fit this {name} '
+                                      f'({type(exc).__name__}: {exc}); use another checkpoint') from exc
+
+    def _read_models(self, ckpt: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
+        """The agent's saved weights of the pushed models, checked against ours, and their versions."""
+        weights, versions = {}, {}
+        for model in self.pushed_models:
+            relpath = f'models/{model}.safetensors'
+            env = read_tensors(ckpt, relpath, weights_schema(model),
+                               specs_of(self.trainer.models[model].state_dict()))
+            try:
+                versions[model] = env.int_meta('version', 0)
+            except EnvelopeError as exc:
+                raise CheckpointError(f'checkpoint {ckpt}: {relpath} cannot be used ({exc}); '
+                                      'use another checkpoint') from None
+            weights[model] = env.tensors
+        return weights, versions
+
+    def _restore_models(self, ckpt: Path, files: dict[str, Any]) -> str:
+        """No part of ours: start from the agent's saved weights if there are any."""
+        name = self.get_name()
+        missing = f'holds no {name} part (trainers/{name}/, data/{name}/; saved without this trainer?)'
+        if not any(f'models/{model}.safetensors' in files for model in self.pushed_models):
+            self.get_logger().warning(
+                f'checkpoint {ckpt} {missing} and no models/ weights of {", ".join(self.pushed_models)}: '
+                'starting fresh from the seed weights, version 0')
+            return 'none'
+        weights, versions = self._read_models(ckpt)  # all of them: a missing one names its file
+        self.trainer.load_weights(weights)
+        self.trainer.version = max(versions.values())
+        self.get_logger().warning(
+            f'checkpoint {ckpt} {missing}: starting with an empty buffer and a fresh optimiser from '
+            f'the saved weights of {", ".join(self.pushed_models)}, version {self.trainer.version}')
+        return 'models'
+
+    def _queue_restored_weights(self, ckpt: Path, files: dict[str, Any]) -> None:
+        """Push the restored weights on activation unless the agent restores exactly them.
+
+        A round's weights may still have been waiting for the agent when the
+        checkpoint was taken (or the agent's part may be missing).
+        """
+        if self.trainer.version == 0:
+            return  # the seed weights, which the agent holds too
+        ours = self.trainer.weights()
+        if all(f'models/{model}.safetensors' in files for model in self.pushed_models):
+            try:
+                theirs, _ = self._read_models(ckpt)
+            except CheckpointError:
+                theirs = {}  # the agent's part is its own business: just send ours
+            if theirs and all(
+                    set(theirs[m]) == set(ours[m]) and all(torch.equal(theirs[m][k], ours[m][k])
+                                                           for k in ours[m])
+                    for m in self.pushed_models):
+                return
+        self._pending = self._encode(int(self.trainer.version), ours)
 
     # -- pushing (executor) -----------------------------------------------
     def _push_tick(self) -> None:
@@ -400,7 +603,9 @@ class TrainerNode(ManagedNode):
             pushes_ok=self.pushes_ok, pushes_failed=self.pushes_failed,
             pushed_version=self.pushed_version,
             pending_version=pending.version if pending else -1,
-            last_sync=self.last_sync, train_errors=errors, **self.node_status())
+            last_sync=self.last_sync, train_errors=errors,
+            restored_from=str(self.checkpoints.restored_from or ''),
+            restored_part=self.restored_part, **self.node_status())
         self.diagnostics.set(**values)
         if self.last_sync not in ('ok', 'nothing pushed yet'):
             self.diagnostics.warn(f'pushing weights fails: {self.last_sync}')
