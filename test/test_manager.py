@@ -4,11 +4,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from ros_harness import wait_for
 from sensor_msgs.msg import Image, Joy
 
+from ami_ros.core.checkpoint import list_checkpoints
 from ami_ros.ros.images import rgb_to_image
 
 
@@ -59,7 +61,11 @@ def test_pause_resume_status_shutdown(launch, test_node):
         assert ami_ros('status').stdout.strip() == 'running: agent=active'
 
         done = ami_ros('shutdown')
-        assert done.returncode == 0 and done.stdout.strip() == 'shut down'
+        assert done.returncode == 0, done.stdout + done.stderr
+        # A clean shutdown leaves a final checkpoint first.
+        words, _, path = done.stdout.strip().partition('; final checkpoint ')
+        assert words == 'shut down' and path, done.stdout
+        assert list_checkpoints(Path(path).parent) == [Path(path)]
         wait_for(lambda: not agent.alive() and not manager.alive(), 15, message='processes exit')
         assert agent.proc.returncode == 0
         assert manager.proc.returncode == 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import rclpy
 from lifecycle_msgs.msg import State, Transition
@@ -84,9 +85,11 @@ class Manager(Node):
             'call_timeout', 5.0, ParameterDescriptor(
                 description='Seconds to wait for one node to answer a lifecycle call.',
                 floating_point_range=[FloatingPointRange(from_value=0.5, to_value=60.0)])).value)
-        self.checkpoint_dir = str(self.declare_parameter(
+        # Absolute, so the path ami/save_checkpoint answers is usable anywhere.
+        self.checkpoint_dir = str(Path(self.declare_parameter(
             'checkpoint_dir', 'checkpoints', ParameterDescriptor(
-                description='Directory of the checkpoints (relative: to the working directory).')).value)
+                description='Directory of the checkpoints (relative: to the working directory).')
+        ).value).absolute())
         self.checkpoint_interval = float(self.declare_parameter(
             'checkpoint_interval', 10800.0, ParameterDescriptor(
                 description='Seconds between periodic checkpoints; 0 = none.',
@@ -99,6 +102,11 @@ class Manager(Node):
         self.save_on_shutdown = bool(self.declare_parameter(
             'save_on_shutdown', True, ParameterDescriptor(
                 description='Save a final checkpoint at ami/shutdown.')).value)
+        self.save_timeout = float(self.declare_parameter(
+            'save_timeout', 180.0, ParameterDescriptor(
+                description="Seconds to wait for one node's part of a checkpoint (a trainer "
+                            'first finishes a running round).',
+                floating_point_range=[FloatingPointRange(from_value=1.0, to_value=3600.0)])).value)
         self.preset = str(self.declare_parameter(
             'preset', '', ParameterDescriptor(
                 description="The graph's preset, recorded in each checkpoint's manifest.")).value)
@@ -126,7 +134,7 @@ class Manager(Node):
     def _publish_state(self) -> None:
         self._state_pub.publish(String(data=self.state))
 
-    async def _call(self, client, request, what: str):
+    async def _call(self, client, request, what: str, timeout: float | None = None):
         if not client.service_is_ready():
             return None, f'{what}: not reachable'
         future = client.call_async(request)
@@ -137,13 +145,14 @@ class Manager(Node):
             if not settled.done():
                 settled.set_result(None)
 
-        timer = self.create_timer(self.call_timeout, settle)
+        timeout = self.call_timeout if timeout is None else timeout
+        timer = self.create_timer(timeout, settle)
         future.add_done_callback(settle)
         await settled
         self.destroy_timer(timer)
         if not future.done():
             future.cancel()
-            return None, f'{what}: no answer within {self.call_timeout:.1f}s'
+            return None, f'{what}: no answer within {timeout:.1f}s'
         return future.result(), None
 
     async def _get_state(self, name: str) -> int | None:
@@ -253,7 +262,8 @@ class Manager(Node):
                 request = SetParameters.Request(parameters=[Parameter(
                     name='directory', value=ParameterValue(type=ParameterType.PARAMETER_STRING,
                                                            string_value=str(stage)))])
-                result, problem = await self._call(client, request, name)
+                # A trainer first lets a running round finish: give it time.
+                result, problem = await self._call(client, request, name, self.save_timeout)
                 if problem is None and not (result.results and result.results[0].successful):
                     problem = f'{name}: ' + (result.results[0].reason if result.results else 'no answer')
                 if problem:

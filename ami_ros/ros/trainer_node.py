@@ -433,7 +433,7 @@ class TrainerNode(ManagedNode):
         else:
             self.restored_part = self._restore_models(ckpt, files)
         self.get_logger().info(
-            f'restored from {ckpt} ({self.restored_part}): {self.trainer.rounds} rounds, version '
+            f'restored ({self.restored_part}): {self.trainer.rounds} rounds, version '
             f'{self.trainer.version}, buffer {self.buffer_status()["buffer_len"]}')
 
     @staticmethod
