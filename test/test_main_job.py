@@ -69,3 +69,29 @@ def test_main_job_learns_while_acting_and_records_it(main_job):
     assert summary['steps'] > 0 and summary['cells_visited'] >= 1
     assert all(summary['rounds'][t] >= 1 for t in ('vae_trainer', 'dynamics_trainer',
                                                    'policy_trainer')), summary['rounds']
+
+
+def test_ctrl_c_checkpoint_lets_the_main_job_continue(main_job):
+    """The main job's final checkpoint restores every node: checkpoint:=latest."""
+    from ami_ros.core.checkpoint import latest_checkpoint, read_json
+
+    first, _, tmp = main_job
+    assert 'final checkpoint' in first.stdout
+    latest = latest_checkpoint(tmp / 'checkpoints')
+    assert latest is not None
+    saved_steps = read_json(latest, 'interaction/agent/state.json')['steps']
+    proc = subprocess.run(
+        [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=doom', 'preset:=small',
+         'record:=false', 'checkpoint:=latest', f'vrchat_port:={_free_udp_port()}',
+         'duration:=20'],
+        cwd=tmp, capture_output=True, text=True, timeout=140)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    for node in ('agent', 'vae_trainer', 'dynamics_trainer', 'policy_trainer'):
+        restored = [line for line in out.splitlines() if line.startswith(f'[{node}]')
+                    and f'restored from checkpoint {latest}' in line]
+        assert restored, (node, out[-3000:])
+    # Steps continue from where the first run stopped.
+    newest = latest_checkpoint(tmp / 'checkpoints')
+    assert newest != latest, out[-3000:]
+    assert read_json(newest, 'interaction/agent/state.json')['steps'] > saved_steps, out[-3000:]
