@@ -90,3 +90,31 @@ class TestNode:
         self.node.destroy_node()
         self._rclpy.try_shutdown(context=self.context)
         self._thread.join(timeout=5)
+
+
+class FrameFeeder:
+    """Random 84x84 camera frames on camera/image_raw at `hz`, from a thread, like a camera."""
+
+    def __init__(self, test_node: TestNode, hz: float = 10.0, seed: int = 0) -> None:
+        from sensor_msgs.msg import Image
+
+        self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
+        self.clock = test_node.node.get_clock()
+        self.hz, self.seed = hz, seed
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import numpy as np
+
+        from ami_ros.ros.images import rgb_to_image
+
+        rng = np.random.default_rng(self.seed)
+        while not self.stop.wait(1.0 / self.hz):
+            rgb = rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)
+            self.pub.publish(rgb_to_image(rgb, self.clock.now().to_msg()))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=2)

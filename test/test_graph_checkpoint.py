@@ -3,14 +3,13 @@
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from ros_harness import wait_for
+from ros_harness import FrameFeeder, wait_for
 from sensor_msgs.msg import Image, Joy
 from std_msgs.msg import UInt8MultiArray
 
@@ -29,20 +28,6 @@ def ami_ros(*args, timeout=60, cwd=None):
                           text=True, timeout=timeout, cwd=cwd)
 
 
-class Frames:
-    def __init__(self, test_node):
-        self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
-        self.clock = test_node.node.get_clock()
-        self.stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        rng = np.random.default_rng(0)
-        while not self.stop.wait(0.1):
-            rgb = rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)
-            self.pub.publish(rgb_to_image(rgb, self.clock.now().to_msg()))
-
-
 @pytest.fixture
 def graph(launch, test_node, tmp_path):
     agent = launch('agent', parameters={'preset': 'small'})
@@ -50,7 +35,7 @@ def graph(launch, test_node, tmp_path):
         'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'small',
         'checkpoint_interval': 0.0})
     actions = test_node.collect(Joy, 'action')
-    frames = Frames(test_node)
+    frames = FrameFeeder(test_node)
     wait_for(lambda: len(actions) >= 10, 30, message='the agent acting')
     yield agent, manager, actions, frames
     frames.stop.set()
@@ -153,7 +138,7 @@ def test_periodic_checkpoints_keep_the_newest_and_every_manual_one(launch, test_
         'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'small',
         'checkpoint_interval': 1.0, 'keep_last': 2})
     actions = test_node.collect(Joy, 'action')
-    frames = Frames(test_node)
+    frames = FrameFeeder(test_node)
     try:
         wait_for(lambda: len(actions) >= 5, 30, message='the agent acting')
         manual = ami_ros('save').stdout.strip()

@@ -2,38 +2,18 @@
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
-from ros_harness import wait_for
-from sensor_msgs.msg import Image, Joy
+from ros_harness import FrameFeeder, wait_for
+from sensor_msgs.msg import Joy
 
 from ami_ros.core.checkpoint import list_checkpoints
-from ami_ros.ros.images import rgb_to_image
 
 
 def ami_ros(*args, timeout=30):
     return subprocess.run([sys.executable, '-m', 'ami_ros.cli', *args], capture_output=True,
                           text=True, timeout=timeout)
-
-
-class FrameFeeder:
-    """Publishes frames at 10 Hz from a thread, like a camera."""
-
-    def __init__(self, test_node):
-        self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
-        self.clock = test_node.node.get_clock()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        rng = np.random.default_rng(0)
-        while not self.stop.wait(0.1):
-            rgb = rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)
-            self.pub.publish(rgb_to_image(rgb, self.clock.now().to_msg()))
 
 
 def test_pause_resume_status_shutdown(launch, test_node):

@@ -13,7 +13,6 @@ import shutil
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import rclpy
 import torch
@@ -24,8 +23,7 @@ from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.msg import ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
-from ros_harness import start_node, wait_for
-from sensor_msgs.msg import Image
+from ros_harness import FrameFeeder, start_node, wait_for
 
 from ami_ros.core.checkpoint import (
     CheckpointError,
@@ -39,7 +37,6 @@ from ami_ros.core.models import build_models
 from ami_ros.core.presets import get_preset
 from ami_ros.core.schemas import weights_schema
 from ami_ros.core.trainers import DynamicsTrainer, VAETrainer
-from ami_ros.ros.images import rgb_to_image
 
 PRESET = get_preset('small')
 FRAME_HZ = 15.0
@@ -47,27 +44,6 @@ FAST = {'preset': 'small', 'min_new': 16, 'max_batches': 4, 'sync_retry': 0.5}
 TRAINERS = ('dynamics_trainer', 'vae_trainer')
 FILES = ('trainers/{}/state.safetensors', 'trainers/{}/state.json',
          'data/{}/buffer.safetensors', 'data/{}/buffer.json')
-
-
-class Frames:
-    """Random camera frames at FRAME_HZ from a thread."""
-
-    def __init__(self, test_node) -> None:
-        self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
-        self.clock = test_node.node.get_clock()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        rng = np.random.default_rng(0)
-        while not self.stop.wait(1.0 / FRAME_HZ):
-            rgb = rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)
-            self.pub.publish(rgb_to_image(rgb, self.clock.now().to_msg()))
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=2)
 
 
 class Status:
@@ -149,7 +125,7 @@ def _assert_core_round_trip(ckpt: Path, node: str) -> None:
 
 def test_trainers_save_their_part_and_a_new_process_continues_from_it(launch, test_node, tmp_path):
     status = Status(test_node)
-    frames = Frames(test_node)
+    frames = FrameFeeder(test_node, hz=FRAME_HZ)
     restored: list = []
     try:
         launch('agent', parameters={'preset': 'small'})

@@ -8,7 +8,6 @@ from the test like a camera. The agent's model versions are read from the
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
 import numpy as np
@@ -17,13 +16,12 @@ import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.parameter import Parameter
-from ros_harness import start_node, wait_for
-from sensor_msgs.msg import Image, Joy
+from ros_harness import FrameFeeder, start_node, wait_for
+from sensor_msgs.msg import Joy
 from std_msgs.msg import UInt8MultiArray
 
 from ami_ros.core.presets import ACTION_CHOICES, get_preset
 from ami_ros.core.schemas import ExperienceStep, decode_experience
-from ami_ros.ros.images import rgb_to_image
 
 PRESET = get_preset('small')
 FRAME_HZ = 10.0
@@ -31,23 +29,6 @@ FRAME_HZ = 10.0
 FAST = {'preset': 'small', 'min_new': 16, 'max_batches': 4, 'sync_retry': 0.5}
 FAST_POLICY = {'preset': 'small', 'min_new': 16, 'sync_retry': 0.5}
 TRAINERS = {'vae_trainer': FAST, 'dynamics_trainer': FAST, 'policy_trainer': FAST_POLICY}
-
-
-class Frames:
-    """Random frames at FRAME_HZ from a thread, like a camera."""
-
-    def __init__(self, test_node) -> None:
-        self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
-        self.clock = test_node.node.get_clock()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        rng = np.random.default_rng(0)
-        while not self.stop.wait(1.0 / FRAME_HZ):
-            rgb = rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)
-            self.pub.publish(rgb_to_image(rgb, self.clock.now().to_msg()))
 
 
 class Watch:
@@ -81,7 +62,7 @@ class Watch:
 @pytest.fixture
 def graph(launch, test_node):
     watch = Watch(test_node)
-    frames = Frames(test_node)
+    frames = FrameFeeder(test_node, hz=FRAME_HZ)
     yield watch
     frames.stop.set()
     frames.thread.join(timeout=2)

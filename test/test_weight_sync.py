@@ -1,6 +1,5 @@
 """agent/sync_weights and the experience stream, with the real agent process."""
 
-import threading
 import time
 
 import numpy as np
@@ -8,33 +7,16 @@ import pytest
 import torch
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
-from ros_harness import wait_for
-from sensor_msgs.msg import Image, Joy
+from ros_harness import FrameFeeder, wait_for
+from sensor_msgs.msg import Joy
 from std_msgs.msg import UInt8MultiArray
 
 from ami_ros.core.envelope import encode
 from ami_ros.core.models import build_models
 from ami_ros.core.presets import ACTION_CHOICES, get_preset
 from ami_ros.core.schemas import decode_experience, encode_weights
-from ami_ros.ros.images import rgb_to_image
 
 PRESET = get_preset('small')
-
-
-class Frames:
-    """10 Hz frames from a thread, like a camera."""
-
-    def __init__(self, test_node):
-        self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
-        self.clock = test_node.node.get_clock()
-        self.stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        rng = np.random.default_rng(0)
-        while not self.stop.wait(0.1):
-            rgb = rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)
-            self.pub.publish(rgb_to_image(rgb, self.clock.now().to_msg()))
 
 
 @pytest.fixture
@@ -42,7 +24,7 @@ def acting(launch, test_node):
     agent = launch('agent', parameters={'preset': 'small'})
     actions = test_node.collect(Joy, 'action')
     experience = test_node.collect(UInt8MultiArray, 'experience', qos=200)
-    frames = Frames(test_node)
+    frames = FrameFeeder(test_node)
     wait_for(lambda: len(actions) >= 5, 30, message='the agent acting')
     yield agent, actions, experience
     frames.stop.set()

@@ -48,14 +48,14 @@ from std_msgs.msg import Float32, UInt8MultiArray
 from ami_ros.core.action import action_to_controls
 from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.envelope import EnvelopeError
-from ami_ros.core.observation import center_crop_resize, to_uint8_chw
-from ami_ros.core.presets import IMAGE_SHAPE, PRESETS
+from ami_ros.core.observation import to_uint8_chw
+from ami_ros.core.presets import PRESETS
 from ami_ros.core.reward import REWARDS
 from ami_ros.core.schemas import ExperienceStep, encode_experience
 from ami_ros.core.timing import LatencyWindow, RateMeter
 from ami_ros.ros.checkpoint_part import CheckpointPart
 from ami_ros.ros.diagnostics import NodeDiagnostics
-from ami_ros.ros.images import image_to_rgb, rgb_to_image
+from ami_ros.ros.images import rgb_to_image
 from ami_ros.ros.managed_node import ManagedNode, run
 
 # The newest frame only: a late agent skips frames instead of queueing them.
@@ -99,7 +99,6 @@ class AgentNode(ManagedNode):
         self.create_subscription(Image, 'camera/image_raw', self.on_frame, NEWEST_FRAME)
         self.rate = RateMeter()
         self.latency = LatencyWindow(1000)
-        self.dropped = 0
         self.diagnostics = NodeDiagnostics(self)
         self.diagnostics.set(preset=preset, device=device)
         self.create_timer(1.0, self._update_diagnostics)
@@ -110,20 +109,10 @@ class AgentNode(ManagedNode):
         self.continues = False
         return super().on_deactivate(state)
 
-    def _frame_rgb(self, msg: Image):
-        try:
-            rgb = image_to_rgb(msg)
-        except ValueError as exc:
-            self.dropped += 1
-            kind = str(exc).split(' ', 1)[0]  # e.g. 'unsupported', 'data', 'step'
-            self.warn_throttled(f'frame-{kind}', f'dropping frame: {exc}')
-            return None
-        return center_crop_resize(rgb, IMAGE_SHAPE[1], IMAGE_SHAPE[2])
-
     def on_frame(self, msg: Image) -> None:
         if not self.is_active:
             return
-        rgb = self._frame_rgb(msg)
+        rgb = self.observation_from(msg)
         if rgb is None:
             return
         step = self.agent.step(rgb)
@@ -216,7 +205,7 @@ class AgentNode(ManagedNode):
         lat = self.latency.summary()
         self.diagnostics.set(rate_hz=self.rate.rate(), latency_p50_ms=lat['p50'],
                              latency_p99_ms=lat['p99'], latency_max_ms=lat['max'],
-                             steps=self.agent.steps, dropped_frames=self.dropped,
+                             steps=self.agent.steps, dropped_frames=self.dropped_frames,
                              syncs_ok=self.syncs_ok, syncs_refused=self.syncs_refused,
                              active=self.is_active,
                              **{f'version_{k}': v for k, v in self.agent.versions.items()})

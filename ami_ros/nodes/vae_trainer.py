@@ -25,10 +25,9 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from torch import nn
 
-from ami_ros.core.observation import center_crop_resize, to_uint8_chw
-from ami_ros.core.presets import IMAGE_SHAPE, Preset
+from ami_ros.core.observation import to_uint8_chw
+from ami_ros.core.presets import Preset
 from ami_ros.core.trainers import DEFAULT_MAX_BATCHES, VAETrainer
-from ami_ros.ros.images import image_to_rgb
 from ami_ros.ros.managed_node import run
 from ami_ros.ros.trainer_node import TrainerNode
 
@@ -45,7 +44,6 @@ class VAETrainerNode(TrainerNode):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('vae_trainer', **kwargs)
-        self.dropped_frames = 0
         self.create_subscription(Image, 'camera/image_raw', self.on_frame, FRAMES)
 
     def make_trainer(self, preset: Preset, models: dict[str, nn.Module], device: str, seed: int,
@@ -56,14 +54,9 @@ class VAETrainerNode(TrainerNode):
     def on_frame(self, msg: Image) -> None:
         if not self.is_active:
             return
-        try:
-            rgb = image_to_rgb(msg)
-        except ValueError as exc:
-            self.dropped_frames += 1
-            kind = str(exc).split(' ', 1)[0]  # e.g. 'unsupported', 'data', 'step'
-            self.warn_throttled(f'frame-{kind}', f'dropping frame: {exc}')
-            return
-        self.trainer.add(to_uint8_chw(center_crop_resize(rgb, IMAGE_SHAPE[1], IMAGE_SHAPE[2])))
+        rgb = self.observation_from(msg)
+        if rgb is not None:
+            self.trainer.add(to_uint8_chw(rgb))
 
     def buffer_status(self) -> dict[str, object]:
         buffer = self.trainer.buffer
