@@ -169,7 +169,9 @@ class StatusMonitor:
             self.node.destroy_client(client)
 
     def close(self) -> None:
-        self.executor.shutdown(timeout_sec=1)
+        # The spinning thread leaves rclpy before the node and context go.
+        self.executor.shutdown(timeout_sec=5)
+        self.thread.join(timeout=5)
         self.node.destroy_node()
         self._rclpy.try_shutdown(context=self.context)
 

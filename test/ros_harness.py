@@ -86,10 +86,11 @@ class TestNode:
             self.node.destroy_client(client)
 
     def close(self) -> None:
-        self.executor.shutdown(timeout_sec=2)
+        # The spinning thread leaves rclpy before the node and context go.
+        self.executor.shutdown(timeout_sec=5)
+        self._thread.join(timeout=5)
         self.node.destroy_node()
         self._rclpy.try_shutdown(context=self.context)
-        self._thread.join(timeout=5)
 
 
 class FrameFeeder:

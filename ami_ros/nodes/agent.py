@@ -198,7 +198,14 @@ class AgentNode(ManagedNode):
         return response
 
     def on_exit(self) -> None:
-        self._sync_executor.shutdown(timeout_sec=1)
+        # The sync thread must have left rclpy before the node and the
+        # context go: destroying them under a thread still waiting in rcl
+        # aborts the process ('terminate called without an active exception').
+        self._sync_executor.shutdown(timeout_sec=10)
+        self._sync_thread.join(timeout=10)
+        if self._sync_thread.is_alive():
+            self.get_logger().warning('the weight-sync thread did not stop; leaving it to the exit')
+            return
         self._sync_node.destroy_node()
 
     def _update_diagnostics(self) -> None:
