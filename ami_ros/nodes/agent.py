@@ -88,13 +88,13 @@ class AgentNode(ManagedNode):
         self.prediction_pub = self.create_lifecycle_publisher(Image, 'prediction/image_raw', 1)
         # Deep enough that a trainer busy for a moment loses no step.
         self.experience_pub = self.create_lifecycle_publisher(UInt8MultiArray, 'experience', 100)
+        self.syncs_ok = 0
+        self.syncs_refused = 0
         self._start_sync_service()
         # Restores weights, versions, hidden state and sampling state before
         # the first frame can arrive; serves agent/save_checkpoint.
         self.checkpoints = CheckpointPart(self, self.agent.save_checkpoint,
                                           self.agent.load_checkpoint, preset=preset)
-        self.syncs_ok = 0
-        self.syncs_refused = 0
         self.continues = False  # the next step follows the previous one without a gap
         self.create_subscription(Image, 'camera/image_raw', self.on_frame, NEWEST_FRAME)
         self.rate = RateMeter()
