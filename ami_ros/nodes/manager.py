@@ -43,7 +43,7 @@ from rcl_interfaces.msg import (
 )
 from rcl_interfaces.srv import SetParameters
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile
 from rclpy.task import Future
@@ -57,6 +57,7 @@ from ami_ros.core.checkpoint import (
     begin_checkpoint,
     commit_checkpoint,
 )
+from ami_ros.ros.managed_node import spin_until_finished
 
 _SHUTDOWN_FROM = {
     State.PRIMARY_STATE_UNCONFIGURED: Transition.TRANSITION_UNCONFIGURED_SHUTDOWN,
@@ -300,10 +301,7 @@ def main(args: list[str] | None = None) -> int:
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
-        while rclpy.ok() and not node.finished:
-            executor.spin_once(timeout_sec=0.1)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        spin_until_finished(node, executor)
     finally:
         node.destroy_node()
         rclpy.try_shutdown()

@@ -120,6 +120,15 @@ def _autostart(node: ManagedNode) -> bool:
     return True
 
 
+def spin_until_finished(node: Any, executor: Any) -> None:
+    """Spin until `node.finished` (its shutdown), SIGINT/SIGTERM or context shutdown."""
+    try:
+        while rclpy.ok() and not node.finished:
+            executor.spin_once(timeout_sec=0.1)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+
+
 def run(factory: Callable[[], N], args: Sequence[str] | None = None,
         executor_factory: Callable[[], Any] = SingleThreadedExecutor) -> int:
     """Run a managed node until SIGINT/SIGTERM or its lifecycle shutdown.
@@ -141,11 +150,7 @@ def run(factory: Callable[[], N], args: Sequence[str] | None = None,
             _autostart(node)
         executor = executor_factory()
         executor.add_node(node)
-        try:
-            while rclpy.ok() and not node.finished:
-                executor.spin_once(timeout_sec=0.1)
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
+        spin_until_finished(node, executor)
     finally:
         if node is not None:
             node.on_exit()
