@@ -9,7 +9,12 @@ real time. This script counts the distinct map cells (cell_size x cell_size
 map units) visited on world/pose, per step, and prints the ratio; it writes
 the curves to an image. It also records the agent's prediction error
 (curiosity) and prints its mean over the first and the last fifth of each
-run: where the forward model learns, it falls.
+run: where the forward model learns, it falls. Because my_way_home respawns
+the player in a random room every episode, the cells of a whole run grow
+mostly with respawns; the cells per episode (a respawn is a jump of more than
+RESPAWN_JUMP map units) measure how far the agent itself gets. The shares of
+forward, back, turning and standing-still actions, early and late, show what
+the policy learned.
 
     .venv/bin/python bench/exploration.py [--seeds 0 1] [--minutes 3] [--time-scale 3]
 """
@@ -17,6 +22,7 @@ run: where the forward model learns, it falls.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import socket
@@ -25,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
@@ -36,6 +43,7 @@ import rclpy  # noqa: E402
 import yaml  # noqa: E402
 from geometry_msgs.msg import PoseStamped  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from sensor_msgs.msg import Joy  # noqa: E402
 from std_msgs.msg import Float32  # noqa: E402
 
 from ami_ros.core.run_record import ExplorationMap  # noqa: E402
@@ -48,9 +56,29 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
+# A step moves the player at most a few dozen map units; a longer jump is a
+# respawn, i.e. a new episode.
+RESPAWN_JUMP = 256.0
+
+
+@dataclass
+class Run:
+    curve: list[int] = field(default_factory=list)  # cells visited after each world step
+    errors: list[float] = field(default_factory=list)  # the agent's prediction errors
+    episode_cells: list[int] = field(default_factory=list)  # distinct cells per finished episode
+    actions: list[tuple[float, ...]] = field(default_factory=list)  # Joy axes + buttons per step
+
+    def action_shares(self, part: slice) -> dict[str, float]:
+        """How often the actions in `part` moved forward, turned, or held still."""
+        axes = np.asarray([a[:3] for a in self.actions[part]]) if self.actions else np.zeros((1, 3))
+        return {'forward': float(np.mean(axes[:, 0] > 0)), 'back': float(np.mean(axes[:, 0] < 0)),
+                'turn': float(np.mean(axes[:, 2] != 0)),
+                'still': float(np.mean(np.all(axes[:, :2] == 0, axis=1)))}
+
+
 def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: int,
-             tmp: Path) -> tuple[list[int], list[float]]:
-    """Cells visited after each world step of one run, and the prediction errors."""
+             tmp: Path) -> Run:
+    """One run of the main job, watched from outside."""
     params = yaml.safe_load(default_params_file().read_text())
     params['/**/doom_world']['ros__parameters'].update(time_scale=time_scale, seed=seed)
     params['/**/agent']['ros__parameters'].update(seed=seed)
@@ -60,15 +88,25 @@ def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: in
     rclpy.init(context=context)
     node = rclpy.create_node('exploration_probe', context=context)
     explored = ExplorationMap(cell)
-    curve: list[int] = []
+    run = Run()
+    episode = ExplorationMap(cell)
+    last: list[tuple[float, float]] = []
 
     def on_pose(msg: PoseStamped) -> None:
-        explored.visit(msg.pose.position.x, msg.pose.position.y)
-        curve.append(explored.cells_visited)
+        nonlocal episode
+        x, y = msg.pose.position.x, msg.pose.position.y
+        if last and math.dist(last[0], (x, y)) > RESPAWN_JUMP:
+            run.episode_cells.append(episode.cells_visited)
+            episode = ExplorationMap(cell)
+        last[:] = [(x, y)]
+        episode.visit(x, y)
+        explored.visit(x, y)
+        run.curve.append(explored.cells_visited)
 
-    errors: list[float] = []
     node.create_subscription(PoseStamped, 'world/pose', on_pose, 100)
-    node.create_subscription(Float32, 'prediction_error', lambda m: errors.append(m.data), 100)
+    node.create_subscription(Float32, 'prediction_error', lambda m: run.errors.append(m.data), 100)
+    node.create_subscription(Joy, 'action',
+                             lambda m: run.actions.append((*m.axes, *m.buttons)), 100)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
@@ -84,7 +122,7 @@ def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: in
         executor.shutdown(timeout_sec=2)
         node.destroy_node()
         rclpy.try_shutdown(context=context)
-    return curve, errors
+    return run
 
 
 def plot(curves: dict[str, list[list[int]]], path: Path) -> None:
@@ -120,22 +158,35 @@ def main() -> None:
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
           f'{args.minutes:g} min per run at time_scale {args.time_scale:g}, cells {args.cell}')
     curves: dict[str, list[list[int]]] = {'learning': [], 'random': []}
+    per_episode: dict[str, list[int]] = {'learning': [], 'random': []}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for label, train in (('learning', True), ('random', False)):
                 t0 = time.monotonic()
-                curve, errors = run_once(train, seed, args.minutes * 60, args.time_scale, args.cell,
-                                         Path(tmp))
-                curves[label].append(curve)
-                fifth = max(1, len(errors) // 5)
-                print(f'seed {seed} {label:8s}: {curve[-1] if curve else 0:4d} cells in '
-                      f'{len(curve)} steps ({time.monotonic() - t0:.0f} s); prediction error '
-                      f'{np.mean(errors[:fifth]):.4f} in the first fifth -> '
-                      f'{np.mean(errors[-fifth:]):.4f} in the last', flush=True)
+                run = run_once(train, seed, args.minutes * 60, args.time_scale, args.cell,
+                               Path(tmp))
+                curves[label].append(run.curve)
+                per_episode[label] += run.episode_cells
+                fifth = max(1, len(run.errors) // 5)
+                first, final = (run.action_shares(slice(None, len(run.actions) // 5)),
+                                run.action_shares(slice(-(len(run.actions) // 5) or None, None)))
+                print(f'seed {seed} {label:8s}: {run.curve[-1] if run.curve else 0:4d} cells in '
+                      f'{len(run.curve)} steps ({time.monotonic() - t0:.0f} s); '
+                      f'{len(run.episode_cells)} whole episodes, '
+                      f'{np.mean(run.episode_cells or [0]):.1f} cells each; prediction error '
+                      f'{np.mean(run.errors[:fifth]):.4f} in the first fifth -> '
+                      f'{np.mean(run.errors[-fifth:]):.4f} in the last', flush=True)
+                print('    actions, first fifth -> last fifth: ' + ', '.join(
+                    f'{k} {first[k]:.2f} -> {final[k]:.2f}' for k in first), flush=True)
     steps = min(len(c) for runs in curves.values() for c in runs)
     mean = {k: float(np.mean([c[steps - 1] for c in runs])) for k, runs in curves.items()}
     print(f'after {steps} steps: learning {mean["learning"]:.1f} cells, random '
           f'{mean["random"]:.1f} cells, ratio {mean["learning"] / max(mean["random"], 1e-9):.2f}')
+    episode_mean = {k: float(np.mean(v or [0])) for k, v in per_episode.items()}
+    print(f'per whole episode: learning {episode_mean["learning"]:.1f} cells '
+          f'({len(per_episode["learning"])} episodes), random {episode_mean["random"]:.1f} '
+          f'({len(per_episode["random"])}), ratio '
+          f'{episode_mean["learning"] / max(episode_mean["random"], 1e-9):.2f}')
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(curves, out)

@@ -1,9 +1,11 @@
 """The acting agent, ROS-free: one step per camera frame.
 
-Each step encodes the frame, scores the previous step's prediction against
-it (the curiosity reward), samples the five-part action from the policy, and
-predicts the next latent with the forward dynamics, carrying the dynamics'
-hidden state explicitly from step to step. The agent node is a thin shell
+Each step samples the five-part action from the policy, hands it out at
+once (the action only needs the policy, so it leaves before the rest of the
+step is done), then encodes the frame, scores the previous step's prediction
+against it (the curiosity reward) and predicts the next latent with the
+forward dynamics, carrying the dynamics' hidden state explicitly from step to
+step. The agent node is a thin shell
 around this class; benchmarks drive it directly.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,22 +80,22 @@ class CuriosityAgent:
     def encoder(self):
         return self.models['encoder']
 
-    def step(self, rgb: np.ndarray) -> AgentStep:
-        """Act on one HxWx3 uint8 RGB frame of the preset's image size."""
+    def step(self, rgb: np.ndarray,
+             on_action: Callable[[Tensor], None] | None = None) -> AgentStep:
+        """Act on one HxWx3 uint8 RGB frame of the preset's image size.
+
+        `on_action(action)` (int64 [5], CPU) is called as soon as the action
+        is sampled, before the encoder, reward and dynamics run: the frame to
+        action latency is the policy's alone.
+        """
         if rgb.shape != (IMAGE_SHAPE[1], IMAGE_SHAPE[2], 3):
             raise ValueError(f'frame must be {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[2]}x3, got {rgb.shape}')
         with self._lock:
-            return self._step(rgb)
+            return self._step(rgb, on_action)
 
     @torch.inference_mode()
-    def _step(self, rgb: np.ndarray) -> AgentStep:
+    def _step(self, rgb: np.ndarray, on_action: Callable[[Tensor], None] | None) -> AgentStep:
         obs = to_observation(rgb).unsqueeze(0).to(self.device)
-        z = self.models['encoder'].encode_mean(obs)
-        if self.prediction is not None:
-            reward = float(self.reward_fn(self.prediction, z)[0])
-            error = float(torch.mean((self.prediction - z) ** 2))
-        else:
-            reward = error = math.nan
         dist, value = self.models['policy'](obs)
         if self.deterministic:
             action = dist.mode()
@@ -103,11 +105,20 @@ class CuriosityAgent:
             probs = [torch.softmax(lg.float(), -1).cpu() for lg in dist.logits]
             action = torch.stack([torch.multinomial(p, 1, generator=self.generator)[:, 0]
                                   for p in probs], dim=-1).to(self.device)
+        action_cpu = action[0].cpu()
+        if on_action is not None:
+            on_action(action_cpu)
         log_prob = dist.log_prob(action)
+        z = self.models['encoder'].encode_mean(obs)
+        if self.prediction is not None:
+            reward = float(self.reward_fn(self.prediction, z)[0])
+            error = float(torch.mean((self.prediction - z) ** 2))
+        else:
+            reward = error = math.nan
         hidden_used = self.hidden
         self.prediction, self.hidden = self.models['dynamics'].step(z, hidden_used, action)
         self.steps += 1
-        return AgentStep(action=action[0].cpu(), log_prob=log_prob[0].cpu(),
+        return AgentStep(action=action_cpu, log_prob=log_prob[0].cpu(),
                          value=float(value[0]), reward=reward, prediction_error=error,
                          latent=z[0].cpu(), hidden=hidden_used[0].cpu(),
                          versions=dict(self.versions))

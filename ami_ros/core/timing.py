@@ -1,7 +1,8 @@
-"""Rates and latency percentiles over a sliding window (for diagnostics and benches)."""
+"""Rates, latency percentiles and the acting loop's idle gaps (for nodes and benches)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 
@@ -44,3 +45,62 @@ class LatencyWindow:
         values = sorted(self.values.copy())  # copy is atomic; callbacks may append meanwhile
         return {'p50': percentile(values, 0.5), 'p99': percentile(values, 0.99),
                 'max': values[-1] if values else float('nan')}
+
+
+class StepGap:
+    """Where the acting loop's idle time is, so side work can go there.
+
+    The acting loop calls `step_started()` and `step_ended()`; another thread
+    calls `wait(needed, timeout)` before work that would compete with a step
+    for the interpreter and the CPU (preparing new weights), and is let go
+    when that much work fits before the next step is due. With no steps seen,
+    or none for two periods (paused, no camera), there is nothing to protect.
+    """
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._busy = False
+        self._last_start: float | None = None
+        self.period: float | None = None  # smoothed time between step starts
+
+    def step_started(self) -> None:
+        with self._cond:
+            now = self._clock()
+            if self._last_start is not None:
+                interval = now - self._last_start
+                self.period = interval if self.period is None else 0.8 * self.period + 0.2 * interval
+            self._last_start = now
+            self._busy = True
+
+    def step_ended(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+    def fits(self, needed: float) -> bool:
+        """Whether `needed` seconds of work would end before the next step is due."""
+        with self._cond:
+            return self._fits(needed)
+
+    def _fits(self, needed: float) -> bool:
+        if self._busy:
+            return False
+        if self._last_start is None or self.period is None:
+            return True
+        now = self._clock()
+        if now - self._last_start > 2 * self.period:
+            return True  # the steps stopped
+        return now + needed <= self._last_start + self.period
+
+    def wait(self, needed: float, timeout: float) -> bool:
+        """Block until `needed` seconds fit before the next step; False after `timeout`."""
+        deadline = self._clock() + timeout
+        with self._cond:
+            while not self._fits(needed):
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return False
+                # Woken by a step's end; the poll catches steps that stop coming.
+                self._cond.wait(min(remaining, 0.01))
+            return True

@@ -5,7 +5,9 @@ Subscribes:
                           mono8 and other sizes are converted; keeps only the
                           newest frame, never a queue)
 Publishes:
-  action                  sensor_msgs/Joy, stamped with the frame's stamp
+  action                  sensor_msgs/Joy, stamped with the frame's stamp; sent
+                          as soon as the policy has chosen it, before the
+                          step's encoder, reward and dynamics work
   reward                  std_msgs/Float32, curiosity of the previous action
   prediction_error        std_msgs/Float32, MSE of the latent prediction
   prediction/image_raw    sensor_msgs/Image, the decoded predicted next frame
@@ -20,7 +22,8 @@ Serves:
                           string_value 'file:///path' of one (same machine:
                           no copy through DDS). The whole request is checked
                           before anything changes; the new models are built
-                          on a worker thread and swapped in between two steps.
+                          on a worker thread in the idle time after a step
+                          and swapped in between two steps.
 
   agent/save_checkpoint   its part of a checkpoint (models/, interaction/agent/)
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import time
 from pathlib import Path
 
 import rclpy
@@ -52,7 +56,7 @@ from ami_ros.core.observation import to_uint8_chw
 from ami_ros.core.presets import PRESETS
 from ami_ros.core.reward import REWARDS
 from ami_ros.core.schemas import ExperienceStep, encode_experience
-from ami_ros.core.timing import LatencyWindow, RateMeter
+from ami_ros.core.timing import LatencyWindow, RateMeter, StepGap
 from ami_ros.ros.checkpoint_part import CheckpointPart
 from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.images import rgb_to_image
@@ -62,6 +66,9 @@ from ami_ros.ros.managed_node import ManagedNode, run
 # Best effort is compatible with publishers of either reliability.
 NEWEST_FRAME = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                           reliability=ReliabilityPolicy.BEST_EFFORT)
+# A sync waits at most this long for idle time between steps (at 10 Hz a gap
+# comes within a frame; a faster camera may leave none).
+SYNC_GAP_WAIT = 0.25
 
 
 class AgentNode(ManagedNode):
@@ -90,6 +97,8 @@ class AgentNode(ManagedNode):
         self.experience_pub = self.create_lifecycle_publisher(UInt8MultiArray, 'experience', 100)
         self.syncs_ok = 0
         self.syncs_refused = 0
+        self.step_gap = StepGap()
+        self._prepare_seconds = 0.03  # how long building new models takes (smoothed)
         self._start_sync_service()
         # Restores weights, versions, hidden state and sampling state before
         # the first frame can arrive; serves agent/save_checkpoint.
@@ -112,19 +121,28 @@ class AgentNode(ManagedNode):
     def on_frame(self, msg: Image) -> None:
         if not self.is_active:
             return
+        self.step_gap.step_started()
+        try:
+            self._act(msg)
+        finally:
+            self.step_gap.step_ended()
+
+    def _act(self, msg: Image) -> None:
         rgb = self.observation_from(msg)
         if rgb is None:
             return
-        step = self.agent.step(rgb)
-        axes, buttons = action_to_controls(step.action.tolist())
-        joy = Joy(axes=axes, buttons=buttons)
-        joy.header.stamp = msg.header.stamp
-        joy.header.frame_id = msg.header.frame_id
-        self.action_pub.publish(joy)
-        now = self.get_clock().now().nanoseconds
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
-        if stamp:
-            self.latency.add((now - stamp) / 1e6)
+
+        def publish_action(action) -> None:
+            axes, buttons = action_to_controls(action.tolist())
+            joy = Joy(axes=axes, buttons=buttons)
+            joy.header.stamp = msg.header.stamp
+            joy.header.frame_id = msg.header.frame_id
+            self.action_pub.publish(joy)
+            if stamp:
+                self.latency.add((self.get_clock().now().nanoseconds - stamp) / 1e6)
+
+        step = self.agent.step(rgb, on_action=publish_action)
         self.rate.tick()
         if not math.isnan(step.reward):
             self.reward_pub.publish(Float32(data=step.reward))
@@ -175,6 +193,10 @@ class AgentNode(ManagedNode):
     def on_sync_weights(self, request: SetParameters.Request,
                         response: SetParameters.Response) -> SetParameters.Response:
         names = [p.name for p in request.parameters]
+        # Build the new models in the idle time after a step, not beside one:
+        # they would share the interpreter and the CPU with it.
+        self.step_gap.wait(self._prepare_seconds, timeout=SYNC_GAP_WAIT)
+        started = time.monotonic()
         try:
             blobs = {p.name: _envelope_bytes(p) for p in request.parameters}
             if len(blobs) != len(names):
@@ -182,6 +204,7 @@ class AgentNode(ManagedNode):
             if not blobs:
                 raise EnvelopeError('the request holds no weights')
             prepared = self.agent.prepare_weights(blobs)
+            self._prepare_seconds = 0.7 * self._prepare_seconds + 0.3 * (time.monotonic() - started)
             self.agent.swap(prepared)
             problem = None
         except (EnvelopeError, ValueError, OSError, RuntimeError) as exc:

@@ -68,7 +68,7 @@ Parameters (every trainer node):
   seed                 seed of the initial weights (the agent's seed) and
                        of the trainer's minibatch order
   torch_threads        torch intra-op threads of this process (1)
-  nice                 niceness added at start, 0..19 (10)
+  nice                 niceness added at start, 0..19 (19: SCHED_IDLE)
   min_new              new samples before a round; 0 = the preset's value
                        (for the policy trainer: PPO steps per update)
   min_round_interval   seconds at least between two round starts (0)
@@ -252,7 +252,7 @@ class TrainerNode(ManagedNode):
                             'the minibatch order.', low=0, high=2**31 - 1)
         threads = self.declare('torch_threads', 1, 'Torch intra-op threads of this process.',
                                low=1, high=64)
-        nice = self.declare('nice', 10, 'Niceness added at start so the acting agent wins the '
+        nice = self.declare('nice', 19, 'Niceness added at start so the acting agent wins the '
                             'CPU (0 = none).', low=0, high=19)
         min_new = self.declare('min_new', 0, 'New samples before a round; 0 = the preset\'s '
                                'value.', low=0, high=1_000_000)

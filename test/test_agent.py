@@ -1,0 +1,58 @@
+"""The acting agent's core (no ROS): the action leaves before the rest of the step."""
+
+import numpy as np
+import torch
+
+from ami_ros.core.agent import CuriosityAgent
+
+
+def frames(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (84, 84, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_action_is_handed_out_before_the_encoder_and_dynamics_run():
+    agent = CuriosityAgent('small', seed=3)
+    calls = []
+
+    def on_action(action):
+        # At this point the step's dynamics have not run: the prediction and
+        # the hidden state are still the previous step's.
+        calls.append((action.clone(), agent.steps, agent.hidden.clone(),
+                      None if agent.prediction is None else agent.prediction.clone()))
+
+    encoder = agent.models['encoder']
+    encoder_calls = []  # how many actions had been handed out when the encoder ran
+    real_encode = encoder.encode_mean
+
+    def encode_mean(obs):
+        encoder_calls.append(len(calls))
+        return real_encode(obs)
+
+    encoder.encode_mean = encode_mean  # the real method, counted
+    for i, frame in enumerate(frames(4)):
+        hidden_before, prediction_before = agent.hidden.clone(), agent.prediction
+        step = agent.step(frame, on_action=on_action)
+        action, steps_then, hidden_then, prediction_then = calls[-1]
+        assert len(calls) == i + 1
+        assert torch.equal(action, step.action) and action.dtype == torch.int64
+        assert steps_then == i and agent.steps == i + 1
+        assert torch.equal(hidden_then, hidden_before)
+        assert not torch.equal(agent.hidden, hidden_before)  # the dynamics ran after
+        if prediction_before is None:
+            assert prediction_then is None
+        else:
+            assert torch.equal(prediction_then, prediction_before)
+    # The encoder ran once per step, each time after that step's callback.
+    assert encoder_calls == [1, 2, 3, 4]
+
+
+def test_handing_out_the_action_early_changes_nothing_the_step_produces():
+    a, b = CuriosityAgent('small', seed=5), CuriosityAgent('small', seed=5)
+    for frame in frames(5, seed=1):
+        x = a.step(frame)
+        y = b.step(frame, on_action=lambda action: None)
+        assert torch.equal(x.action, y.action) and torch.equal(x.log_prob, y.log_prob)
+        assert torch.equal(x.latent, y.latent) and torch.equal(x.hidden, y.hidden)
+        assert (np.isnan(x.reward) and np.isnan(y.reward)) or x.reward == y.reward
+    assert torch.equal(a.hidden, b.hidden)
