@@ -7,6 +7,7 @@ from the test like a camera. The agent's model versions are read from the
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -22,6 +23,7 @@ from std_msgs.msg import UInt8MultiArray
 
 from ami_ros.core.presets import ACTION_CHOICES, get_preset
 from ami_ros.core.schemas import ExperienceStep, decode_experience
+from ami_ros.ros.trainer_node import parse_cpu_list
 
 PRESET = get_preset('small')
 FRAME_HZ = 10.0
@@ -198,3 +200,42 @@ def test_policy_trainer_drops_stale_steps_and_reports_them(policy_node):
     node.add_step(_step(5, reward=None), follows=True)
     assert len(buffer) == 1
     assert node.node_status()['dropped_stale'] == 3  # breaks are not staleness
+
+
+def test_a_trainer_yields_the_cpu_on_the_cores_it_is_given(launch):
+    """nice 19 + cpus: every thread of the process (DDS's, torch's, the training
+    thread) runs SCHED_IDLE on the given CPU only."""
+    cpu = max(os.sched_getaffinity(0))
+    trainer = launch('vae_trainer', parameters={**FAST, 'nice': 19, 'cpus': str(cpu)})
+    wait_for(lambda: 'vae_trainer ready' in trainer.output() or not trainer.alive(), 60,
+             message='the trainer')
+    assert trainer.alive(), trainer.output()
+    assert f'cpus {cpu};' in trainer.output()
+    pid = trainer.proc.pid
+    threads = [int(t) for t in os.listdir(f'/proc/{pid}/task')]
+    assert len(threads) > 2  # rclpy/DDS threads and the training thread, not only the main one
+    for tid in threads:
+        assert os.sched_getaffinity(tid) == {cpu}, tid
+        assert os.sched_getscheduler(tid) == os.SCHED_IDLE, tid
+        assert os.getpriority(os.PRIO_PROCESS, tid) == 19, tid
+
+
+@pytest.mark.parametrize('spec, says', [('x', "'x' is not a CPU id"),
+                                        ('4096', 'are not all usable here')])
+def test_a_trainer_refuses_cpus_it_cannot_use_in_one_line(launch, spec, says):
+    trainer = launch('vae_trainer', parameters={**FAST, 'cpus': spec})
+    assert trainer.wait(60) != 0
+    lines = [line for line in trainer.output().splitlines() if says in line]
+    assert lines, trainer.output()
+    assert 'Traceback' not in trainer.output()
+
+
+def test_cpu_lists_read_like_taskset():
+    assert parse_cpu_list('') == set()
+    assert parse_cpu_list('1') == {1}
+    assert parse_cpu_list('0,2-3') == {0, 2, 3}
+    assert parse_cpu_list(' 1 , 1-2 ') == {1, 2}
+    with pytest.raises(ValueError, match="'3-1' is not a range"):
+        parse_cpu_list('3-1')
+    with pytest.raises(ValueError, match="'a-b' is not a CPU id"):
+        parse_cpu_list('a-b')

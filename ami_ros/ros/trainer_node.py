@@ -69,6 +69,8 @@ Parameters (every trainer node):
                        of the trainer's minibatch order
   torch_threads        torch intra-op threads of this process (1)
   nice                 niceness added at start, 0..19 (19: SCHED_IDLE)
+  cpus                 CPUs the process may use, taskset style ('1-3');
+                       '' = all (default)
   min_new              new samples before a round; 0 = the preset's value
                        (for the policy trainer: PPO steps per update)
   min_round_interval   seconds at least between two round starts (0)
@@ -185,6 +187,35 @@ def yield_cpu(nice: int) -> None:
             pass
 
 
+def parse_cpu_list(spec: str) -> set[int]:
+    """CPU ids from a taskset-style list ('1', '1-3', '0,2-3'); empty = none given."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(','))):
+        low, _, high = part.partition('-')
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ValueError(f"cpus {spec!r}: {part!r} is not a CPU id or a range like '1-3'") \
+                from None
+        if first < 0 or last < first:
+            raise ValueError(f"cpus {spec!r}: {part!r} is not a range of CPU ids")
+        cpus.update(range(first, last + 1))
+    return cpus
+
+
+def pin_cpus(cpus: set[int]) -> None:
+    """Run every thread of this process on `cpus` only (later threads inherit it)."""
+    usable = os.sched_getaffinity(0)
+    if not cpus <= usable:
+        raise ValueError(f'cpus {sorted(cpus)} are not all usable here; this process may use '
+                         f'{sorted(usable)}')
+    for tid in os.listdir('/proc/self/task'):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (OSError, ValueError):  # a thread that just ended
+            pass
+
+
 class WeightFiles:
     """Weight envelopes handed to the agent as files, the newest few per model."""
 
@@ -278,10 +309,15 @@ class TrainerNode(ManagedNode):
         sync_dir = self.declare('sync_dir', '', "Directory for 'file' transport; '' = /dev/shm "
                                 '(memory) if present, else the temporary directory.')
         self._sync_dir = WeightFiles(sync_dir, f'{self.get_name()}-{os.getpid()}')
+        cpus = parse_cpu_list(self.declare(
+            'cpus', '', "CPUs the trainer may use, taskset style ('1', '1-3'); '' = all. "
+            "Keeping trainers off the agent's core spares it their cache traffic."))
         # Before torch starts its pools and before our thread: threads inherit
-        # the creator's niceness on Linux.
+        # the creator's niceness and CPU set on Linux.
         if nice:
             yield_cpu(nice)
+        if cpus:
+            pin_cpus(cpus)
         torch.set_num_threads(threads)
         self.preset = self._with_min_new(get_preset(preset_name), min_new)
         resolve_device(device)  # a clear error for a missing CUDA, before building anything
@@ -323,7 +359,8 @@ class TrainerNode(ManagedNode):
         self._thread.start()
         self.get_logger().info(
             f'{node_name} ready: preset {preset_name} on {device}, {threads} torch thread(s), '
-            f'nice +{nice}; pushing {", ".join(self.pushed_models)} to {self.sync_service}')
+            f'nice +{nice}, cpus {",".join(map(str, sorted(cpus))) or "all"}; '
+            f'pushing {", ".join(self.pushed_models)} to {self.sync_service}')
 
     # -- for subclasses ---------------------------------------------------
     def make_trainer(self, preset: Preset, models: dict[str, nn.Module], device: str, seed: int,
