@@ -33,6 +33,7 @@ publish_prediction, checkpoint (see README).
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import threading
@@ -111,6 +112,10 @@ class AgentNode(ManagedNode):
         self.diagnostics = NodeDiagnostics(self)
         self.diagnostics.set(preset=preset, device=device)
         self.create_timer(1.0, self._update_diagnostics)
+        # Everything built so far lives as long as the process: out of the
+        # collector's sight, so a collection during a step stays short.
+        gc.collect()
+        gc.freeze()
         self.get_logger().info(f'agent ready: preset {preset} on {device}, {threads} torch thread(s)')
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -204,8 +209,12 @@ class AgentNode(ManagedNode):
             if not blobs:
                 raise EnvelopeError('the request holds no weights')
             prepared = self.agent.prepare_weights(blobs)
-            self._prepare_seconds = 0.7 * self._prepare_seconds + 0.3 * (time.monotonic() - started)
             self.agent.swap(prepared)
+            del prepared
+            # The old models and the decoding leave garbage behind; collect it
+            # here, still in the gap, not in the middle of a later step.
+            gc.collect()
+            self._prepare_seconds = 0.7 * self._prepare_seconds + 0.3 * (time.monotonic() - started)
             problem = None
         except (EnvelopeError, ValueError, OSError, RuntimeError) as exc:
             problem = str(exc)
