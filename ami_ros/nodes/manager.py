@@ -115,6 +115,7 @@ class Manager(Node):
         self._save_part = {n: self.create_client(SetParameters, f'{n}/save_checkpoint',
                                                  callback_group=group) for n in self.managed}
         self._saving = False
+        self._save_done = Future()  # completed when the save under way ends
         if self.checkpoint_interval > 0:
             self.create_timer(self.checkpoint_interval, self._periodic_save, callback_group=group)
         self._change = {n: self.create_client(ChangeState, f'{n}/change_state', callback_group=group)
@@ -239,13 +240,20 @@ class Manager(Node):
 
     async def _periodic_save(self) -> None:
         if self.state == 'running':
-            await self._save(manual=False)
+            await self._save(manual=False, wait=False)  # the next period will do
 
-    async def _save(self, manual: bool) -> tuple[bool, str]:
-        """One checkpoint of the whole graph; (ok, directory or the reason)."""
-        if self._saving:
-            return False, 'a checkpoint is being saved already; try again when it is done'
+    async def _save(self, manual: bool, wait: bool = True) -> tuple[bool, str]:
+        """One checkpoint of the whole graph; (ok, directory or the reason).
+
+        With `wait` (saves on request, the final one) a save under way is
+        waited for and then this one is taken; without, it is skipped.
+        """
+        if self._saving and not wait:
+            return False, 'a checkpoint is being saved already'
+        while self._saving:
+            await self._save_done
         self._saving = True
+        self._save_done = Future()
         was_running = self.state == 'running'
         try:
             if was_running:  # a consistent picture: nothing acts or trains while parts are written
@@ -287,6 +295,7 @@ class Manager(Node):
                 await self._apply(list(reversed(self.managed)), Transition.TRANSITION_ACTIVATE,
                                   State.PRIMARY_STATE_INACTIVE)
             self._saving = False
+            self._save_done.set_result(None)
 
     def _finish(self) -> None:
         self.finished = True
