@@ -5,8 +5,8 @@ once (the action only needs the policy, so it leaves before the rest of the
 step is done), then encodes the frame, scores the previous step's prediction
 against it (the curiosity reward) and predicts the next latent with the
 forward dynamics, carrying the dynamics' hidden state explicitly from step to
-step. The agent node is a thin shell
-around this class; benchmarks drive it directly.
+step. The agent node is a thin shell around this class; benchmarks drive it
+directly.
 """
 
 from __future__ import annotations
