@@ -12,7 +12,8 @@ the curves to an image. It also records the agent's prediction error
 run: where the forward model learns, it falls. Because my_way_home respawns
 the player in a random room every episode, the cells of a whole run grow
 mostly with respawns; the cells per episode (a respawn is a jump of more than
-RESPAWN_JUMP map units) measure how far the agent itself gets. The shares of
+RESPAWN_JUMP map units; a respawn into the room the player is in is missed,
+which merges two episodes) measure how far the agent itself gets. The shares of
 forward, back, turning and standing-still actions, early and late, show what
 the policy learned.
 
