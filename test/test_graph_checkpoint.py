@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -82,11 +81,13 @@ def test_restart_continues_exactly_where_the_agent_was(graph, launch, test_node,
     # The same frame until the agent answers: a best-effort reader that has
     # not matched our writer yet would lose a single message. Only the first
     # step is compared.
-    deadline = time.monotonic() + 20
-    while not (len(actions) > count and experience):
-        assert time.monotonic() < deadline, 'no action from the restarted agent'
+    def answered() -> bool:
+        if len(actions) > count and experience:
+            return True
         pub.publish(rgb_to_image(frame, test_node.node.get_clock().now().to_msg()))
-        time.sleep(0.3)  # pace the repeats; the loop condition is the real wait
+        return False
+
+    wait_for(answered, 20, interval=0.3, message='an action from the restarted agent')
     step = decode_experience(bytes(experience[0][1].data), PRESET)
     assert torch.equal(step.observation, to_uint8_chw(frame))
     # Continues from the saved hidden state and step count, with the saved weights' versions...

@@ -78,11 +78,6 @@ class StepGap:
             self._busy = False
             self._cond.notify_all()
 
-    def fits(self, needed: float) -> bool:
-        """Whether `needed` seconds of work would end before the next step is due."""
-        with self._cond:
-            return self._fits(needed)
-
     def _fits(self, needed: float) -> bool:
         if self._busy:
             return False
@@ -94,7 +89,9 @@ class StepGap:
         return now + needed <= self._last_start + self.period
 
     def wait(self, needed: float, timeout: float) -> bool:
-        """Block until `needed` seconds fit before the next step; False after `timeout`."""
+        """Block until `needed` seconds fit before the next step; False after `timeout`.
+
+        `timeout=0` only asks whether they fit now."""
         deadline = self._clock() + timeout
         with self._cond:
             while not self._fits(needed):

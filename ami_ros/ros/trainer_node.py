@@ -112,6 +112,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,12 +178,19 @@ def yield_cpu(nice: int) -> None:
     from their creator. At nice 19 the threads also go to SCHED_IDLE, which
     runs them only when no normal task wants the core.
     """
+    def lower(tid: int) -> None:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        if nice >= 19 and hasattr(os, 'SCHED_IDLE'):
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+
+    _for_every_thread(lower)
+
+
+def _for_every_thread(apply: Callable[[int], None]) -> None:
+    """`apply(tid)` to every thread of this process that still exists."""
     for tid in os.listdir('/proc/self/task'):
         try:
-            current = os.getpriority(os.PRIO_PROCESS, int(tid))
-            os.setpriority(os.PRIO_PROCESS, int(tid), min(19, current + nice))
-            if nice >= 19 and hasattr(os, 'SCHED_IDLE'):
-                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+            apply(int(tid))
         except (OSError, ValueError):  # a thread that just ended
             pass
 
@@ -209,11 +217,7 @@ def pin_cpus(cpus: set[int]) -> None:
     if not cpus <= usable:
         raise ValueError(f'cpus {sorted(cpus)} are not all usable here; this process may use '
                          f'{sorted(usable)}')
-    for tid in os.listdir('/proc/self/task'):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except (OSError, ValueError):  # a thread that just ended
-            pass
+    _for_every_thread(lambda tid: os.sched_setaffinity(tid, cpus))
 
 
 class WeightFiles:
