@@ -105,6 +105,7 @@ def control(command: str, namespace: str, timeout: float) -> int:
     from std_srvs.srv import Trigger
 
     rclpy.init(args=['ami-ros', '--ros-args', '--disable-rosout-logs'])
+    node = None
     try:
         node = rclpy.create_node('ami_ros_cli', namespace=namespace or None, enable_rosout=False)
         client = node.create_client(Trigger, f'ami/{CONTROL_SERVICES.get(command, command)}')
@@ -119,9 +120,13 @@ def control(command: str, namespace: str, timeout: float) -> int:
             print(f'ami-ros {command}: the manager did not answer within {timeout:g}s', file=sys.stderr)
             return 1
         result = future.result()
-        print(result.message)
+        print(result.message, flush=True)
         return 0 if result.success else 1
     finally:
+        # The node goes before the context, not at interpreter exit while
+        # DDS may still be tearing down (a CLI once hung there after answering).
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
 
 
