@@ -102,6 +102,7 @@ class FrameFeeder:
         self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
         self.clock = test_node.node.get_clock()
         self.hz, self.seed = hz, seed
+        self.published: list[int] = []  # header stamps (ns) of every frame sent
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -114,7 +115,9 @@ class FrameFeeder:
         rng = np.random.default_rng(self.seed)
         while not self.stop.wait(1.0 / self.hz):
             rgb = rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)
-            self.pub.publish(rgb_to_image(rgb, self.clock.now().to_msg()))
+            stamp = self.clock.now()
+            self.pub.publish(rgb_to_image(rgb, stamp.to_msg()))
+            self.published.append(stamp.nanoseconds)
 
     def close(self) -> None:
         self.stop.set()

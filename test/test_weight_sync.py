@@ -1,7 +1,5 @@
 """agent/sync_weights and the experience stream, with the real agent process."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -26,7 +24,7 @@ def acting(launch, test_node):
     experience = test_node.collect(UInt8MultiArray, 'experience', qos=200)
     frames = FrameFeeder(test_node)
     wait_for(lambda: len(actions) >= 5, 30, message='the agent acting')
-    yield agent, actions, experience
+    yield agent, actions, experience, frames
     frames.stop.set()
 
 
@@ -56,7 +54,7 @@ def _forcing_policy(target):
 
 
 def test_experience_carries_every_step(acting):
-    _, actions, experience = acting
+    _, actions, experience, _ = acting
     wait_for(lambda: len(experience) >= 10, 10, message='experience')
     steps = [decode_experience(bytes(m.data), PRESET) for _, m in experience[-10:]]
     numbers = [s.step for s in steps]
@@ -71,7 +69,7 @@ def test_experience_carries_every_step(acting):
 
 
 def test_pushed_policy_changes_behaviour(acting, test_node):
-    _, actions, experience = acting
+    _, actions, experience, _ = acting
     target = [1, 2, 1, 1, 0]  # forward, left, look right, jump, walk
     blob = encode_weights('policy', _forcing_policy(target), 7, 'small')
     results = _sync(test_node, _param('policy', blob))
@@ -86,12 +84,16 @@ def test_pushed_policy_changes_behaviour(acting, test_node):
              5, message='policy version 7 in experience')
 
 
+def _stamp_ns(joy: Joy) -> int:
+    return joy.header.stamp.sec * 1_000_000_000 + joy.header.stamp.nanosec
+
+
 def _good_state(model):
     return build_models(PRESET, seed=0)[model].state_dict()
 
 
 def test_malformed_sync_requests_are_refused_and_acting_goes_on(acting, test_node):
-    agent, actions, _ = acting
+    agent, actions, _, frames = acting
     good = encode_weights('dynamics', _good_state('dynamics'), 1, 'small')
     wrong_shape = dict(_good_state('dynamics'))
     key = next(k for k, v in wrong_shape.items() if v.ndim == 2)
@@ -117,8 +119,7 @@ def test_malformed_sync_requests_are_refused_and_acting_goes_on(acting, test_nod
         'not bytes': (_param('dynamics', value=ParameterValue(
             type=ParameterType.PARAMETER_INTEGER, integer_value=3)), 'byte_array'),
     }
-    start = len(actions)
-    t0 = time.monotonic()
+    first_frame = len(frames.published)
     for name, (param, reason) in cases.items():
         results = _sync(test_node, param)
         assert len(results) == 1 and not results[0].successful, name
@@ -126,10 +127,19 @@ def test_malformed_sync_requests_are_refused_and_acting_goes_on(acting, test_nod
     # A request with one good and one bad model changes nothing: all or none.
     results = _sync(test_node, _param('dynamics', good), cases['NaN'][0])
     assert not any(r.successful for r in results)
-    elapsed = time.monotonic() - t0
-    # Acting went on at its rate throughout, old weights serving.
-    wait_for(lambda: len(actions) >= start + int(elapsed * 10 * 0.8), 5, message='steady actions')
-    stamps = [t for t, _ in actions[start:]]
-    assert max(np.diff(stamps)) < 0.35, 'an action gap while refusing weights'
+    last_frame = len(frames.published)
+    # Acting went on throughout, old weights serving. Judged by frame stamps,
+    # not by arrival times here: this process's own serialising of the
+    # requests can hold up its feeder and its receiver, which is no gap of the
+    # agent's. The agent keeps only the newest frame, so an agent stalled for
+    # two frame periods leaves two frames in a row without an action; a
+    # single frame may also be lost by best-effort transport.
+    sent = frames.published[first_frame:last_frame]
+    assert len(sent) >= 3, 'the feeder sent too few frames to judge'
+    wait_for(lambda: _stamp_ns(actions[-1][1]) >= sent[-1], 5, message='the last frame acted on')
+    acted_on = {_stamp_ns(joy) for _, joy in actions}
+    unanswered = [stamp not in acted_on for stamp in sent]
+    assert not any(a and b for a, b in zip(unanswered, unanswered[1:], strict=False)), \
+        f'two frames in a row without an action while refusing weights: {unanswered}'
     assert agent.alive()
     assert 'refused weights' in agent.output()
