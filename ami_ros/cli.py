@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
+import threading
 from collections.abc import Sequence
 
 import ami_ros.nodes
@@ -72,6 +74,8 @@ CONTROL_COMMANDS = {
 }
 # The manager's service for each control command.
 CONTROL_SERVICES = {'save': 'save_checkpoint'}
+# How long a control command waits for its ROS teardown before it exits anyway.
+TEARDOWN_SECONDS = 5.0
 
 
 def _launch_epilog() -> str:
@@ -123,11 +127,17 @@ def control(command: str, namespace: str, timeout: float) -> int:
         print(result.message, flush=True)
         return 0 if result.success else 1
     finally:
-        # The node goes before the context, not at interpreter exit while
-        # DDS may still be tearing down (a CLI once hung there after answering).
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+        # The node goes before the context. A CLI once hung in DDS teardown
+        # after printing its answer (seen in CI, not reproduced), so teardown
+        # gets a bounded time and main() leaves without interpreter cleanup.
+        def teardown() -> None:
+            if node is not None:
+                node.destroy_node()
+            rclpy.try_shutdown()
+
+        worker = threading.Thread(target=teardown, daemon=True)
+        worker.start()
+        worker.join(timeout=TEARDOWN_SECONDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,7 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_node(args.node, args.ros_args)
     if args.command == 'launch':
         return launch_graph(args.arguments)
-    return control(args.command, args.namespace, args.timeout)
+    code = control(args.command, args.namespace, args.timeout)
+    # Everything is said and rclpy is shut down (or given up on): exit now
+    # rather than risk DDS finalisers at interpreter exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == '__main__':
