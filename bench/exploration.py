@@ -11,13 +11,15 @@ the curves to an image. It also records the agent's prediction error
 (curiosity) and prints its mean over the first and the last fifth of each
 run: where the forward model learns, it falls. Because my_way_home respawns
 the player in a random room every episode, the cells of a whole run grow
-mostly with respawns; the cells per episode (a respawn is a jump of more than
-RESPAWN_JUMP map units; a respawn into the room the player is in is missed,
-which merges two episodes) measure how far the agent itself gets. The shares of
+mostly with respawns; the cells per episode (episodes as doom_world announces
+them on world/episode) measure how far the agent itself gets. The shares of
 forward, back, turning and standing-still actions, early and late, show what
-the policy learned.
+the policy learned. `--start X,Y` starts every episode at one map point
+(doom_world's `start`), `--reward` and `--action-baseline` choose the
+learning run's reward options.
 
     .venv/bin/python bench/exploration.py [--seeds 0 1] [--minutes 3] [--time-scale 3]
+        [--start 240,-176] [--reward novel_curiosity] [--action-baseline]
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ import rclpy  # noqa: E402
 import yaml  # noqa: E402
 from geometry_msgs.msg import PoseStamped  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile  # noqa: E402
 from sensor_msgs.msg import Joy  # noqa: E402
-from std_msgs.msg import Float32  # noqa: E402
+from std_msgs.msg import Float32, UInt32  # noqa: E402
 
 from ami_ros.core.run_record import ExplorationMap  # noqa: E402
 from ami_ros.graph import default_params_file  # noqa: E402
@@ -55,11 +58,6 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
-
-
-# A step moves the player at most a few dozen map units; a longer jump is a
-# respawn, i.e. a new episode.
-RESPAWN_JUMP = 256.0
 
 
 @dataclass
@@ -78,11 +76,13 @@ class Run:
 
 
 def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: int,
-             tmp: Path) -> Run:
+             tmp: Path, start: str = '', reward: str = 'curiosity',
+             action_baseline: bool = False) -> Run:
     """One run of the main job, watched from outside."""
     params = yaml.safe_load(default_params_file().read_text())
-    params['/**/doom_world']['ros__parameters'].update(time_scale=time_scale, seed=seed)
-    params['/**/agent']['ros__parameters'].update(seed=seed)
+    params['/**/doom_world']['ros__parameters'].update(time_scale=time_scale, seed=seed, start=start)
+    params['/**/agent']['ros__parameters'].update(seed=seed, reward=reward)
+    params['/**/policy_trainer']['ros__parameters'].update(action_baseline=action_baseline)
     params_file = tmp / f'params-{seed}-{train}.yaml'
     params_file.write_text(yaml.safe_dump(params))
     context = rclpy.Context()
@@ -91,19 +91,23 @@ def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: in
     explored = ExplorationMap(cell)
     run = Run()
     episode = ExplorationMap(cell)
-    last: list[tuple[float, float]] = []
+
+    def on_episode(msg: UInt32) -> None:
+        nonlocal episode
+        if episode.cells_visited:  # the one under way when the probe joined counts too
+            run.episode_cells.append(episode.cells_visited)
+        episode = ExplorationMap(cell)
 
     def on_pose(msg: PoseStamped) -> None:
-        nonlocal episode
         x, y = msg.pose.position.x, msg.pose.position.y
-        if last and math.dist(last[0], (x, y)) > RESPAWN_JUMP:
-            run.episode_cells.append(episode.cells_visited)
-            episode = ExplorationMap(cell)
-        last[:] = [(x, y)]
         episode.visit(x, y)
         explored.visit(x, y)
         run.curve.append(explored.cells_visited)
 
+    # The episode number is sent before that episode's first pose; on separate
+    # topics the two may swap, which moves one pose across the boundary.
+    node.create_subscription(UInt32, 'world/episode', on_episode, QoSProfile(
+        depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL))
     node.create_subscription(PoseStamped, 'world/pose', on_pose, 100)
     node.create_subscription(Float32, 'prediction_error', lambda m: run.errors.append(m.data), 100)
     node.create_subscription(Joy, 'action',
@@ -154,10 +158,19 @@ def main() -> None:
     parser.add_argument('--minutes', type=float, default=3.0, help='wall time per run')
     parser.add_argument('--time-scale', type=float, default=3.0)
     parser.add_argument('--cell', type=int, default=64)
+    parser.add_argument('--start', default='', metavar='X,Y',
+                        help="doom_world's start: every episode begins at this map point "
+                             "(default: the scenario's random rooms)")
+    parser.add_argument('--reward', default='curiosity', choices=['curiosity', 'novel_curiosity'],
+                        help="the agent's reward (learning runs)")
+    parser.add_argument('--action-baseline', action='store_true',
+                        help="the policy trainer's action_baseline (learning runs)")
     parser.add_argument('--out', default='bench/results/exploration.png')
     args = parser.parse_args()
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
-          f'{args.minutes:g} min per run at time_scale {args.time_scale:g}, cells {args.cell}')
+          f'{args.minutes:g} min per run at time_scale {args.time_scale:g}, cells {args.cell}, '
+          f'start {args.start or "random rooms"}, reward {args.reward}, '
+          f'action_baseline {args.action_baseline}')
     curves: dict[str, list[list[int]]] = {'learning': [], 'random': []}
     per_episode: dict[str, list[int]] = {'learning': [], 'random': []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,16 +178,19 @@ def main() -> None:
             for label, train in (('learning', True), ('random', False)):
                 t0 = time.monotonic()
                 run = run_once(train, seed, args.minutes * 60, args.time_scale, args.cell,
-                               Path(tmp))
+                               Path(tmp), args.start, args.reward, args.action_baseline)
                 curves[label].append(run.curve)
                 per_episode[label] += run.episode_cells
                 fifth = max(1, len(run.errors) // 5)
+                half = len(run.episode_cells) // 2
                 first, final = (run.action_shares(slice(None, len(run.actions) // 5)),
                                 run.action_shares(slice(-(len(run.actions) // 5) or None, None)))
                 print(f'seed {seed} {label:8s}: {run.curve[-1] if run.curve else 0:4d} cells in '
                       f'{len(run.curve)} steps ({time.monotonic() - t0:.0f} s); '
                       f'{len(run.episode_cells)} whole episodes, '
-                      f'{np.mean(run.episode_cells or [0]):.1f} cells each; prediction error '
+                      f'{np.mean(run.episode_cells or [0]):.1f} cells each (first half '
+                      f'{np.mean(run.episode_cells[:half] or [0]):.1f}, second half '
+                      f'{np.mean(run.episode_cells[half:] or [0]):.1f}); prediction error '
                       f'{np.mean(run.errors[:fifth]):.4f} in the first fifth -> '
                       f'{np.mean(run.errors[-fifth:]):.4f} in the last', flush=True)
                 print('    actions, first fifth -> last fifth: ' + ', '.join(
@@ -184,9 +200,13 @@ def main() -> None:
     print(f'after {steps} steps: learning {mean["learning"]:.1f} cells, random '
           f'{mean["random"]:.1f} cells, ratio {mean["learning"] / max(mean["random"], 1e-9):.2f}')
     episode_mean = {k: float(np.mean(v or [0])) for k, v in per_episode.items()}
-    print(f'per whole episode: learning {episode_mean["learning"]:.1f} cells '
-          f'({len(per_episode["learning"])} episodes), random {episode_mean["random"]:.1f} '
-          f'({len(per_episode["random"])}), ratio '
+    # Episodes differ a lot (their start, and chance): the standard error says
+    # how far apart two means must be to mean anything.
+    sem = {k: float(np.std(v) / math.sqrt(len(v))) if len(v) > 1 else float('nan')
+           for k, v in per_episode.items()}
+    print(f'per whole episode: learning {episode_mean["learning"]:.1f} ± {sem["learning"]:.1f} '
+          f'cells ({len(per_episode["learning"])} episodes), random {episode_mean["random"]:.1f} '
+          f'± {sem["random"]:.1f} ({len(per_episode["random"])}), ratio '
           f'{episode_mean["learning"] / max(episode_mean["random"], 1e-9):.2f}')
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from ami_ros.core.agent import CuriosityAgent
+from ami_ros.core.checkpoint import begin_checkpoint, commit_checkpoint
 
 
 def frames(n, seed=0):
@@ -56,3 +57,24 @@ def test_handing_out_the_action_early_changes_nothing_the_step_produces():
         assert torch.equal(x.latent, y.latent) and torch.equal(x.hidden, y.hidden)
         assert (np.isnan(x.reward) and np.isnan(y.reward)) or x.reward == y.reward
     assert torch.equal(a.hidden, b.hidden)
+
+
+def test_a_reward_with_memory_is_saved_and_restored_with_the_agent(tmp_path):
+    # novel_curiosity remembers recent latents; a restored agent must reward
+    # the next frames exactly as the original does.
+    original = CuriosityAgent('small', seed=2, reward='novel_curiosity')
+    for frame in frames(15, seed=3):
+        original.step(frame)
+    stage = begin_checkpoint(tmp_path)
+    original.save_checkpoint(stage)
+    path = commit_checkpoint(stage, {'preset': 'small'})
+    restored = CuriosityAgent('small', seed=9, reward='novel_curiosity')
+    restored.load_checkpoint(path)
+    assert restored.reward_fn.novelty.filled == original.reward_fn.novelty.filled == 14
+    for frame in frames(5, seed=4):
+        x, y = original.step(frame), restored.step(frame)
+        assert x.reward == y.reward and torch.equal(x.action, y.action)
+    # The memory of one reward function is not forced on another.
+    plain = CuriosityAgent('small', seed=2)
+    plain.load_checkpoint(path)
+    assert plain.step(frames(1)[0]).reward > 0

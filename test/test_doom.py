@@ -172,3 +172,28 @@ def test_episode_restarts_on_its_own():
         assert states[first_new].frame.shape == (84, 84, 3)
     finally:
         world.close()
+
+
+def test_a_fixed_start_holds_for_every_episode():
+    # Without `start`, my_way_home spawns the player in a random room.
+    world = DoomWorld('my_way_home', frame_skip=4, seed=1, episode_timeout=0.5, start=(240.0, -176.0))
+    try:
+        state = world.observe()
+        starts, moved = [(state.episode, state.x, state.y)], False
+        while len(starts) < 3:
+            state = world.step([WALK_FORWARD, 0.0, 0.0, 0.0])
+            if state.episode != starts[-1][0]:
+                starts.append((state.episode, state.x, state.y))
+            else:
+                moved = moved or math.dist((state.x, state.y), (240.0, -176.0)) > 10.0
+        assert [e for e, _, _ in starts] == [1, 2, 3]
+        for _, x, y in starts:
+            assert math.dist((x, y), (240.0, -176.0)) < 1.0
+        assert moved, 'the player never left the start, so a restart there proves nothing'
+    finally:
+        world.close()
+
+
+def test_a_start_outside_the_map_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r'start 5000,5000 is outside every sector .* choose a point'):
+        DoomWorld('my_way_home', start=(5000.0, 5000.0))

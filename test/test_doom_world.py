@@ -10,8 +10,10 @@ from geometry_msgs.msg import PoseStamped
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
 from pythonosc.udp_client import SimpleUDPClient
+from rclpy.qos import DurabilityPolicy, QoSProfile
 from ros_harness import wait_for
 from sensor_msgs.msg import Image
+from std_msgs.msg import UInt32
 
 START_TIMEOUT = 30.0  # a cold start imports rclpy, torch and ViZDoom on a shared CPU
 
@@ -129,6 +131,20 @@ def test_time_scale_and_lifecycle(launch, test_node):
     assert test_node.call(ChangeState, 'doom_world/change_state', request).success
     wait_for(lambda: not proc.alive(), 10.0, message='doom_world to exit after shutdown')
     assert proc.proc.returncode == 0, proc.output()
+
+
+def test_episodes_restart_and_are_announced(launch, test_node):
+    latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    episodes = test_node.collect(UInt32, 'world/episode', qos=latched)
+    # Episodes of 1 s of game time, 3x faster than real time: one every ~0.33 s.
+    start_world(launch, test_node, time_scale=3.0, episode_timeout=1.0)
+    wait_for(lambda: len(episodes) >= 4, 10.0, message='four episodes')
+    numbers = [m.data for _, m in episodes]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
+    # A subscriber that comes late still learns the current episode at once.
+    late = test_node.collect(UInt32, 'world/episode', qos=latched)
+    wait_for(lambda: late, 5.0, message='the current episode for a late subscriber')
+    assert late[0][1].data >= numbers[-1]
 
 
 def test_busy_port_is_one_clear_error(launch):

@@ -11,9 +11,10 @@ import cv2
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
+from rclpy.qos import DurabilityPolicy, QoSProfile
 from ros_harness import wait_for
 from sensor_msgs.msg import Image
-from std_msgs.msg import Float32
+from std_msgs.msg import Float32, UInt32
 
 from ami_ros.ros.images import rgb_to_image
 
@@ -64,8 +65,10 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
     rewards = node.create_publisher(Float32, 'reward', 50)
     errors = node.create_publisher(Float32, 'prediction_error', 50)
     poses = node.create_publisher(PoseStamped, 'world/pose', 50)
+    episodes = node.create_publisher(UInt32, 'world/episode', QoSProfile(
+        depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
     wait_for(lambda: 'recording to MLflow run' in recorder.output(), 30, message='the run to open')
-    for pub in (diagnostics, rewards, errors, poses):
+    for pub in (diagnostics, rewards, errors, poses, episodes):
         wait_for(lambda pub=pub: pub.get_subscription_count() > 0, 10, message=f'{pub.topic} matched')
 
     feeder = CameraAndAgent(node)
@@ -79,10 +82,18 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
             rewards.publish(Float32(data=float(i)))
             errors.publish(Float32(data=0.5))
             time.sleep(0.01)
-        for x, y in POSES:
-            pose = PoseStamped()
-            pose.pose.position.x, pose.pose.position.y = x, y
-            poses.publish(pose)
+        # Episode 1 visits CELLS cells, episode 2 one; each number goes out
+        # before the episode's poses, as doom_world sends them (the pauses
+        # keep the two topics in that order).
+        for number, positions in ((1, POSES), (2, [(10.0, 10.0), (20.0, 30.0)])):
+            episodes.publish(UInt32(data=number))
+            time.sleep(0.3)
+            for x, y in positions:
+                pose = PoseStamped()
+                pose.pose.position.x, pose.pose.position.y = x, y
+                poses.publish(pose)
+            time.sleep(0.3)
+        episodes.publish(UInt32(data=3))
         time.sleep(0.3)
         diagnostics.publish(DiagnosticArray(status=[_status('/agent', steps='120', latency_p99_ms='13.0')]))
         # A sample: the recorder subscribes to predictions, saves a picture, unsubscribes.
@@ -117,6 +128,7 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
     assert max(m.value for m in history('agent/steps')) == 120
     assert [m.value for m in history('vae_trainer/loss')] == [0.25]
     assert history('world/cells_visited')[-1].value == CELLS
+    assert [m.value for m in history('world/episode_cells')] == [CELLS, 1]
     assert not any(key.startswith(('agent/preset', 'agent/active', 'elsewhere')) for key in run.data.metrics)
 
     root = artifacts / run.info.run_id / 'artifacts'

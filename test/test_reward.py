@@ -1,4 +1,5 @@
-"""The curiosity reward: Gaussian prediction NLL with fixed std 1/sqrt(2*pi)."""
+"""The curiosity reward: Gaussian prediction NLL with fixed std 1/sqrt(2*pi),
+and the baseline that takes what each action earns anywhere out of it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from ami_ros.core.reward import REWARDS, CuriosityReward, make_reward, prediction_nll
+from ami_ros.core.presets import ACTION_CHOICES
+from ami_ros.core.reward import (
+    REWARDS,
+    ActionRewardBaseline,
+    CuriosityReward,
+    NovelCuriosityReward,
+    RecentNovelty,
+    make_reward,
+    prediction_nll,
+)
 
 
 def test_prediction_nll_is_pi_mse_and_gaussian_nll():
@@ -38,8 +48,79 @@ def test_scale_independent_of_latent_size():
 def test_reward_registry():
     reward = make_reward('curiosity')
     assert isinstance(reward, CuriosityReward)
-    assert set(REWARDS) == {'curiosity'}
+    assert set(REWARDS) == {'curiosity', 'novel_curiosity'}
     mu, x = torch.zeros(2, 4), torch.ones(2, 4)
     torch.testing.assert_close(reward(mu, x), torch.full((2,), math.pi))
     with pytest.raises(ValueError, match='curiosity'):
         make_reward('novelty')
+
+
+def _trajectories(rounds: int, steps: int = 64, seed: int = 0):
+    """Uniform random five-part actions and a reward that is an action effect
+    (turning pays 1.0, moving forward 0.1) plus a place novelty term."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(rounds):
+        actions = torch.stack([torch.randint(0, n, (steps,), generator=g) for n in ACTION_CHOICES], 1)
+        novelty = torch.rand(steps, generator=g)
+        effect = 1.0 * (actions[:, 2] != 0).float() + 0.1 * (actions[:, 0] == 1).float()
+        yield actions, effect + novelty, novelty
+
+
+def test_action_baseline_leaves_the_novelty_and_the_mean():
+    baseline = ActionRewardBaseline(ACTION_CHOICES)
+    for actions, reward, _ in _trajectories(9):
+        baseline.adjust(actions, reward)
+    actions, reward, novelty = next(_trajectories(1, seed=1))
+    adjusted = baseline.adjust(actions, reward)
+    # The last round: what each action earns by itself is gone...
+    turning = actions[:, 2] != 0
+    raw_gap = float(reward[turning].mean() - reward[~turning].mean())
+    gap = float(adjusted[turning].mean() - adjusted[~turning].mean())
+    assert raw_gap > 0.8 and abs(gap) < 0.15 * raw_gap, (raw_gap, gap)
+    # ...what is left follows the novelty, and the trajectory's mean stays.
+    assert torch.corrcoef(torch.stack([adjusted, novelty]))[0, 1] > 0.95
+    assert torch.corrcoef(torch.stack([reward, novelty]))[0, 1] < 0.7
+    torch.testing.assert_close(adjusted.mean(), reward.mean())
+
+
+def test_action_baseline_state_round_trip():
+    baseline = ActionRewardBaseline(ACTION_CHOICES)
+    for actions, reward, _ in _trajectories(3):
+        baseline.update(actions, reward)
+    restored = ActionRewardBaseline(ACTION_CHOICES)
+    restored.load_state_dict(baseline.state_dict())
+    torch.testing.assert_close(restored.expected(actions), baseline.expected(actions))
+    with pytest.raises(ValueError, match='expected'):
+        ActionRewardBaseline((3, 3)).load_state_dict(baseline.state_dict())
+    with pytest.raises(ValueError, match=r'\[N, 5\]'):
+        baseline.expected(actions[:, :2])
+
+
+def test_recent_novelty_is_low_for_views_seen_moments_ago_and_high_for_new_ones():
+    g = torch.Generator().manual_seed(0)
+    novelty = RecentNovelty(window=300, neighbours=10)
+    wandering = [novelty(z) for z in torch.randn(600, 16, generator=g)]  # every view new
+    # Spinning in place: the same 30 views over and over, a little noisy.
+    circle = torch.randn(30, 16, generator=g)
+    spinning = [novelty(circle[i % 30] + 0.05 * torch.randn(16, generator=g)) for i in range(300)]
+    fresh = novelty(torch.randn(16, generator=g))
+    usual, spun = sum(wandering[-100:]) / 100, sum(spinning[-50:]) / 50
+    assert 0.8 < usual < 1.2, usual  # a usual step scores about 1
+    assert spun < 0.4 * usual, spinning[-5:]
+    assert fresh > 3 * spun, (fresh, spun)
+
+
+def test_novel_curiosity_is_curiosity_times_novelty_and_its_memory_round_trips():
+    g = torch.Generator().manual_seed(1)
+    reward, twin = NovelCuriosityReward(), RecentNovelty()
+    for _ in range(20):
+        mu, z = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
+        expected = prediction_nll(mu, z) * twin(z)
+        torch.testing.assert_close(reward(mu, z), expected)
+    restored = NovelCuriosityReward()
+    restored.load_state_dict(reward.state_dict())
+    for _ in range(5):
+        mu, z = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
+        assert float(restored(mu, z)[0]) == float(reward(mu, z)[0])
+    with pytest.raises(ValueError, match='window >= neighbours'):
+        RecentNovelty(window=5, neighbours=10)

@@ -203,9 +203,13 @@ def test_dynamics_trainer_learns_a_deterministic_transition():
     assert set(trainer.weights()) == {'dynamics'}
 
 
-def test_ppo_trainer_learns_a_bandit_in_every_head():
+@pytest.mark.parametrize('action_baseline', [False, True])
+def test_ppo_trainer_learns_a_bandit_in_every_head(action_baseline):
     # Short credit horizon for a bandit: the reward follows its action at once.
-    preset = with_overrides(get_preset('small'), ppo_training=dict(lr=1e-3, gamma=0.5, gae_lambda=0.5))
+    # A reward that depends on the action alone is exactly what the action
+    # baseline takes out: with it, nothing is learned.
+    preset = with_overrides(get_preset('small'), ppo_training=dict(
+        lr=1e-3, gamma=0.5, gae_lambda=0.5, action_baseline=action_baseline))
     torch.manual_seed(0)
     policy = build_models(preset, seed=0)['policy']
     trainer = PPOTrainer(policy, preset.ppo_training, seed=0)
@@ -242,14 +246,20 @@ def test_ppo_trainer_learns_a_bandit_in_every_head():
             assert key in metrics
     end = target_probs()
     assert all(p < 0.55 for p in start), start
-    assert all(p > 0.6 for p in end[:3]) and all(p > 0.75 for p in end[3:]), (start, end)
+    if action_baseline:
+        assert metrics['reward_action_effect'] > 0.1, metrics
+        assert all(p < 0.5 for p in end[:3]) and all(p < 0.7 for p in end[3:]), (start, end)
+    else:
+        assert metrics['reward_action_effect'] == 0.0
+        assert all(p > 0.6 for p in end[:3]) and all(p > 0.75 for p in end[3:]), (start, end)
 
 
 # ------------------------------------------------------- state round trips
 
 def _make(kind: str, seed: int):
     preset = with_overrides(get_preset('small'), vae_training=dict(buffer_size=24),
-                            dynamics_training=dict(buffer_size=40), ppo_training=dict(steps=16))
+                            dynamics_training=dict(buffer_size=40),
+                            ppo_training=dict(steps=16, action_baseline=True))  # its state round-trips too
     models = build_models(preset, seed=seed)
     if kind == 'vae':
         return VAETrainer(models['encoder'], models['decoder'], preset.vae_training, seed=seed)
@@ -299,4 +309,5 @@ def test_trainer_state_round_trip_continues_identically(kind):
     # The optimiser state matches as well, not only the weights it produced.
     a, b = original.state_dict()[0], restored.state_dict()[0]
     assert a.keys() == b.keys() and any(k.startswith('optimizer/') for k in a)
+    assert kind != 'ppo' or 'reward_baseline/gram' in a  # the action baseline is trainer state
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -66,6 +66,7 @@ class CuriosityAgent:
         self.models = {name: m.to(self.device).eval()
                        for name, m in build_models(self.preset, seed=seed).items()}
         self.versions = dict.fromkeys(MODEL_NAMES, 0)
+        self.reward_name = reward
         self.reward_fn = make_reward(reward)
         self.deterministic = deterministic
         self.generator = torch.Generator(device='cpu').manual_seed(seed)
@@ -184,10 +185,13 @@ class CuriosityAgent:
             tensors = {'hidden': self.hidden.cpu(), 'generator': self.generator.get_state()}
             if self.prediction is not None:
                 tensors['prediction'] = self.prediction.cpu()
+            # A reward with memory (novel_curiosity's recent latents) is agent state too.
+            if hasattr(self.reward_fn, 'state_dict'):
+                tensors.update({f'reward/{k}': v for k, v in self.reward_fn.state_dict().items()})
             write_tensors(stage, 'interaction/agent/state.safetensors', tensors, 'agent/state')
             write_json(stage, 'interaction/agent/state.json',
                        {'preset': self.preset.name, 'steps': self.steps, 'versions': self.versions,
-                        'has_prediction': self.prediction is not None})
+                        'has_prediction': self.prediction is not None, 'reward': self.reward_name})
 
     def load_checkpoint(self, ckpt) -> None:
         """Restore weights, versions, hidden state and sampling state from a checkpoint."""
@@ -208,3 +212,8 @@ class CuriosityAgent:
             prediction = state.tensors.get('prediction')
             self.prediction = prediction.to(self.device) if prediction is not None else None
             self.steps = int(info['steps'])
+            # The memory of another reward function means nothing to this one.
+            reward_state = {k.split('/', 1)[1]: v for k, v in state.tensors.items()
+                            if k.startswith('reward/')}
+            if info.get('reward') == self.reward_name and hasattr(self.reward_fn, 'load_state_dict'):
+                self.reward_fn.load_state_dict(reward_state)

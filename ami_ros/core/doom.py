@@ -158,17 +158,31 @@ class WorldState:
     tic: int  # tic within the episode
 
 
+def _inside(x: float, y: float, lines: Sequence) -> bool:
+    """Whether (x, y) lies inside the polygon(s) that a sector's lines bound (even-odd rule)."""
+    crossings = 0
+    for line in lines:
+        (x1, y1), (x2, y2) = (line.x1, line.y1), (line.x2, line.y2)
+        if (y1 > y) != (y2 > y) and x < x1 + (y - y1) * (x2 - x1) / (y2 - y1):
+            crossings += 1
+    return crossings % 2 == 1
+
+
 class DoomWorld:
     """A headless ViZDoom game stepped with DOOM_BUTTONS actions.
 
     Not thread-safe: step it from one thread. Episodes restart on their own
-    when they end (timeout, goal reached or the player died).
+    when they end (timeout, goal reached or the player died). `start` (map
+    x, y) puts the player there at the start of every episode instead of
+    the scenario's own spawn spot (my_way_home picks a random room), the
+    fixed start of the "sparse" MyWayHome settings of Pathak et al. 2017.
     """
 
     def __init__(self, scenario: str = 'my_way_home', *, frame_skip: int = 4,
                  width: int = 84, height: int = 84, episode_timeout: float = 0.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, start: tuple[float, float] | None = None) -> None:
         self.config_path = resolve_scenario(scenario)
+        self.start = None if start is None else (float(start[0]), float(start[1]))
         self.frame_skip = int(frame_skip)
         self.size = (int(height), int(width))
         self.episode = 0
@@ -194,15 +208,29 @@ class DoomWorld:
                 game.set_episode_timeout(max(1, round(episode_timeout * TICRATE)))
             if seed is not None and seed >= 0:
                 game.set_seed(int(seed))
+            if self.start is not None:
+                game.add_game_args('+sv_cheats 1')  # the console's warp is a cheat
+                game.set_sectors_info_enabled(True)  # to check that the start is in the map
             game.init()
+            self._new_episode()
         except Exception:
             self.close()
             raise
-        self._new_episode()
 
     def _new_episode(self) -> None:
         self.game.new_episode()
         self.episode += 1
+        if self.start is not None:
+            x, y = self.start
+            state = self.game.get_state()
+            if self.episode == 1 and not any(_inside(x, y, sector.lines) for sector in state.sectors):
+                xs = [v for sector in state.sectors for line in sector.lines for v in (line.x1, line.x2)]
+                ys = [v for sector in state.sectors for line in sector.lines for v in (line.y1, line.y2)]
+                raise ValueError(f'start {x:g},{y:g} is outside every sector of {self.config_path} '
+                                 f'(map x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g}); '
+                                 'choose a point inside the map')
+            self.game.send_game_command(f'warp {x} {y}')
+            self.game.advance_action(1)  # console commands act on the next tic
 
     def step(self, action: Sequence[float]) -> WorldState:
         """Hold `action` for frame_skip tics; restart the episode if it ended."""

@@ -65,6 +65,10 @@ class PPOTrainingConfig:
     gae_lambda: float = 0.95
     steps: int = 128  # steps per update (the buffer holds steps + 1)
     normalize_advantage: bool = True
+    # Take the part of the reward that each action earns anywhere out of it
+    # (reward.ActionRewardBaseline). Off by default: in the exploration bench
+    # it did not stop the policy from turning (README, Performance).
+    action_baseline: bool = False
 
 
 @dataclass(frozen=True)

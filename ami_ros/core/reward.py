@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 
@@ -33,7 +34,95 @@ class CuriosityReward:
         return prediction_nll(pred_mean, observed)
 
 
-REWARDS: dict[str, type] = {'curiosity': CuriosityReward}
+class RecentNovelty:
+    """How unlike the last `window` latents a latent is: about 1 for a usual
+    step, towards 0 for a view seen moments ago, up to 2 for a new one.
+
+    An episodic-novelty term after Badia et al. 2020 (Never Give Up), but over
+    a sliding window instead of an episode (an always-on agent has none): the
+    mean squared distance to the `neighbours` nearest latents in the window,
+    divided by its running mean, d, gives 2·d/(1+d). Spinning or circling in
+    place keeps showing the views of a few seconds ago, so it scores low;
+    going somewhere new scores high.
+    """
+
+    def __init__(self, window: int = 300, neighbours: int = 10, decay: float = 0.999) -> None:
+        if window < neighbours or neighbours < 1:
+            raise ValueError(f'need window >= neighbours >= 1, got {window} and {neighbours}')
+        self.window, self.neighbours, self.decay = int(window), int(neighbours), float(decay)
+        self.memory: Tensor | None = None  # [window, latent] ring buffer
+        self.filled = 0
+        self.next = 0
+        self.mean_sq = 0.0  # running mean of the k-nearest squared distance
+        self.seen = 0  # steps in that mean
+
+    def __call__(self, z: Tensor) -> float:
+        """The novelty of latent z ([latent] or [1, latent]); then remember it."""
+        z = z.detach().reshape(-1).float().cpu()
+        if self.memory is None:
+            self.memory = torch.zeros(self.window, z.numel())
+        novelty = 1.0
+        if self.filled >= self.neighbours:
+            dist_sq = (self.memory[:self.filled] - z).pow(2).sum(-1)
+            nearest = float(dist_sq.topk(self.neighbours, largest=False).values.mean())
+            # A plain average at first (while the window fills, distances
+            # shrink), an exponential one once 1/(1-decay) steps are in.
+            self.seen += 1
+            rate = max(1.0 - self.decay, 1.0 / self.seen)
+            self.mean_sq += rate * (nearest - self.mean_sq)
+            ratio = nearest / max(self.mean_sq, 1e-12)
+            novelty = 2.0 * ratio / (1.0 + ratio)
+        self.memory[self.next] = z
+        self.next = (self.next + 1) % self.window
+        self.filled = min(self.filled + 1, self.window)
+        return novelty
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The window in time order, oldest first (none before the first
+        step), and the running mean."""
+        state = {'mean_sq': torch.tensor(self.mean_sq, dtype=torch.float64),
+                 'seen': torch.tensor(self.seen, dtype=torch.int64)}
+        if self.memory is not None:
+            order = torch.arange(self.next - self.filled, self.next) % self.window
+            state['recent_latents'] = self.memory[order].clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.memory, self.filled, self.next = None, 0, 0
+        self.mean_sq = float(state['mean_sq'])
+        self.seen = int(state['seen'])
+        for z in state.get('recent_latents', torch.zeros(0, 0)).float()[-self.window:]:
+            if self.memory is None:
+                self.memory = torch.zeros(self.window, z.numel())
+            self.memory[self.next] = z
+            self.next = (self.next + 1) % self.window
+            self.filled = min(self.filled + 1, self.window)
+
+
+class NovelCuriosityReward:
+    """Curiosity times RecentNovelty: prediction error that counts where the
+    view is new, and little where the agent keeps seeing what it just saw.
+
+    Stateful: call it once per step, in order, with one latent (the agent does).
+    """
+
+    def __init__(self) -> None:
+        self.novelty = RecentNovelty()
+
+    def __call__(self, pred_mean: Tensor, observed: Tensor) -> Tensor:
+        if observed.dim() != 2 or observed.shape[0] != 1:
+            raise ValueError(f'novel_curiosity takes one step at a time ([1, latent]), '
+                             f'got {list(observed.shape)}')
+        return prediction_nll(pred_mean, observed) * self.novelty(observed[0])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.novelty.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.novelty.load_state_dict(state)
+
+
+REWARDS: dict[str, type] = {'curiosity': CuriosityReward, 'novel_curiosity': NovelCuriosityReward}
 
 
 def make_reward(name: str) -> RewardFunction:
@@ -43,3 +132,67 @@ def make_reward(name: str) -> RewardFunction:
     except KeyError:
         raise ValueError(f'unknown reward {name!r}; choose one of {", ".join(REWARDS)}') from None
     return cls()
+
+
+class ActionRewardBaseline:
+    """How much reward each action part brings in by itself, to take out of it.
+
+    A forward model in latent space finds turning hard to predict wherever the
+    agent is: a turn shifts the whole view. Raw curiosity therefore pays for
+    turning as such, and a policy learns to spin in place (see the README's
+    exploration figures). This keeps a running least-squares fit of the reward
+    on the one-hot choices of every action head (an additive model,
+    exponentially forgetting old rounds as the policy changes) and `adjust`
+    removes the fitted action effect, keeping the trajectory's mean. What is
+    left is surprise beyond what is usual for the action taken: novelty of
+    the place, not of the movement.
+    """
+
+    def __init__(self, choices: tuple[int, ...], decay: float = 0.9, ridge: float = 1.0) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f'decay must be in [0, 1), got {decay}')
+        self.choices = tuple(int(c) for c in choices)
+        self.decay, self.ridge = float(decay), float(ridge)
+        size = 1 + sum(self.choices)
+        self.gram = torch.zeros(size, size, dtype=torch.float64)
+        self.moment = torch.zeros(size, dtype=torch.float64)
+
+    def features(self, actions: Tensor) -> Tensor:
+        """[N, heads] integer actions -> [N, 1 + sum(choices)]: a bias and one-hots."""
+        if actions.dim() != 2 or actions.shape[1] != len(self.choices):
+            raise ValueError(f'actions must be [N, {len(self.choices)}], got {list(actions.shape)}')
+        parts = [torch.ones(len(actions), 1, dtype=torch.float64)]
+        for head, n in enumerate(self.choices):
+            parts.append(torch.nn.functional.one_hot(actions[:, head].long(), n).to(torch.float64))
+        return torch.cat(parts, dim=1)
+
+    def update(self, actions: Tensor, rewards: Tensor) -> None:
+        """Fold one trajectory's (action, reward) pairs into the fit."""
+        x = self.features(actions)
+        self.gram.mul_(self.decay).add_(x.T @ x)
+        self.moment.mul_(self.decay).add_(x.T @ rewards.to(torch.float64))
+
+    def expected(self, actions: Tensor) -> Tensor:
+        """The fitted reward of each action (float32 [N])."""
+        # The ridge term keeps the fit defined for choices not seen yet (and
+        # the one-hots are collinear with the bias): unseen choices get 0.
+        eye = torch.eye(len(self.moment), dtype=torch.float64)
+        weights = torch.linalg.solve(self.gram + self.ridge * eye, self.moment)
+        return (self.features(actions) @ weights).to(torch.float32)
+
+    def adjust(self, actions: Tensor, rewards: Tensor) -> Tensor:
+        """Update with this trajectory, then return its rewards less each
+        action's fitted effect (the trajectory's mean reward is kept)."""
+        self.update(actions, rewards)
+        effect = self.expected(actions)
+        return rewards - (effect - effect.mean())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {'gram': self.gram.clone(), 'moment': self.moment.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        gram, moment = state['gram'], state['moment']
+        if gram.shape != self.gram.shape or moment.shape != self.moment.shape:
+            raise ValueError(f'reward baseline of shape {list(gram.shape)}, expected {list(self.gram.shape)}')
+        self.gram = gram.to(torch.float64).clone()
+        self.moment = moment.to(torch.float64).clone()

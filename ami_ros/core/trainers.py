@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from ami_ros.core.buffers import DynamicsBuffer, ImageBuffer, TrajectoryBuffer, gae
-from ami_ros.core.presets import DynamicsTrainingConfig, PPOTrainingConfig, VAETrainingConfig
-from ami_ros.core.reward import prediction_nll
+from ami_ros.core.presets import ACTION_CHOICES, DynamicsTrainingConfig, PPOTrainingConfig, VAETrainingConfig
+from ami_ros.core.reward import ActionRewardBaseline, prediction_nll
 
 # A round over a big buffer stays bounded: at most this many minibatches per
 # epoch (with the reference settings, 2048 images / batch 8 = 256: the whole
@@ -349,6 +349,7 @@ class PPOTrainer(_Trainer):
         self.policy = policy
         super().__init__({'policy': policy}, list(policy.parameters()), device, seed)
         self.buffer = TrajectoryBuffer(cfg.steps)
+        self.baseline = ActionRewardBaseline(ACTION_CHOICES) if cfg.action_baseline else None
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.cfg.lr)
@@ -365,7 +366,10 @@ class PPOTrainer(_Trainer):
     def _round(self) -> dict[str, float]:
         cfg = self.cfg
         traj = self.buffer.take()
-        advantages, returns = gae(traj['reward'][1:], traj['value'][:-1], traj['value'][-1],
+        rewards = traj['reward'][1:]
+        if self.baseline is not None:
+            rewards = self.baseline.adjust(traj['action'][:-1], rewards)
+        advantages, returns = gae(rewards, traj['value'][:-1], traj['value'][-1],
                                   cfg.gamma, cfg.gae_lambda)
         raw_advantage = float(advantages.mean())
         if cfg.normalize_advantage:
@@ -389,6 +393,20 @@ class PPOTrainer(_Trainer):
         out = {k: v / max(batches, 1) for k, v in totals.items()}
         out.update(batches=float(batches), samples=float(len(obs)),
                    reward_mean=float(traj['reward'][1:].mean()), advantage_mean=raw_advantage,
+                   # How much of the reward the action alone explained (0 without the baseline).
+                   reward_action_effect=float((traj['reward'][1:] - rewards).std()),
                    return_mean=float(returns.mean()),
                    policy_version_min=float(traj['policy_version'].min()))
         return out
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors, info = super().state_dict()
+        if self.baseline is not None:
+            tensors.update({f'reward_baseline/{k}': v for k, v in self.baseline.state_dict().items()})
+        return tensors, info
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], info: Mapping[str, Any]) -> None:
+        super().load_state_dict(tensors, info)
+        saved = {k.split('/', 1)[1]: v for k, v in tensors.items() if k.startswith('reward_baseline/')}
+        if self.baseline is not None and saved:
+            self.baseline.load_state_dict(saved)

@@ -79,7 +79,10 @@ class AgentNode(ManagedNode):
         device = self.declare('device', 'cpu', 'Torch device: cpu, cuda or cuda:N.')
         seed = self.declare('seed', 0, 'Seed of the initial weights and of action sampling.',
                             low=0, high=2**31 - 1)
-        reward = self.declare('reward', 'curiosity', 'Reward function.', choices=tuple(REWARDS))
+        reward = self.declare(
+            'reward', 'curiosity', 'Reward function: curiosity (the forward model\'s prediction '
+            'error) or novel_curiosity (that error times how new the view is against the last '
+            '30 s; core/reward.py).', choices=tuple(REWARDS))
         deterministic = self.declare('deterministic', False,
                                      'Act with the most likely action instead of sampling.')
         threads = self.declare('torch_threads', 1, 'Torch intra-op threads of this process.',

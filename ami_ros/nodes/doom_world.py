@@ -10,6 +10,9 @@ camera node would. Control mapping: see ami_ros.core.doom.
 Published topics (relative names; lifecycle publishers, nothing while inactive):
     camera/image_raw  sensor_msgs/Image     rgb8 width x height, stamped at capture
     world/pose        geometry_msgs/PoseStamped  player position (map units) and yaw
+    world/episode     std_msgs/UInt32       the episode number, sent when an episode
+                      starts (transient local: a late subscriber gets the current one),
+                      before that episode's first pose
 
 Parameters:
     host, port        OSC input address (127.0.0.1, 9000 like VRChat)
@@ -22,6 +25,8 @@ Parameters:
     width, height     published image size (84 x 84), centre crop of the 160x120 render
     episode_timeout   seconds of game time per episode, 0 = the scenario's (0.0)
     seed              game seed, -1 = random (-1)
+    start             'x,y': every episode starts at this map point (checked to lie
+                      inside the map); '' = the scenario's own spawn spots ('')
     turn_speed        degrees per second of game time at full LookHorizontal (~123,
                       Doom's keyboard turn)
     frame_id          frame of world/pose (map)
@@ -39,7 +44,9 @@ from geometry_msgs.msg import PoseStamped
 from pythonosc.dispatcher import Dispatcher
 from pythonosc.osc_server import BlockingOSCUDPServer
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, QoSProfile
 from sensor_msgs.msg import Image
+from std_msgs.msg import UInt32
 
 from ami_ros.core.doom import (
     DEFAULT_TURN_SPEED,
@@ -51,6 +58,17 @@ from ami_ros.core.doom import (
 )
 from ami_ros.ros.images import rgb_to_image
 from ami_ros.ros.managed_node import ManagedNode, run
+
+
+def parse_start(spec: str) -> tuple[float, float] | None:
+    """The `start` parameter: '' -> None, 'x,y' -> (x, y); ValueError saying how otherwise."""
+    if not spec.strip():
+        return None
+    try:
+        x, y = (float(part) for part in spec.split(','))
+    except ValueError:
+        raise ValueError(f"start {spec!r} is not a map point; write it as 'x,y', e.g. '512,-192'") from None
+    return x, y
 
 
 class DoomWorldNode(ManagedNode):
@@ -75,6 +93,9 @@ class DoomWorldNode(ManagedNode):
             'episode_timeout', 0.0, 'Episode length in seconds of game time; 0 = the scenario default.',
             low=0.0, high=86400.0)
         self.seed = self.declare('seed', -1, 'Game seed; -1 = random.', low=-1, high=2**31 - 1)
+        self.start = parse_start(self.declare(
+            'start', '', "Map point 'x,y' where every episode starts; '' = the scenario's own "
+            'spawn spots (my_way_home: a random room).'))
         self.turn_speed = self.declare(
             'turn_speed', DEFAULT_TURN_SPEED,
             'Turn rate in degrees per second of game time at LookHorizontal = 1.', low=1.0, high=1440.0)
@@ -88,6 +109,8 @@ class DoomWorldNode(ManagedNode):
         self.world: DoomWorld | None = None
         self._image_pub = None
         self._pose_pub = None
+        self._episode_pub = None
+        self._episode_sent: int | None = None
         self._timer = None
         self._osc = self._open_osc()
         self._osc_thread = threading.Thread(target=self._osc.serve_forever, kwargs={'poll_interval': 0.5},
@@ -131,12 +154,16 @@ class DoomWorldNode(ManagedNode):
         try:
             self.world = DoomWorld(
                 self.config_path, frame_skip=self.frame_skip, width=self.width, height=self.height,
-                episode_timeout=self.episode_timeout, seed=self.seed if self.seed >= 0 else None)
+                episode_timeout=self.episode_timeout, seed=self.seed if self.seed >= 0 else None,
+                start=self.start)
         except Exception as exc:
             self.get_logger().error(f'cannot start ViZDoom with {self.config_path}: {exc}')
             return TransitionCallbackReturn.FAILURE
         self._image_pub = self.create_lifecycle_publisher(Image, 'camera/image_raw', 10)
         self._pose_pub = self.create_lifecycle_publisher(PoseStamped, 'world/pose', 10)
+        self._episode_pub = self.create_lifecycle_publisher(
+            UInt32, 'world/episode', QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self._episode_sent = None
         rate = self.fps * self.time_scale
         self._timer = self.create_timer(1.0 / rate, self._step)
         self._timer.cancel()  # runs only while active
@@ -174,10 +201,10 @@ class DoomWorldNode(ManagedNode):
         if self._timer is not None:
             self.destroy_timer(self._timer)
             self._timer = None
-        for pub in (self._image_pub, self._pose_pub):
+        for pub in (self._image_pub, self._pose_pub, self._episode_pub):
             if pub is not None:
                 self.destroy_lifecycle_publisher(pub)
-        self._image_pub = self._pose_pub = None
+        self._image_pub = self._pose_pub = self._episode_pub = None
         if self.world is not None:
             self.world.close()
             self.world = None
@@ -188,6 +215,9 @@ class DoomWorldNode(ManagedNode):
             return
         snap = self.world.step(self.inputs.to_buttons())
         stamp = self.get_clock().now().to_msg()
+        if snap.episode != self._episode_sent:
+            self._episode_pub.publish(UInt32(data=snap.episode))
+            self._episode_sent = snap.episode
         self._image_pub.publish(rgb_to_image(snap.frame, stamp, self.camera_frame_id))
         self._pose_pub.publish(self._pose(snap, stamp))
 

@@ -24,6 +24,10 @@ overrides the preset's ppo_training.steps (steps per update); and
   max_policy_lag   before each round, entries the agent made with a policy
                    older than (trainer version - max_policy_lag) are dropped
                    (default 2 versions); PPO's ratio corrects a small lag only
+  action_baseline  true: train on the curiosity reward less what each action
+                   part earns by itself (core/reward.py ActionRewardBaseline),
+                   so that turning as such stops paying; false (default): on
+                   the reward as the agent sent it. Read at start.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 
 from torch import nn
 
-from ami_ros.core.presets import Preset
+from ami_ros.core.presets import Preset, with_overrides
 from ami_ros.core.schemas import ExperienceStep
 from ami_ros.core.trainers import PPOTrainer
 from ami_ros.ros.managed_node import run
@@ -55,7 +59,12 @@ class PolicyTrainerNode(ExperienceTrainerNode):
 
     def make_trainer(self, preset: Preset, models: dict[str, nn.Module], device: str, seed: int,
                      max_batches: int) -> PPOTrainer:
-        return PPOTrainer(models['policy'], preset.ppo_training, device=device, seed=seed)
+        action_baseline = self.declare(
+            'action_baseline', preset.ppo_training.action_baseline,
+            'Train on the curiosity reward less what each action part earns by itself, so that '
+            'turning in place stops paying; false = the raw reward.', read_only=True)
+        cfg = with_overrides(preset, ppo_training={'action_baseline': bool(action_baseline)}).ppo_training
+        return PPOTrainer(models['policy'], cfg, device=device, seed=seed)
 
     def add_step(self, step: ExperienceStep, follows: bool) -> None:
         # Without the previous action's reward no trajectory may span this step.

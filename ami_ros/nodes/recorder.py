@@ -17,6 +17,10 @@ Subscribes (relative names, except /diagnostics; only while active):
                             policy_trainer/rounds, ...)
   world/pose                geometry_msgs/PoseStamped (doom_world) -> exploration
                             map; metric `world/cells_visited`
+  world/episode             std_msgs/UInt32 (doom_world) -> metric
+                            `world/episode_cells`: the cells one episode visited,
+                            logged as the next starts (how far the agent gets
+                            from where it started; respawns do not count)
   camera/image_raw,         sensor_msgs/Image, only around a sample every
   prediction/image_raw      `image_interval` s: the agent decodes predictions
                             only while someone subscribes, so the recorder
@@ -71,9 +75,9 @@ from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.impl.rcutils_logger import RcutilsLogger
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
-from std_msgs.msg import Float32
+from std_msgs.msg import Float32, UInt32
 
 from ami_ros.core.run_record import (
     BackgroundRecorder,
@@ -162,6 +166,8 @@ class RecorderNode(ManagedNode):
         self._last_step = 0
         self._cells_dirty = False
         self._poses = 0
+        self._episode: int | None = None
+        self._episode_cells: set[tuple[int, int]] = set()
         self.images_logged = 0
         self._sample: _Sample | None = None
         self._opened = False
@@ -171,6 +177,8 @@ class RecorderNode(ManagedNode):
         self.create_subscription(Float32, 'prediction_error', self.on_prediction_error, 100)
         self.create_subscription(DiagnosticArray, '/diagnostics', self.on_diagnostics, 50)
         self.create_subscription(PoseStamped, 'world/pose', self.on_pose, 50)
+        self.create_subscription(UInt32, 'world/episode', self.on_episode, QoSProfile(
+            depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.create_timer(1.0, self._tick)
         if self.image_interval > 0:
             self.create_timer(self.image_interval, self._start_sample)
@@ -273,8 +281,19 @@ class RecorderNode(ManagedNode):
         if not self._recording():
             return
         self._poses += 1
-        if self.map.visit(msg.pose.position.x, msg.pose.position.y):
+        x, y = msg.pose.position.x, msg.pose.position.y
+        if self.map.visit(x, y):
             self._cells_dirty = True  # logged once a second by _tick, not per pose
+        if math.isfinite(x) and math.isfinite(y):
+            self._episode_cells.add(self.map.cell(x, y))
+
+    def on_episode(self, msg: UInt32) -> None:
+        # The first message (the latched current episode) only starts the
+        # count; an episode the recorder joined midway counts what it saw.
+        if self._recording() and self._episode is not None and self._episode_cells:
+            self.writer.add_metric('world/episode_cells', len(self._episode_cells), self._step())
+        self._episode = msg.data
+        self._episode_cells = set()
 
     # -- periodic work --------------------------------------------------------
     def _log_cells(self) -> None:
