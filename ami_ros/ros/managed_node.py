@@ -127,6 +127,12 @@ def spin_until_finished(node: Any, executor: Any) -> None:
             executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except RuntimeError:
+        # A signal can shut the context down between the ok() check and the
+        # wait set spin_once builds (rclpy raises RCLError, a RuntimeError):
+        # that is the ordinary way out. Anything else is a real failure.
+        if rclpy.ok():
+            raise
 
 
 def run(factory: Callable[[], N], args: Sequence[str] | None = None,
