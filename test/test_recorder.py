@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -67,6 +68,7 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
     poses = node.create_publisher(PoseStamped, 'world/pose', 50)
     episodes = node.create_publisher(UInt32, 'world/episode', QoSProfile(
         depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    own_status = test_node.collect(DiagnosticArray, '/diagnostics')
     wait_for(lambda: 'recording to MLflow run' in recorder.output(), 30, message='the run to open')
     for pub in (diagnostics, rewards, errors, poses, episodes):
         wait_for(lambda pub=pub: pub.get_subscription_count() > 0, 10, message=f'{pub.topic} matched')
@@ -83,18 +85,27 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
             errors.publish(Float32(data=0.5))
             time.sleep(0.01)
         # Episode 1 visits CELLS cells, episode 2 one; each number goes out
-        # before the episode's poses, as doom_world sends them (the pauses
-        # keep the two topics in that order).
+        # before the episode's poses, as doom_world sends them. The recorder's
+        # own status says when it has taken each in, which keeps the two
+        # topics in that order.
+        def recorder_has(**values: int):
+            status = [s for _, msg in own_status for s in msg.status if s.name == '/recorder']
+            latest = {kv.key: kv.value for kv in status[-1].values} if status else {}
+            return all(latest.get(key) == str(value) for key, value in values.items())
+
         for number, positions in ((1, POSES), (2, [(10.0, 10.0), (20.0, 30.0)])):
             episodes.publish(UInt32(data=number))
-            time.sleep(0.3)
+            wait_for(lambda n=number: recorder_has(episode=n, episode_cells=0), 10,
+                     message=f'the recorder in episode {number}')
             for x, y in positions:
                 pose = PoseStamped()
                 pose.pose.position.x, pose.pose.position.y = x, y
                 poses.publish(pose)
-            time.sleep(0.3)
+            cells = len({(math.floor(x / 100), math.floor(y / 100)) for x, y in positions})
+            wait_for(lambda c=cells: recorder_has(episode_cells=c), 10,
+                     message=f'{cells} cells in episode {number}')
         episodes.publish(UInt32(data=3))
-        time.sleep(0.3)
+        wait_for(lambda: recorder_has(episode=3), 10, message='the recorder in episode 3')
         diagnostics.publish(DiagnosticArray(status=[_status('/agent', steps='120', latency_p99_ms='13.0')]))
         # A sample: the recorder subscribes to predictions, saves a picture, unsubscribes.
         wait_for(lambda: list(artifacts.glob('*/artifacts/frames/*.png')), 20, message='a frame sample')

@@ -26,7 +26,8 @@ Subscribes (relative names, except /diagnostics; only while active):
                             only while someone subscribes, so the recorder
                             subscribes, takes one, and unsubscribes
 Publishes:
-  /diagnostics              its own status: run id, metrics logged, pending, cells
+  /diagnostics              its own status: run id, metrics logged, pending, cells,
+                            the current episode (-1 before the first) and its cells
 
 Metric steps: the agent's step count (its diagnostics' `steps`, advanced by
 one per reward message between two diagnostics), else seconds since start
@@ -313,7 +314,9 @@ class RecorderNode(ManagedNode):
             metrics_logged=writer.metrics_logged if writer else 0,
             pending=writer.pending if writer else 0,
             dropped=writer.dropped if writer else 0,
-            images_logged=self.images_logged, cells_visited=self.map.cells_visited)
+            images_logged=self.images_logged, cells_visited=self.map.cells_visited,
+            episode=-1 if self._episode is None else self._episode,
+            episode_cells=len(self._episode_cells))
         if writer is not None and writer.failed:
             self.diagnostics.warn('not recording: ' + (writer.error or '')[:200])
 
