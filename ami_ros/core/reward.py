@@ -59,8 +59,6 @@ class RecentNovelty:
     def __call__(self, z: Tensor) -> float:
         """The novelty of latent z ([latent] or [1, latent]); then remember it."""
         z = z.detach().reshape(-1).float().cpu()
-        if self.memory is None:
-            self.memory = torch.zeros(self.window, z.numel())
         novelty = 1.0
         if self.filled >= self.neighbours:
             dist_sq = (self.memory[:self.filled] - z).pow(2).sum(-1)
@@ -72,10 +70,15 @@ class RecentNovelty:
             self.mean_sq += rate * (nearest - self.mean_sq)
             ratio = nearest / max(self.mean_sq, 1e-12)
             novelty = 2.0 * ratio / (1.0 + ratio)
+        self._remember(z)
+        return novelty
+
+    def _remember(self, z: Tensor) -> None:
+        if self.memory is None:
+            self.memory = torch.zeros(self.window, z.numel())
         self.memory[self.next] = z
         self.next = (self.next + 1) % self.window
         self.filled = min(self.filled + 1, self.window)
-        return novelty
 
     def state_dict(self) -> dict[str, Tensor]:
         """The window in time order, oldest first (none before the first
@@ -92,11 +95,7 @@ class RecentNovelty:
         self.mean_sq = float(state['mean_sq'])
         self.seen = int(state['seen'])
         for z in state.get('recent_latents', torch.zeros(0, 0)).float()[-self.window:]:
-            if self.memory is None:
-                self.memory = torch.zeros(self.window, z.numel())
-            self.memory[self.next] = z
-            self.next = (self.next + 1) % self.window
-            self.filled = min(self.filled + 1, self.window)
+            self._remember(z)
 
 
 class NovelCuriosityReward:
