@@ -36,6 +36,7 @@ from ami_ros.core.observation import to_uint8_chw
 from ami_ros.core.presets import get_preset, with_overrides
 from ami_ros.core.timing import percentile
 from ami_ros.core.trainers import DynamicsTrainer, PPOTrainer, VAETrainer
+from ami_ros.ros.trainer_node import DEFAULT_QUIET_MS
 
 TRAINERS = ('vae_trainer', 'dynamics_trainer', 'policy_trainer')
 
@@ -48,10 +49,10 @@ def _summary(latencies: list[float], frames: int, answered: int, rounds: dict[st
 
 
 def run_processes(preset: str, seconds: float, min_new: int, max_batches: int,
-                  nice: int, cpus: str) -> tuple[float, float, str]:
+                  nice: int, cpus: str, quiet_ms: int) -> tuple[float, float, str]:
     with tempfile.TemporaryDirectory() as tmp:
         params = {'preset': preset, 'min_new': min_new, 'max_batches': max_batches, 'nice': nice,
-                  'cpus': cpus}
+                  'cpus': cpus, 'quiet_ms': quiet_ms}
         chain = Chain(preset, Path(tmp), extra_nodes=tuple((t, dict(params)) for t in TRAINERS))
         try:
             chain.wait_ready()
@@ -154,15 +155,19 @@ def main() -> None:
     parser.add_argument('--min-new', type=int, default=32, help='new samples per round')
     parser.add_argument('--max-batches', type=int, default=16, help='minibatches per epoch')
     parser.add_argument('--nice', type=int, default=19, help="the trainer nodes' nice parameter")
+    parser.add_argument('--quiet-ms', type=int, default=DEFAULT_QUIET_MS,
+                        help="the trainer nodes' quiet_ms parameter (0: train through the agent's steps)")
     parser.add_argument('--trainer-cpus', default='',
                         help="the trainer nodes' cpus parameter, e.g. '1' ('' = all)")
     args = parser.parse_args()
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
           f'{args.seconds:g}s at 10 Hz per run; trainers: min_new {args.min_new}, '
-          f'max_batches {args.max_batches}, nice {args.nice}, cpus {args.trainer_cpus or "all"}')
+          f'max_batches {args.max_batches}, nice {args.nice}, cpus {args.trainer_cpus or "all"}, '
+          f'quiet_ms {args.quiet_ms}')
     for preset in args.presets:
         ours, inside, ours_text = run_processes(preset, args.seconds, args.min_new,
-                                                args.max_batches, args.nice, args.trainer_cpus)
+                                                args.max_batches, args.nice, args.trainer_cpus,
+                                                args.quiet_ms)
         print(f'[{preset}] ami_ros (processes), frame stamp -> action received back: {ours_text}')
         theirs, theirs_text = run_threads(preset, args.seconds, args.min_new, args.max_batches)
         print(f'[{preset}] one process (threads), frame due -> action chosen: {theirs_text}')

@@ -1,8 +1,11 @@
-"""Step-gap bookkeeping: side work goes into the acting loop's idle time."""
+"""Side work goes where the acting agent is not stepping: the agent's own
+idle gaps (StepGap) and a trainer's room between frames (FrameRhythm)."""
 
 import threading
 
-from ami_ros.core.timing import StepGap
+import pytest
+
+from ami_ros.core.timing import FrameRhythm, StepGap
 
 
 class FakeClock:
@@ -82,3 +85,109 @@ def test_wait_gives_up_after_its_timeout_while_a_step_never_ends():
     start = clock.now
     assert not gap.wait(0.01, timeout=0.1)
     assert clock.now - start >= 0.1
+
+
+def rhythm_at_10_hz(clock, quiet=0.02, frames=5):
+    """Frames captured at 0.0, 0.1, ... 0.4 s after clock's now; the clock ends at the last."""
+    rhythm = FrameRhythm(quiet, guard=0.004, clock=clock)
+    for i in range(frames):
+        rhythm.frame(clock.now + 0.1 * i)
+    clock.now += 0.1 * (frames - 1)
+    return rhythm
+
+
+def test_rhythm_keeps_work_out_of_the_quiet_window_and_the_guard():
+    clock = FakeClock()
+    rhythm = rhythm_at_10_hz(clock)
+    assert rhythm.period == pytest.approx(0.1)
+    clock.now += 0.005  # 5 ms after a capture: that step runs
+    assert rhythm.delay(0.001) == pytest.approx(0.015)
+    clock.now += 0.025  # 30 ms after it: 66 ms to the next capture's guard
+    assert rhythm.delay(0.05) == 0.0
+    assert rhythm.delay(0.066) == pytest.approx(0.0, abs=1e-9)
+    # 70 ms do not fit: wait for the end of the next frame's quiet window.
+    assert rhythm.delay(0.07) == pytest.approx(0.07 + 0.02)
+    clock.now += 0.2  # two frames later, none seen: the rhythm still predicts them
+    assert rhythm.delay(0.07) == pytest.approx(0.09)
+
+
+def test_rhythm_work_that_never_fits_goes_right_after_a_quiet_window():
+    clock = FakeClock()
+    rhythm = rhythm_at_10_hz(clock)
+    clock.now += 0.021  # just after the quiet window: the most room there is
+    assert rhythm.delay(0.5) == 0.0
+    clock.now += 0.03  # in the middle of a gap: wait for the next one's start
+    assert rhythm.delay(0.5) == pytest.approx(0.1 - 0.051 + 0.02)
+
+
+def test_rhythm_outvotes_a_lost_frame_and_ignores_late_or_repeated_stamps():
+    clock = FakeClock()
+    rhythm = rhythm_at_10_hz(clock)
+    rhythm.frame(clock.now + 0.2)  # one frame lost on the way
+    rhythm.frame(clock.now + 0.1)  # an older one arriving late
+    rhythm.frame(clock.now + 0.2)  # the same one twice
+    assert rhythm.period == pytest.approx(0.1)
+
+
+def test_rhythm_protects_nothing_without_frames_when_they_stop_or_when_off():
+    clock = FakeClock()
+    assert FrameRhythm(0.02, clock=clock).delay(1.0) == 0.0
+    one = FrameRhythm(0.02, clock=clock)
+    one.frame(clock.now)
+    assert one.delay(1.0) == 0.0  # one frame gives no rhythm yet
+    rhythm = rhythm_at_10_hz(clock)
+    clock.now += 0.005
+    assert rhythm.delay(0.001) > 0
+    clock.now += 0.3  # three periods without a frame: paused, or no camera
+    assert rhythm.delay(0.001) == 0.0
+    off = rhythm_at_10_hz(FakeClock(), quiet=0.0)
+    assert off.delay(1.0) == 0.0
+
+
+def test_rhythm_slot_predicts_a_kind_from_its_longest_recent_slice(monkeypatch):
+    clock = FakeClock()
+    rhythm = rhythm_at_10_hz(clock)
+    clock.now += 0.03
+    for _ in range(3):
+        with rhythm.slot('batch'):
+            pass
+    assert rhythm.waited == 0.0  # microsecond slices fit anywhere outside the windows
+    rhythm._lengths['batch'].append(0.05)  # as if one had taken 50 ms: 60 ms predicted
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr('ami_ros.core.timing.time.sleep', sleep)
+    clock.now += 0.03  # 60 ms from now would reach into the next capture's guard
+    with rhythm.slot('batch'):
+        pass
+    assert slept and rhythm.waited == pytest.approx(sum(slept))
+    assert (clock.now - 100.0) % 0.1 == pytest.approx(0.02, abs=0.001)  # right after a window
+
+
+def test_rhythm_pause_waits_through_the_guard_and_the_quiet_window(monkeypatch):
+    clock = FakeClock()
+    rhythm = rhythm_at_10_hz(clock)
+    monkeypatch.setattr('ami_ros.core.timing.time.sleep', lambda s: setattr(clock, 'now', clock.now + s))
+    clock.now += 0.05
+    rhythm.pause()  # mid-gap: goes at once
+    assert rhythm.waited == 0.0 and (clock.now - 100.0) % 0.1 == pytest.approx(0.05)
+    clock.now += 0.047  # 3 ms before the next capture: inside its 4 ms guard
+    rhythm.pause()
+    assert rhythm.waited == pytest.approx(0.023, abs=0.001)  # to the end of its quiet window
+    assert (clock.now - 100.0) % 0.1 == pytest.approx(0.02, abs=0.001)
+
+
+def test_rhythm_keeps_at_most_half_of_a_fast_cameras_period():
+    clock = FakeClock()
+    rhythm = FrameRhythm(0.025, guard=0.015, clock=clock)  # 40 ms of 33: would starve training
+    for i in range(5):
+        rhythm.frame(clock.now + i / 30)
+    clock.now += 4 / 30
+    assert rhythm.delay(0.0) == pytest.approx(0.025 * (0.5 / 30) / 0.04)  # quiet shrunk in proportion
+    clock.now += 0.011  # past the shrunk 10.4 ms window: 33.3 - 11 - 6.25 ms guard left
+    assert rhythm.delay(0.0) == 0.0
+    assert rhythm.delay(0.016) == 0.0
+    assert rhythm.delay(0.0165) > 0  # would reach into the next guard (and can fit later)

@@ -102,6 +102,10 @@ def test_trainers_push_weights_while_the_agent_acts(launch, graph):
         assert watch.value(name, 'pushed_version') >= 1
         assert watch.value(name, 'pushes_failed') == 0, watch.status[f'/{name}']
         assert np.isfinite(watch.value(name, 'loss', float('nan')))
+        # Each trainer follows the frames' rhythm (from the frames or the
+        # experience stamps) and kept its training out of the agent's steps.
+        assert watch.value(name, 'frame_period_ms') == pytest.approx(1000 / FRAME_HZ, rel=0.2)
+        assert watch.value(name, 'quiet_waited_s') > 0
         print(f'{name}: round {watch.value(name, "seconds"):.2f} s, '
               f'{watch.value(name, "batches"):.0f} batches')
     assert 'kl' in watch.status['/vae_trainer']

@@ -311,3 +311,32 @@ def test_trainer_state_round_trip_continues_identically(kind):
     assert a.keys() == b.keys() and any(k.startswith('optimizer/') for k in a)
     assert kind != 'ppo' or 'reward_baseline/gram' in a  # the action baseline is trainer state
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize('kind', ['vae', 'dynamics', 'ppo'])
+def test_training_pauses_before_every_minibatch_layer_and_gradient(kind):
+    """A node keeps training out of the agent's steps through `pause_with`: the
+    pause must come often, before each minibatch and inside its forward and
+    backward passes, not only between rounds."""
+    trainer = _make(kind, seed=0)
+    _feed(trainer, kind, seed=1, n=17 if kind == 'ppo' else 24)
+    events = []
+    real_step = trainer._step
+
+    def step(loss, max_grad_norm):
+        events.append('backward')
+        result = real_step(loss, max_grad_norm)
+        events.append('optimiser step done')
+        return result
+
+    trainer._step = step
+    trainer.pause_with(lambda: events.append('pause'))
+    metrics = trainer.train_round()
+    batches = int(metrics['batches'])
+    assert batches >= 2
+    per_batch = ' '.join(events).split('optimiser step done')[:-1]
+    assert len(per_batch) == batches
+    for work in per_batch:
+        forward, backward = work.split('backward')
+        assert forward.count('pause') >= 5  # the batch's start and the layers' forwards
+        assert backward.count('pause') >= 5  # gradients of the layers' parameters

@@ -1,10 +1,12 @@
-"""Rates, latency percentiles and the acting loop's idle gaps (for nodes and benches)."""
+"""Rates, latency percentiles, and when the acting agent's steps run (for nodes and benches)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class RateMeter:
@@ -101,3 +103,93 @@ class StepGap:
                 # Woken by a step's end; the poll catches steps that stop coming.
                 self._cond.wait(min(remaining, 0.01))
             return True
+
+
+class FrameRhythm:
+    """Keeps a trainer's work out of the acting agent's steps, from the frames' rhythm.
+
+    A trainer on the agent's machine shares its CPUs, caches and memory
+    bandwidth: even at the lowest priority, its training slows the agent's
+    step down whenever both run at once. The agent steps when a frame
+    arrives, and frames come in a steady rhythm (10 Hz), so a trainer that
+    sees the frames' capture stamps (`frame(stamp)`) knows when the next steps
+    are due and can keep its work outside [capture - guard, capture + quiet]:
+
+    - `pause()`, between two short pieces of work (a trainer calls it before
+      every layer and gradient, `_Trainer.pause_with`), waits while that
+      window is on; `guard` covers the longest piece that cannot be split
+      (an optimiser step), which may start just before it;
+    - `with slot(kind):` around one longer piece that cannot be split (encoding
+      weights) starts it only where it fits before the next window, its
+      length predicted from the longest of the last few of its kind; a kind
+      that never fits runs right after a window ends.
+
+    The windows take at most half of each period (both shrink in proportion
+    for a fast camera), so training always keeps room. With no rhythm seen
+    yet, frames stopped (paused, no camera) or quiet = 0, nothing waits.
+    Stamps and `clock` must tell the same time (ROS stamps are the system
+    clock, `time.time`): a trainer on another machine has nothing to protect
+    and runs with quiet = 0.
+    """
+
+    HISTORY = 8  # slices of one kind its length is predicted from
+    MARGIN = 1.2  # predicted length = longest recent one times this
+    MAX_SHARE = 0.5  # of each period, at most, kept for the agent
+
+    def __init__(self, quiet: float, guard: float = 0.012, clock=time.time) -> None:
+        self.quiet = quiet
+        self.guard = guard
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._intervals: deque[float] = deque(maxlen=16)
+        self.period: float | None = None  # median time between frames
+        self._lengths: dict[str, deque[float]] = {}
+        self.waited = 0.0  # seconds spent waiting for room, in total
+
+    def frame(self, stamp: float) -> None:
+        """A frame the agent acts on was captured at `stamp` (seconds, `clock`'s time)."""
+        with self._lock:
+            if self._last is not None and stamp > self._last:
+                self._intervals.append(stamp - self._last)
+                ordered = sorted(self._intervals)
+                self.period = ordered[len(ordered) // 2]  # a lost frame's double gap is outvoted
+            if self._last is None or stamp > self._last:
+                self._last = stamp
+
+    def delay(self, needed: float, now: float | None = None) -> float:
+        """Seconds to wait before `needed` seconds of work fit between two steps (0: go)."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            last, period = self._last, self.period
+        if not self.quiet or last is None or period is None or now - last > 3 * period:
+            return 0.0
+        scale = min(1.0, self.MAX_SHARE * period / (self.quiet + self.guard))
+        quiet, guard = self.quiet * scale, self.guard * scale
+        phase = (now - last) % period  # time since the latest capture that is due by now
+        if phase < quiet:
+            return quiet - phase  # that step is running: wait for its window to end
+        if needed <= period - guard - phase:  # fits before the next capture's guard
+            return 0.0
+        if needed > period - guard - quiet and phase < quiet + 0.01:
+            return 0.0  # never fits: go now, at the start of a gap, where most room is
+        return period - phase + quiet  # the end of the next step's quiet window
+
+    def _wait(self, needed: float) -> None:
+        while (wait := self.delay(needed)) > 0:
+            wait = max(wait, 0.0005)  # past a window's end for sure, whatever the rounding
+            self.waited += wait
+            time.sleep(wait)
+
+    def pause(self) -> None:
+        """Wait while an agent step is due or running."""
+        self._wait(0.0)
+
+    @contextmanager
+    def slot(self, kind: str) -> Iterator[None]:
+        """Wait for room for one piece of `kind`, then time it for the next prediction."""
+        lengths = self._lengths.setdefault(kind, deque(maxlen=self.HISTORY))
+        self._wait(max(lengths, default=0.0) * self.MARGIN)
+        start = time.perf_counter()
+        yield
+        lengths.append(time.perf_counter() - start)

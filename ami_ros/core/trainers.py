@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -75,20 +75,6 @@ def _unflatten_optimizer(tensors: Mapping[str, Tensor], info: Mapping[str, Any])
     return {'state': state, 'param_groups': groups}
 
 
-def _minibatches(n: int, batch_size: int, generator: torch.Generator, max_batches: int,
-                 min_size: int = 1) -> Iterator[Tensor]:
-    """Shuffled index batches over n items, at most `max_batches`; a trailing
-    batch smaller than `min_size` is skipped (BatchNorm needs 2 samples)."""
-    perm = torch.randperm(n, generator=generator)
-    for count, start in enumerate(range(0, n, batch_size)):
-        if count >= max_batches:
-            return
-        idx = perm[start:start + batch_size]
-        if len(idx) < min_size:
-            return
-        yield idx
-
-
 class _Trainer:
     """Shared bookkeeping: device, counters, lock, weights and state round trips."""
 
@@ -105,9 +91,43 @@ class _Trainer:
         self.version = 0
         # Held around each optimiser step and while copying weights out.
         self._lock = threading.RLock()
+        self._pause: Callable[[], None] | None = None
+
+    def pause_with(self, pause: Callable[[], None]) -> None:
+        """Call `pause()` before each minibatch and each layer's forward and gradient.
+
+        A node keeps training out of the acting agent's steps this way
+        (`FrameRhythm.pause`): a whole minibatch of a big model can take longer
+        than the time between two frames, its layers do not.
+        """
+        self._pause = pause
+        for model in self.models.values():
+            for module in model.modules():
+                module.register_forward_pre_hook(lambda _module, _args: pause())
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.register_hook(lambda _grad: pause())
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         raise NotImplementedError
+
+    def _minibatches(self, n: int, batch_size: int, max_batches: int,
+                     min_size: int = 1) -> Iterator[Tensor]:
+        """Shuffled index batches over n items, at most `max_batches`; a trailing
+        batch smaller than `min_size` is skipped (BatchNorm needs 2 samples).
+
+        Each minibatch starts with the pause given to `pause_with`.
+        """
+        perm = torch.randperm(n, generator=self.generator)
+        for count, start in enumerate(range(0, n, batch_size)):
+            if count >= max_batches:
+                return
+            idx = perm[start:start + batch_size]
+            if len(idx) < min_size:
+                return
+            if self._pause is not None:
+                self._pause()
+            yield idx
 
     def ready(self) -> bool:
         raise NotImplementedError
@@ -223,7 +243,7 @@ class VAETrainer(_Trainer):
         totals = {'loss': 0.0, 'reconstruction': 0.0, 'kl': 0.0, 'grad_norm': 0.0}
         batches = 0
         for _ in range(self.cfg.epochs):
-            for idx in _minibatches(len(images), self.cfg.batch_size, self.generator, self.max_batches, 2):
+            for idx in self._minibatches(len(images), self.cfg.batch_size, self.max_batches, 2):
                 x = _to_float_image(images[idx].to(self.device))
                 posterior: Normal = self.encoder(x)
                 recon = self.decoder(posterior.rsample())
@@ -287,7 +307,7 @@ class DynamicsTrainer(_Trainer):
         batches = 0
         for epoch in range(self.cfg.epochs):
             epoch_loss, epoch_batches = 0.0, 0
-            for idx in _minibatches(len(z), self.cfg.batch_size, self.generator, self.max_batches):
+            for idx in self._minibatches(len(z), self.cfg.batch_size, self.max_batches):
                 dev = self.device
                 pred, _ = self.dynamics(z[idx].to(dev), h0[idx].to(dev), a[idx].to(dev))
                 loss = prediction_nll(pred, target[idx].to(self.device)).mean()
@@ -381,7 +401,7 @@ class PPOTrainer(_Trainer):
         totals: dict[str, float] = {}
         batches = 0
         for _ in range(cfg.epochs):
-            for idx in _minibatches(len(obs), cfg.batch_size, self.generator, len(obs)):
+            for idx in self._minibatches(len(obs), cfg.batch_size, len(obs)):
                 dist, value = self.policy(_to_float_image(obs[idx].to(dev)))
                 loss, metrics = ppo_loss(dist.log_prob(actions[idx]), old_log_prob[idx], advantages[idx],
                                          value, old_value[idx], returns[idx], dist.entropy(),

@@ -54,6 +54,7 @@ class VAETrainerNode(TrainerNode):
     def on_frame(self, msg: Image) -> None:
         if not self.is_active:
             return
+        self.rhythm.frame(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
         rgb = self.observation_from(msg)
         if rgb is not None:
             self.trainer.add(to_uint8_chw(rgb))

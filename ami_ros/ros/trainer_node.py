@@ -60,7 +60,17 @@ pending weights wait until activation. A round already running finishes.
 The process yields the CPU to the acting agent: `nice` is added to every
 thread of the process before any worker thread starts (later threads inherit
 it; at 19 the threads also run SCHED_IDLE, only when a core is otherwise
-idle), and torch runs `torch_threads` intra-op threads (default 1).
+idle), and torch runs `torch_threads` intra-op threads (default 1). Priority
+alone does not keep a trainer on the other core from slowing the agent's
+step (shared caches and memory bandwidth), so the trainer also keeps out of
+the agent's steps in time: the frames' capture stamps (camera/image_raw for
+the VAE trainer, each experience step's stamp for the others) give the
+frames' rhythm, and each minibatch, each encoding of new weights and each
+push starts only where it fits: never within `guard_ms` before a frame's
+capture nor `quiet_ms` after it (`core/timing.py` FrameRhythm; the
+windows take at most half of the frames' period). The trainer pauses before
+every layer's forward and gradient, so even a minibatch longer than a frame
+period keeps out of the agent's steps.
 
 Parameters (every trainer node):
   preset               model size preset (same as the agent's)
@@ -74,6 +84,11 @@ Parameters (every trainer node):
   min_new              new samples before a round; 0 = the preset's value
                        (for the policy trainer: PPO steps per update)
   min_round_interval   seconds at least between two round starts (0)
+  quiet_ms             milliseconds after each frame's capture in which
+                       the trainer computes nothing (25; 0 = off, for a
+                       trainer on another machine)
+  guard_ms             milliseconds before each frame's capture in which
+                       no new piece of training starts (12)
   sync_service         the agent's weight service ('agent/sync_weights')
   sync_retry           seconds between tries while pushing fails (2.0)
   sync_timeout         seconds an unanswered push is given up after (10.0)
@@ -93,7 +108,9 @@ Diagnostics (/diagnostics, status named after the node, every second):
   last_sync ('ok' or the last failure's reason), train_errors,
   restored_from (the checkpoint restored at start, '' none), restored_part
   ('trainer': the whole part; 'models': the agent's weights only; 'none':
-  the checkpoint held neither; '' no checkpoint), and the last
+  the checkpoint held neither; '' no checkpoint), frame_period_ms (the
+  frames' rhythm it keeps out of; 0 none seen), quiet_waited_s (time spent
+  waiting for room between the agent's steps), and the last
   round's metrics under the trainer's own names, formatted with 6
   significant digits:
     vae_trainer       loss, reconstruction, kl, grad_norm
@@ -139,6 +156,7 @@ from ami_ros.core.envelope import EnvelopeError, specs_of
 from ami_ros.core.models import build_models
 from ami_ros.core.presets import PRESETS, Preset, get_preset, with_overrides
 from ami_ros.core.schemas import ExperienceStep, decode_experience, encode_weights, weights_schema
+from ami_ros.core.timing import FrameRhythm
 from ami_ros.ros.checkpoint_part import CheckpointPart
 from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.managed_node import ManagedNode
@@ -150,6 +168,12 @@ EXPERIENCE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
 
 # Metrics that are counters of the round rather than measures: published as ints.
 _COUNT_METRICS = ('batches', 'samples')
+
+# Time kept free for the agent after each frame's capture: its policy and the
+# action's way out (p99 a few ms on a CPU) with room for a slow step.
+DEFAULT_QUIET_MS = 25
+# ... and before it: an optimiser step, which cannot pause, may start just before.
+DEFAULT_GUARD_MS = 12
 
 # How long a checkpoint save waits for a running training round to end.
 SAVE_WAIT_S = 120.0
@@ -299,6 +323,16 @@ class TrainerNode(ManagedNode):
         self.min_round_interval = self.declare(
             'min_round_interval', 0.0, 'Seconds at least between two round starts.',
             low=0.0, high=3600.0)
+        quiet_ms = self.declare(
+            'quiet_ms', DEFAULT_QUIET_MS, 'Milliseconds after each frame\'s capture in which this '
+            'trainer computes nothing, so the agent steps alone (0 = off; for a trainer on '
+            'another machine).', low=0, high=1000)
+        guard_ms = self.declare(
+            'guard_ms', DEFAULT_GUARD_MS, 'Milliseconds before each frame\'s capture in which no '
+            'new piece of training starts (the longest piece that cannot be split).',
+            low=0, high=1000)
+        # Frames' capture stamps (subclasses report them) tell when the agent steps.
+        self.rhythm = FrameRhythm(quiet_ms / 1000.0, guard_ms / 1000.0)
         self.sync_service = self.declare('sync_service', 'agent/sync_weights',
                                          'The agent\'s weight service.')
         self.sync_retry = self.declare('sync_retry', 2.0, 'Seconds between tries while pushing '
@@ -327,6 +361,7 @@ class TrainerNode(ManagedNode):
         resolve_device(device)  # a clear error for a missing CUDA, before building anything
         self.trainer = self.make_trainer(self.preset, build_models(self.preset, seed=seed),
                                          device, seed, max_batches)
+        self.trainer.pause_with(self.rhythm.pause)
 
         # Shared between the training thread and the executor, under _lock.
         self._lock = threading.Lock()
@@ -340,6 +375,7 @@ class TrainerNode(ManagedNode):
         self.client = self.create_client(SetParameters, self.sync_service)
         self._in_flight: tuple[Future, PendingWeights, float] | None = None
         self._next_try = 0.0
+        self._send_seconds = 0.0  # how long writing and sending a push takes (recent longest)
         self.pushes_ok = 0
         self.pushes_failed = 0
         self.pushed_version = -1
@@ -406,7 +442,8 @@ class TrainerNode(ManagedNode):
                         continue
                     metrics = self.trainer.train_round()
                     version = int(self.trainer.version)
-                    weights = self.trainer.weights()
+                    with self.rhythm.slot('weights'):
+                        weights = self.trainer.weights()
                 pending = self._encode(version, weights)
             except Exception as exc:  # noqa: BLE001 - a failed round must not end training
                 with self._lock:
@@ -422,9 +459,11 @@ class TrainerNode(ManagedNode):
                 f'{metrics["seconds"]:.2f} s')
 
     def _encode(self, version: int, weights: dict[str, dict[str, torch.Tensor]]) -> PendingWeights:
-        return PendingWeights(version, {
-            name: encode_weights(name, weights[name], version, self.preset.name)
-            for name in self.pushed_models})
+        blobs = {}
+        for name in self.pushed_models:  # one model at a time fits between agent steps
+            with self.rhythm.slot(f'encode {name}'):
+                blobs[name] = encode_weights(name, weights[name], version, self.preset.name)
+        return PendingWeights(version, blobs)
 
     # -- checkpoints (executor / constructor) -----------------------------
     def _part_paths(self) -> dict[str, str]:
@@ -569,6 +608,8 @@ class TrainerNode(ManagedNode):
             return
         if not self.is_active or now < self._next_try:
             return
+        if self._pending is not None and self.rhythm.delay(self._send_seconds) > 0:
+            return  # writing the weights would meet an agent step; a later tick fits
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is None:
@@ -576,6 +617,7 @@ class TrainerNode(ManagedNode):
         if not self.client.service_is_ready():
             self._push_failed(pending, f'{self.client.service_name} not available')
             return
+        started = time.monotonic()
         if self.sync_transport == 'file':
             values = [ParameterValue(type=ParameterType.PARAMETER_STRING,
                                      string_value=self._sync_dir.write(name, pending.version, blob))
@@ -586,6 +628,7 @@ class TrainerNode(ManagedNode):
         request = SetParameters.Request(parameters=[
             Parameter(name=name, value=value) for name, value in zip(pending.blobs, values, strict=True)])
         future = self.client.call_async(request)
+        self._send_seconds = max(0.7 * self._send_seconds, time.monotonic() - started)
         self._in_flight = (future, pending, now)
         future.add_done_callback(self._on_push_done)
 
@@ -646,7 +689,9 @@ class TrainerNode(ManagedNode):
             pending_version=pending.version if pending else -1,
             last_sync=self.last_sync, train_errors=errors,
             restored_from=str(self.checkpoints.restored_from or ''),
-            restored_part=self.restored_part, **self.node_status())
+            restored_part=self.restored_part,
+            frame_period_ms=f'{(self.rhythm.period or 0.0) * 1000:.1f}',
+            quiet_waited_s=f'{self.rhythm.waited:.3f}', **self.node_status())
         self.diagnostics.set(**values)
         if self.last_sync not in ('ok', 'nothing pushed yet'):
             self.diagnostics.warn(f'pushing weights fails: {self.last_sync}')
@@ -697,6 +742,7 @@ class ExperienceTrainerNode(TrainerNode):
             kind = str(exc).split(' ', 2)[:2]  # one throttle per kind of problem
             self.warn_throttled(f'experience-{"-".join(kind)}', f'dropping experience: {exc}')
             return
+        self.rhythm.frame(step.stamp_ns / 1e9)
         expected = None if self._last_step is None else self._last_step + 1
         if step.continues and expected is not None and step.step != expected:
             self.gaps += 1
