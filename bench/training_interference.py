@@ -5,7 +5,10 @@
     10 Hz from this script; the trainers train continuously (small min_new).
 (2) The reference design: the same agent loop and the same three trainers as
     threads of ONE process, sharing its interpreter.
-Both print the agent's step latency p50/p99/max and missed steps while all
+(3) With quiet_ms (the trainer nodes' default), design (2) once more with its
+    trainer threads paused around the agent's steps the way ours are
+    (FrameRhythm): the process layout's own share of the difference.
+All print the agent's step latency p50/p99/max and missed steps while all
 three trainers train, and the ratio of the p99s. In both the action leaves
 as soon as the policy has chosen it (`CuriosityAgent.step(on_action=...)`).
 Ours is measured end to end (frame stamp -> the Joy received back here: DDS
@@ -34,9 +37,9 @@ from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.models import build_models
 from ami_ros.core.observation import to_uint8_chw
 from ami_ros.core.presets import get_preset, with_overrides
-from ami_ros.core.timing import percentile
+from ami_ros.core.timing import FrameRhythm, percentile
 from ami_ros.core.trainers import DynamicsTrainer, PPOTrainer, VAETrainer
-from ami_ros.ros.trainer_node import DEFAULT_QUIET_MS
+from ami_ros.ros.trainer_node import DEFAULT_GUARD_MS, DEFAULT_QUIET_MS
 
 TRAINERS = ('vae_trainer', 'dynamics_trainer', 'policy_trainer')
 
@@ -49,10 +52,10 @@ def _summary(latencies: list[float], frames: int, answered: int, rounds: dict[st
 
 
 def run_processes(preset: str, seconds: float, min_new: int, max_batches: int,
-                  nice: int, cpus: str, quiet_ms: int) -> tuple[float, float, str]:
+                  nice: int, cpus: str, quiet_ms: int, guard_ms: int) -> tuple[float, float, str]:
     with tempfile.TemporaryDirectory() as tmp:
         params = {'preset': preset, 'min_new': min_new, 'max_batches': max_batches, 'nice': nice,
-                  'cpus': cpus, 'quiet_ms': quiet_ms}
+                  'cpus': cpus, 'quiet_ms': quiet_ms, 'guard_ms': guard_ms}
         chain = Chain(preset, Path(tmp), extra_nodes=tuple((t, dict(params)) for t in TRAINERS))
         try:
             chain.wait_ready()
@@ -74,8 +77,13 @@ def run_processes(preset: str, seconds: float, min_new: int, max_batches: int,
             chain.close()
 
 
-def run_threads(preset_name: str, seconds: float, min_new: int, max_batches: int) -> tuple[float, str]:
-    """The reference system's design: agent and trainers as threads of one process."""
+def run_threads(preset_name: str, seconds: float, min_new: int, max_batches: int,
+                quiet_ms: int = 0, guard_ms: int = DEFAULT_GUARD_MS) -> tuple[float, str]:
+    """The reference system's design: agent and trainers as threads of one process.
+
+    With `quiet_ms`, the trainer threads pause around the agent's steps as
+    ami_ros's trainer nodes do (the same FrameRhythm, fed the frames' due times).
+    """
     torch.set_num_threads(1)
     preset = get_preset(preset_name)
     preset = with_overrides(preset, vae_training={'min_new': min_new},
@@ -88,9 +96,12 @@ def run_threads(preset_name: str, seconds: float, min_new: int, max_batches: int
         'dynamics_trainer': DynamicsTrainer(models['dynamics'], preset.dynamics_training),
         'policy_trainer': PPOTrainer(models['policy'], preset.ppo_training),
     }
+    rhythm = FrameRhythm(quiet_ms / 1000.0, guard_ms / 1000.0, clock=time.perf_counter)
     for trainer in trainers.values():
         if hasattr(trainer, 'max_batches'):
             trainer.max_batches = max_batches
+        if quiet_ms:
+            trainer.pause_with(rhythm.pause)
     stop = threading.Event()
     rounds = dict.fromkeys(trainers, 0)
 
@@ -128,6 +139,7 @@ def run_threads(preset_name: str, seconds: float, min_new: int, max_batches: int
             time.sleep(delay)
         elif i >= warmup and -delay > 0.1:
             continue  # the frame slot passed while the agent was stuck: a missed step
+        rhythm.frame(target)
         rgb = frames[i % len(frames)]
         # The same step as the agent node's: the action is out once the policy chose it.
         acted.clear()
@@ -157,22 +169,31 @@ def main() -> None:
     parser.add_argument('--nice', type=int, default=19, help="the trainer nodes' nice parameter")
     parser.add_argument('--quiet-ms', type=int, default=DEFAULT_QUIET_MS,
                         help="the trainer nodes' quiet_ms parameter (0: train through the agent's steps)")
+    parser.add_argument('--guard-ms', type=int, default=DEFAULT_GUARD_MS,
+                        help="the trainer nodes' guard_ms parameter")
     parser.add_argument('--trainer-cpus', default='',
                         help="the trainer nodes' cpus parameter, e.g. '1' ('' = all)")
     args = parser.parse_args()
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
           f'{args.seconds:g}s at 10 Hz per run; trainers: min_new {args.min_new}, '
           f'max_batches {args.max_batches}, nice {args.nice}, cpus {args.trainer_cpus or "all"}, '
-          f'quiet_ms {args.quiet_ms}')
+          f'quiet_ms {args.quiet_ms}, guard_ms {args.guard_ms}')
     for preset in args.presets:
         ours, inside, ours_text = run_processes(preset, args.seconds, args.min_new,
                                                 args.max_batches, args.nice, args.trainer_cpus,
-                                                args.quiet_ms)
+                                                args.quiet_ms, args.guard_ms)
         print(f'[{preset}] ami_ros (processes), frame stamp -> action received back: {ours_text}')
         theirs, theirs_text = run_threads(preset, args.seconds, args.min_new, args.max_batches)
         print(f'[{preset}] one process (threads), frame due -> action chosen: {theirs_text}')
         print(f'[{preset}] p99 ratio ours / one-process: {ours / theirs:.2f} end to end, '
               f'{inside / theirs:.2f} agent-side')
+        if args.quiet_ms:
+            paced, paced_text = run_threads(preset, args.seconds, args.min_new, args.max_batches,
+                                            args.quiet_ms, args.guard_ms)
+            print(f'[{preset}] one process, trainer threads paused around the steps like ours: '
+                  f'{paced_text}')
+            print(f'[{preset}] p99 ratio ours / that: {ours / paced:.2f} end to end, '
+                  f'{inside / paced:.2f} agent-side')
 
 
 if __name__ == '__main__':

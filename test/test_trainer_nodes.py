@@ -108,6 +108,10 @@ def test_trainers_push_weights_while_the_agent_acts(launch, graph):
         assert watch.value(name, 'quiet_waited_s') > 0
         print(f'{name}: round {watch.value(name, "seconds"):.2f} s, '
               f'{watch.value(name, "batches"):.0f} batches')
+    # Pushing keeps up with training: each round's weights reach the agent
+    # (pushes must not starve in step with the frames' rhythm).
+    wait_for(lambda: all(watch.value(n, 'pushed_version') >= watch.value(n, 'version') - 1 >= 1
+                         for n in TRAINERS), 20, message='every trainer\'s newest weights pushed')
     assert 'kl' in watch.status['/vae_trainer']
     assert 'policy_loss' in watch.status['/policy_trainer']
 

@@ -6,7 +6,8 @@ thread-safe `add`) and talks to the agent; the optimisation runs in a
 background thread, so collecting never stops while a round trains:
 
     training thread: while running: if active and trainer.ready():
-                         train_round() -> metrics; encode the new weights;
+                         train_round() -> metrics; encode the new weights
+                         (and write their files, with 'file' transport);
                          leave them in the `pending` slot (a newer round
                          replaces an older, not yet sent, one)
     executor:        a 0.2 s timer sends the pending weights with
@@ -286,7 +287,7 @@ class PendingWeights:
     """Encoded weights of one version, waiting to be sent."""
 
     version: int
-    blobs: dict[str, bytes]  # model name -> weights envelope
+    blobs: dict[str, bytes | str]  # model name -> weights envelope, or its 'file://' URL
 
 
 class TrainerNode(ManagedNode):
@@ -375,7 +376,6 @@ class TrainerNode(ManagedNode):
         self.client = self.create_client(SetParameters, self.sync_service)
         self._in_flight: tuple[Future, PendingWeights, float] | None = None
         self._next_try = 0.0
-        self._send_seconds = 0.0  # how long writing and sending a push takes (recent longest)
         self.pushes_ok = 0
         self.pushes_failed = 0
         self.pushed_version = -1
@@ -459,10 +459,17 @@ class TrainerNode(ManagedNode):
                 f'{metrics["seconds"]:.2f} s')
 
     def _encode(self, version: int, weights: dict[str, dict[str, torch.Tensor]]) -> PendingWeights:
-        blobs = {}
-        for name in self.pushed_models:  # one model at a time fits between agent steps
+        """The weights envelopes, written to files already with 'file' transport.
+
+        On the training thread, one model at a time, each where it fits
+        between two agent steps.
+        """
+        blobs: dict[str, bytes | str] = {}
+        for name in self.pushed_models:
             with self.rhythm.slot(f'encode {name}'):
-                blobs[name] = encode_weights(name, weights[name], version, self.preset.name)
+                blob = encode_weights(name, weights[name], version, self.preset.name)
+                blobs[name] = (self._sync_dir.write(name, version, blob)
+                               if self.sync_transport == 'file' else blob)
         return PendingWeights(version, blobs)
 
     # -- checkpoints (executor / constructor) -----------------------------
@@ -608,8 +615,6 @@ class TrainerNode(ManagedNode):
             return
         if not self.is_active or now < self._next_try:
             return
-        if self._pending is not None and self.rhythm.delay(self._send_seconds) > 0:
-            return  # writing the weights would meet an agent step; a later tick fits
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is None:
@@ -617,18 +622,13 @@ class TrainerNode(ManagedNode):
         if not self.client.service_is_ready():
             self._push_failed(pending, f'{self.client.service_name} not available')
             return
-        started = time.monotonic()
-        if self.sync_transport == 'file':
-            values = [ParameterValue(type=ParameterType.PARAMETER_STRING,
-                                     string_value=self._sync_dir.write(name, pending.version, blob))
-                      for name, blob in pending.blobs.items()]
-        else:
-            values = [ParameterValue(type=ParameterType.PARAMETER_BYTE_ARRAY, byte_array_value=blob)
-                      for blob in pending.blobs.values()]
+        values = [ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=blob)
+                  if isinstance(blob, str) else
+                  ParameterValue(type=ParameterType.PARAMETER_BYTE_ARRAY, byte_array_value=blob)
+                  for blob in pending.blobs.values()]
         request = SetParameters.Request(parameters=[
             Parameter(name=name, value=value) for name, value in zip(pending.blobs, values, strict=True)])
         future = self.client.call_async(request)
-        self._send_seconds = max(0.7 * self._send_seconds, time.monotonic() - started)
         self._in_flight = (future, pending, now)
         future.add_done_callback(self._on_push_done)
 
