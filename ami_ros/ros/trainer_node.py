@@ -66,8 +66,8 @@ alone does not keep a trainer on the other core from slowing the agent's
 step (shared caches and memory bandwidth), so the trainer also keeps out of
 the agent's steps in time: the frames' capture stamps (camera/image_raw for
 the VAE trainer, each experience step's stamp for the others) give the
-frames' rhythm, and each minibatch, each encoding of new weights and each
-push starts only where it fits: never within `guard_ms` before a frame's
+frames' rhythm, and each minibatch and each encoding (and file) of new
+weights starts only where it fits: never within `guard_ms` before a frame's
 capture nor `quiet_ms` after it (`core/timing.py` FrameRhythm; the
 windows take at most half of the frames' period). The trainer pauses before
 every layer's forward and gradient, so even a minibatch longer than a frame
