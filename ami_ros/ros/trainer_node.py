@@ -56,7 +56,9 @@ those are there (else from the seed weights, version 0), with a warning.
 
 Pause (lifecycle deactivate): no round starts, incoming data is ignored (the
 agent is paused too, and the step after a pause is marked as a break), and
-pending weights wait until activation. A round already running finishes.
+pending weights wait until activation. A round already running finishes;
+at shutdown it is given up at its next pause point (a layer or a minibatch)
+so the process ends at once.
 
 The process yields the CPU to the acting agent: `nice` is added to every
 thread of the process before any worker thread starts (later threads inherit
@@ -282,6 +284,10 @@ class WeightFiles:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class RoundGivenUp(Exception):
+    """Raised at a pause point of a round when its node stops: the round is given up."""
+
+
 @dataclass
 class PendingWeights:
     """Encoded weights of one version, waiting to be sent."""
@@ -362,7 +368,7 @@ class TrainerNode(ManagedNode):
         resolve_device(device)  # a clear error for a missing CUDA, before building anything
         self.trainer = self.make_trainer(self.preset, build_models(self.preset, seed=seed),
                                          device, seed, max_batches)
-        self.trainer.pause_with(self.rhythm.pause)
+        self.trainer.pause_with(self._pause_training)
 
         # Shared between the training thread and the executor, under _lock.
         self._lock = threading.Lock()
@@ -425,6 +431,12 @@ class TrainerNode(ManagedNode):
         section, name = self.min_new_field
         return with_overrides(preset, **{section: {name: int(min_new)}})
 
+    def _pause_training(self) -> None:
+        """Between two pieces of a round: give the round up at stop, else keep out of the agent's steps."""
+        if self._stop.is_set():
+            raise RoundGivenUp('the node is stopping')
+        self.rhythm.pause()
+
     def _train_loop(self) -> None:
         last_start = -float('inf')
         while not self._stop.is_set():
@@ -446,6 +458,8 @@ class TrainerNode(ManagedNode):
                         weights = self.trainer.weights()
                 pending = self._encode(version, weights)
             except Exception as exc:  # noqa: BLE001 - a failed round must not end training
+                if self._stop.is_set():
+                    return  # given up at stop (RoundGivenUp, however torch passed it on)
                 with self._lock:
                     self.train_errors += 1
                 self.warn_throttled('train', f'training round failed: {type(exc).__name__}: {exc}')
@@ -703,7 +717,7 @@ class TrainerNode(ManagedNode):
         return super().on_shutdown(state)
 
     def on_exit(self) -> None:
-        """Stop the training thread; a round in progress gets a few seconds."""
+        """Stop the training thread; a round in progress is given up at its next pause point."""
         self._stop.set()
         self._thread.join(timeout=5.0)
         if self._thread.is_alive():  # a daemon: it ends with the process
