@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,39 @@ def test_launch_refuses_damaged_or_foreign_checkpoints(graph, tmp_path):
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], (name, out.stderr)
         assert '[launch] started' not in out.stdout  # refused before anything started
+
+
+def test_a_save_waits_for_a_node_that_is_still_starting(launch, tmp_path):
+    # The manager comes up before the agent (as it may after a restart): a
+    # save asked then waits for the agent's service instead of saving nothing.
+    manager = launch('manager', parameters={
+        'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'small',
+        'checkpoint_interval': 0.0, 'call_timeout': 30.0})
+    wait_for(lambda: ami_ros('status', '--timeout', '5').stdout.strip(), 30,
+             message='the manager answering')
+    saving = subprocess.Popen([sys.executable, '-m', 'ami_ros.cli', 'save'],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: 'saving a checkpoint (on request)' in manager.output(), 30,
+             message='the manager taking the request')
+    time.sleep(1.0)
+    assert saving.poll() is None, 'the save gave up on a node that was still starting'
+    launch('agent', parameters={'preset': 'small'})
+    out, err = saving.communicate(timeout=90)
+    assert saving.returncode == 0, out + err
+    manifest = json.loads((Path(out.strip()) / 'manifest.json').read_text())
+    assert manifest['nodes'] == ['agent']
+
+
+def test_a_save_without_a_node_that_holds_state_names_it(launch, tmp_path):
+    launch('manager', parameters={
+        'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'small',
+        'checkpoint_interval': 0.0, 'call_timeout': 1.0})
+    wait_for(lambda: ami_ros('status', '--timeout', '5').stdout.strip(), 30,
+             message='the manager answering')
+    saved = ami_ros('save')
+    assert saved.returncode != 0
+    assert 'agent: its save_checkpoint service is not reachable' in saved.stdout + saved.stderr
+    assert list_checkpoints(tmp_path / 'ckpt') == []
 
 
 def test_periodic_checkpoints_keep_the_newest_and_every_manual_one(launch, test_node, tmp_path):

@@ -15,6 +15,9 @@ Topic:
 
 Parameters:
   managed_nodes        names of the lifecycle nodes, in pause order
+  checkpointed_nodes   nodes that hold state: those of them among managed_nodes
+                       must take part in every checkpoint (the manager waits
+                       up to call_timeout for their save service)
   call_timeout         seconds to wait for one node's answer
   checkpoint_dir       where checkpoints go (checkpoints/ in the working directory)
   checkpoint_interval  seconds between periodic checkpoints (0 = none)
@@ -82,6 +85,11 @@ class Manager(Node):
             'managed_nodes', ['camera', 'agent', 'osc_bridge'],
             ParameterDescriptor(description='Lifecycle nodes of the graph, in pause order '
                                             '(resume uses the reverse order).')).value)
+        self.checkpointed = [n for n in self.declare_parameter(
+            'checkpointed_nodes', ['agent', 'vae_trainer', 'dynamics_trainer', 'policy_trainer'],
+            ParameterDescriptor(description='Nodes that hold state; those among managed_nodes '
+                                            'must take part in every checkpoint.')).value
+                             if n in self.managed]
         self.call_timeout = float(self.declare_parameter(
             'call_timeout', 5.0, ParameterDescriptor(
                 description='Seconds to wait for one node to answer a lifecycle call.',
@@ -156,6 +164,28 @@ class Manager(Node):
             future.cancel()
             return None, f'{what}: no answer within {timeout:.1f}s'
         return future.result(), None
+
+    async def _sleep(self, seconds: float) -> None:
+        # Not time.sleep: the executor keeps serving while a handler waits.
+        woken = Future()
+
+        def wake() -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        timer = self.create_timer(seconds, wake)
+        await woken
+        self.destroy_timer(timer)
+
+    async def _ready(self, client, timeout: float) -> bool:
+        """Whether `client`'s service is found within `timeout` seconds."""
+        waited = 0.0
+        while not client.service_is_ready():
+            if waited >= timeout:
+                return False
+            await self._sleep(0.1)
+            waited += 0.1
+        return True
 
     async def _get_state(self, name: str) -> int | None:
         result, _ = await self._call(self._get[name], GetState.Request(), name)
@@ -254,6 +284,7 @@ class Manager(Node):
             await self._save_done
         self._saving = True
         self._save_done = Future()
+        self.get_logger().info('saving a checkpoint' + (' (on request)' if manual else ''))
         was_running = self.state == 'running'
         try:
             if was_running:  # a consistent picture: nothing acts or trains while parts are written
@@ -266,7 +297,13 @@ class Manager(Node):
             saved, problems = [], []
             for name in self.managed:
                 client = self._save_part[name]
-                if not client.service_is_ready():
+                if name in self.checkpointed:
+                    # Just started, its service may not be discovered yet.
+                    if not await self._ready(client, self.call_timeout):
+                        problems.append(f'{name}: its save_checkpoint service is not reachable '
+                                        '(is the node running?)')
+                        continue
+                elif not client.service_is_ready():
                     continue  # a node without state to keep (camera, bridge, world, recorder)
                 request = SetParameters.Request(parameters=[Parameter(
                     name='directory', value=ParameterValue(type=ParameterType.PARAMETER_STRING,
