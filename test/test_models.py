@@ -216,6 +216,23 @@ def test_multicategorical_log_prob_and_entropy():
     torch.testing.assert_close(uniform.entropy(), expected)
 
 
+def test_multicategorical_sample_follows_each_heads_probabilities():
+    # Heads of different widths are drawn together, padded: each head's
+    # frequencies must match its own softmax and never land on padding.
+    g = torch.Generator().manual_seed(1)
+    logits = [torch.randn(1, n, generator=g) * 2 for n in ACTION_CHOICES]
+    draws = 20000
+    dist = MultiCategorical([lg.expand(draws, -1) for lg in logits])
+    actions = dist.sample(torch.Generator().manual_seed(2))
+    assert actions.shape == (draws, len(ACTION_CHOICES)) and actions.dtype == torch.int64
+    for i, (lg, n) in enumerate(zip(logits, ACTION_CHOICES, strict=True)):
+        assert int(actions[:, i].max()) < n
+        freq = torch.bincount(actions[:, i], minlength=n).float() / draws
+        torch.testing.assert_close(freq, torch.softmax(lg[0], -1), atol=0.015, rtol=0)
+    again = dist.sample(torch.Generator().manual_seed(2))
+    assert torch.equal(actions, again)
+
+
 def test_policy_starts_near_uniform(small_models):
     policy = small_models['policy'].eval()
     with torch.no_grad():

@@ -103,9 +103,7 @@ class CuriosityAgent:
         else:
             # Sample on the CPU from our own generator: reproducible and
             # restorable from a checkpoint, whatever the device.
-            probs = [torch.softmax(lg.float(), -1).cpu() for lg in dist.logits]
-            action = torch.stack([torch.multinomial(p, 1, generator=self.generator)[:, 0]
-                                  for p in probs], dim=-1).to(self.device)
+            action = dist.sample(self.generator)
         action_cpu = action[0].cpu()
         if on_action is not None:
             on_action(action_cpu)
