@@ -36,6 +36,7 @@ from sensor_msgs.msg import Image, Joy  # noqa: E402
 
 from ami_ros.core.timing import percentile  # noqa: E402
 from ami_ros.ros.images import rgb_to_image  # noqa: E402
+from ami_ros.ros.managed_node import prefer_synchronous_publication
 from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters  # noqa: E402
 
 
@@ -62,6 +63,7 @@ class Chain:
             pfile = write_parameters(log_dir / f'{exe}.yaml', exe, params)
             self.procs.append(NodeProcess(exe, node_command(exe, exe, [pfile]),
                                           log_path=log_dir / f'{exe}.log'))
+        prefer_synchronous_publication()  # it stands in for the camera node
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node('bench_probe', context=self.context)

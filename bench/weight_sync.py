@@ -37,6 +37,7 @@ from ami_ros.core.envelope import read_header  # noqa: E402
 from ami_ros.core.models import MODEL_NAMES, build_models  # noqa: E402
 from ami_ros.core.schemas import encode_weights  # noqa: E402
 from ami_ros.ros.images import rgb_to_image  # noqa: E402
+from ami_ros.ros.managed_node import prefer_synchronous_publication
 from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters  # noqa: E402
 
 
@@ -46,6 +47,7 @@ class Probe:
                                  {'preset': preset, 'publish_prediction': False})
         self.agent = NodeProcess('agent', node_command('agent', 'agent', [pfile]),
                                  log_path=log_dir / 'agent.log')
+        prefer_synchronous_publication()  # it stands in for the camera node
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node('sync_probe', context=self.context)

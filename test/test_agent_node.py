@@ -1,5 +1,6 @@
 """The agent node as a real process: acts on frames, survives bad ones."""
 
+import os
 import time
 
 import numpy as np
@@ -101,3 +102,14 @@ def test_agent_drops_garbage_and_keeps_acting(launch, test_node):
     out = agent.output()
     assert 'too short' in out or 'bytes' in out
     assert "unsupported encoding 'yuv422'" in out
+
+
+def test_nodes_publish_synchronously_unless_the_user_chose(monkeypatch):
+    from ami_ros.ros.managed_node import prefer_synchronous_publication
+
+    monkeypatch.delenv('RMW_FASTRTPS_PUBLICATION_MODE', raising=False)
+    prefer_synchronous_publication()
+    assert os.environ['RMW_FASTRTPS_PUBLICATION_MODE'] == 'SYNCHRONOUS'
+    monkeypatch.setenv('RMW_FASTRTPS_PUBLICATION_MODE', 'ASYNCHRONOUS')
+    prefer_synchronous_publication()
+    assert os.environ['RMW_FASTRTPS_PUBLICATION_MODE'] == 'ASYNCHRONOUS'

@@ -60,7 +60,7 @@ from ami_ros.core.checkpoint import (
     begin_checkpoint,
     commit_checkpoint,
 )
-from ami_ros.ros.managed_node import spin_until_finished
+from ami_ros.ros.managed_node import prefer_synchronous_publication, spin_until_finished
 
 _SHUTDOWN_FROM = {
     State.PRIMARY_STATE_UNCONFIGURED: Transition.TRANSITION_UNCONFIGURED_SHUTDOWN,
@@ -339,6 +339,7 @@ class Manager(Node):
 
 
 def main(args: list[str] | None = None) -> int:
+    prefer_synchronous_publication()
     rclpy.init(args=args)
     node = Manager()
     # One thread is enough: the service handlers are coroutines that await
