@@ -191,3 +191,28 @@ def test_rhythm_keeps_at_most_half_of_a_fast_cameras_period():
     assert rhythm.delay(0.0) == 0.0
     assert rhythm.delay(0.016) == 0.0
     assert rhythm.delay(0.0165) > 0  # would reach into the next guard (and can fit later)
+
+
+def test_rhythm_pause_learns_each_sites_piece_and_waits_until_it_fits(monkeypatch):
+    clock = FakeClock()
+    rhythm = rhythm_at_10_hz(clock)
+    monkeypatch.setattr('ami_ros.core.timing.time.sleep', lambda s: setattr(clock, 'now', clock.now + s))
+    monkeypatch.setattr('ami_ros.core.timing.time.perf_counter', clock)
+    clock.now += 0.021  # just after a quiet window
+    for _ in range(3):  # 'big' runs 40 ms each time, 'small' 1 ms
+        rhythm.pause('big')
+        clock.now += 0.04
+        rhythm.pause('small')
+        clock.now += 0.001
+        rhythm.pause('idle')  # the next frame's step, a long wait: no piece
+        clock.now += 0.3
+    capture = clock.now - 0.021
+    rhythm.frame(capture)  # frames again: the latest captured 21 ms ago
+    clock.now += 0.03  # 51 ms after it: 45 ms to the next guard, 48 predicted for 'big'
+    assert rhythm.waited == 0.0
+    rhythm.pause('small')
+    assert rhythm.waited == 0.0  # 1.2 ms fit
+    rhythm.pause('big')
+    assert rhythm.waited == pytest.approx(0.069, abs=0.001)  # to the end of the next quiet window
+    assert (clock.now - capture) % 0.1 == pytest.approx(0.02, abs=0.001)
+    assert 'idle' not in rhythm._lengths  # 300 ms: longer than a period, not a piece

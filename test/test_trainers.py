@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 from ami_ros.core.models import build_models
 from ami_ros.core.presets import get_preset, with_overrides
 from ami_ros.core.reward import prediction_nll
-from ami_ros.core.trainers import DynamicsTrainer, PPOTrainer, VAETrainer, ppo_loss
+from ami_ros.core.trainers import DynamicsTrainer, PPOTrainer, SlicedOptimizer, VAETrainer, ppo_loss
 
 
 def _through_disk(state):
@@ -330,7 +330,7 @@ def test_training_pauses_before_every_minibatch_layer_and_gradient(kind):
         return result
 
     trainer._step = step
-    trainer.pause_with(lambda: events.append('pause'))
+    trainer.pause_with(lambda site: events.append('pause'))
     metrics = trainer.train_round()
     batches = int(metrics['batches'])
     assert batches >= 2
@@ -340,3 +340,59 @@ def test_training_pauses_before_every_minibatch_layer_and_gradient(kind):
         forward, backward = work.split('backward')
         assert forward.count('pause') >= 5  # the batch's start and the layers' forwards
         assert backward.count('pause') >= 5  # gradients of the layers' parameters
+
+
+@pytest.mark.parametrize('make', [lambda p: torch.optim.Adam(p, lr=1e-2),
+                                  lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)],
+                         ids=['adam', 'adamw'])
+@pytest.mark.parametrize('max_norm', [None, 0.5])
+def test_sliced_optimizer_is_the_single_optimizer_stepped_in_pieces(make, max_norm):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                              torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    twin = copy.deepcopy(net)
+    single = make(list(twin.parameters()))
+    pauses = []
+    sliced = SlicedOptimizer(list(net.parameters()), make, slice_elements=1000)
+    assert len(sliced.slices) >= 3  # the test means something only with several slices
+    for step in range(5):
+        x = torch.randn(32, 16, generator=torch.Generator().manual_seed(step))
+        for model in (net, twin):
+            model(x).pow(2).mean().backward()
+        norm = sliced.clip_grad_norm(max_norm, lambda site: pauses.append(site.split()[0]))
+        expected = torch.nn.utils.clip_grad_norm_(
+            list(twin.parameters()), max_norm if max_norm is not None else float('inf'))
+        assert norm == pytest.approx(float(expected), rel=1e-5)
+        sliced.step(lambda site: pauses.append(site.split()[0]))
+        single.step()
+        sliced.zero_grad()
+        single.zero_grad()
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert pauses.count('step') == 5 * len(sliced.slices)
+    assert pauses.count('norm') == 5 * len(sliced.slices)
+    assert pauses.count('clip') == (5 * len(sliced.slices) if max_norm else 0)
+
+    # Its state is the single optimiser's, both ways (checkpoints do not change).
+    state, reference = sliced.state_dict(), single.state_dict()
+    assert state['param_groups'] == reference['param_groups']
+    assert state['state'].keys() == reference['state'].keys()
+    for pid, entry in reference['state'].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(state['state'][pid][key], value, rtol=1e-6, atol=1e-7)
+    restored = SlicedOptimizer(list(copy.deepcopy(net).parameters()), make, slice_elements=1000)
+    restored.load_state_dict(reference)
+    assert restored.state_dict()['state'].keys() == reference['state'].keys()
+    with pytest.raises(ValueError, match='other parameters'):
+        SlicedOptimizer(list(net[0].parameters()), make).load_state_dict(reference)
+
+
+def test_sliced_optimizer_keeps_its_fused_kernels_when_loading_older_state():
+    net = torch.nn.Linear(8, 8)
+    old = torch.optim.Adam(net.parameters(), lr=1e-3)  # as checkpoints before fused kernels
+    net(torch.randn(2, 8)).sum().backward()
+    old.step()
+    sliced = SlicedOptimizer(list(net.parameters()), lambda p: torch.optim.Adam(p, lr=1e-3, fused=True))
+    sliced.load_state_dict(old.state_dict())
+    assert all(o.param_groups[0]['fused'] for o in sliced.optimizers)
+    sliced.step()  # and it steps with the restored moments

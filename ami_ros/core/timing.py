@@ -115,10 +115,11 @@ class FrameRhythm:
     sees the frames' capture stamps (`frame(stamp)`) knows when the next steps
     are due and can keep its work outside [capture - guard, capture + quiet]:
 
-    - `pause()`, between two short pieces of work (a trainer calls it before
-      every layer and gradient, `_Trainer.pause_with`), waits while that
-      window is on; `guard` covers the longest piece that cannot be split
-      (an optimiser step), which may start just before it;
+    - `pause(site)`, between two pieces of work (a trainer calls it before
+      every layer, gradient and optimiser slice, `_Trainer.pause_with`),
+      waits while that window is on, and until the piece about to start fits
+      before the next one (its length learnt per site); `guard` covers a
+      piece not yet seen, which may start just before a window;
     - `with slot(kind):` around one longer piece that cannot be split (encoding
       weights) starts it only where it fits before the next window, its
       length predicted from the longest of the last few of its kind; a kind
@@ -132,7 +133,8 @@ class FrameRhythm:
     and runs with quiet = 0.
     """
 
-    HISTORY = 8  # slices of one kind its length is predicted from
+    HISTORY = 8  # slots of one kind their length is predicted from (the longest)
+    PIECE_HISTORY = 5  # runs of a paused piece its length is predicted from (the median)
     MARGIN = 1.2  # predicted length = longest recent one times this
     MAX_SHARE = 0.5  # of each period, at most, kept for the agent
 
@@ -145,6 +147,7 @@ class FrameRhythm:
         self._intervals: deque[float] = deque(maxlen=16)
         self.period: float | None = None  # median time between frames
         self._lengths: dict[str, deque[float]] = {}
+        self._pieces = threading.local()  # per training thread: the piece running since its pause
         self.waited = 0.0  # seconds spent waiting for room, in total
 
     def frame(self, stamp: float) -> None:
@@ -181,13 +184,33 @@ class FrameRhythm:
             self.waited += wait
             time.sleep(wait)
 
-    def pause(self) -> None:
-        """Wait while an agent step is due or running."""
-        self._wait(0.0)
+    def pause(self, site: str | None = None) -> None:
+        """Wait while an agent step is due or running.
+
+        With `site`, the name of the piece of work about to start there, also
+        wait until that piece fits before the next step: how long it takes is
+        learnt from its earlier runs (pause to pause; the median of its last
+        few, so one run slowed by preemption does not count).
+        """
+        now = time.perf_counter()
+        opened = getattr(self._pieces, 'open', None)
+        if opened is not None:
+            last_site, started = opened
+            length = now - started
+            # Longer than a period: idle time between rounds, not a piece.
+            if length < (self.period or 1.0):
+                self._lengths.setdefault(last_site, deque(maxlen=self.PIECE_HISTORY)).append(length)
+        needed = 0.0
+        if site is not None:
+            recent = sorted(self._lengths.get(site, ()))
+            needed = recent[len(recent) // 2] * self.MARGIN if recent else 0.0
+        self._wait(needed)
+        self._pieces.open = (site, time.perf_counter()) if site is not None else None
 
     @contextmanager
     def slot(self, kind: str) -> Iterator[None]:
         """Wait for room for one piece of `kind`, then time it for the next prediction."""
+        self._pieces.open = None  # whatever ran since the last pause was not one piece
         lengths = self._lengths.setdefault(kind, deque(maxlen=self.HISTORY))
         self._wait(max(lengths, default=0.0) * self.MARGIN)
         start = time.perf_counter()

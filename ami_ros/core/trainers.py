@@ -75,6 +75,101 @@ def _unflatten_optimizer(tensors: Mapping[str, Tensor], info: Mapping[str, Any])
     return {'state': state, 'param_groups': groups}
 
 
+# Parameters per optimiser slice: one slice's update (Adam reads and writes
+# four tensors of this size) takes a few ms, well inside a trainer's guard_ms.
+SLICE_ELEMENTS = 1 << 18
+# Optimiser options that choose kernels, not the maths.
+_IMPLEMENTATION_FLAGS = ('fused', 'foreach', 'capturable', 'differentiable')
+
+
+class SlicedOptimizer:
+    """One optimiser over `params`, stepped a slice of parameters at a time.
+
+    Adam and AdamW update each parameter from its own gradient and state
+    alone, so stepping slices one after another is the same update as one
+    step over all of them; but a whole step over a few million parameters
+    takes tens of ms on a CPU, longer than a trainer may run between two of
+    the agent's steps, and between slices it can pause. `state_dict()` and
+    `load_state_dict()` speak the single optimiser's format (one parameter
+    group, state keyed by the index in `params`): checkpoints do not change.
+    """
+
+    def __init__(self, params: list[nn.Parameter],
+                 make: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+                 slice_elements: int = SLICE_ELEMENTS) -> None:
+        self.params = list(params)
+        self.slices: list[list[int]] = []  # indices into params
+        current: list[int] = []
+        size = 0
+        for i, param in enumerate(self.params):
+            current.append(i)
+            size += param.numel()
+            if size >= slice_elements:
+                self.slices.append(current)
+                current, size = [], 0
+        if current:
+            self.slices.append(current)
+        self.optimizers = [make([self.params[i] for i in s]) for s in self.slices]
+
+    def zero_grad(self) -> None:
+        for param in self.params:
+            param.grad = None
+
+    def clip_grad_norm(self, max_norm: float | None, pause: Callable[[str], None] | None = None) -> float:
+        """The gradients' total norm, scaled down to `max_norm` if above (as clip_grad_norm_)."""
+        norms = []
+        for n, s in enumerate(self.slices):
+            if pause is not None:
+                pause(f'norm {n}')
+            grads = [self.params[i].grad for i in s if self.params[i].grad is not None]
+            if grads:
+                norms.append(torch.linalg.vector_norm(torch.stack(
+                    [torch.linalg.vector_norm(g) for g in grads])))
+        if not norms:
+            return 0.0
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        if max_norm is not None:
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for n, s in enumerate(self.slices):
+                if pause is not None:
+                    pause(f'clip {n}')
+                grads = [self.params[i].grad for i in s if self.params[i].grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, coef)
+        return float(total)
+
+    def step(self, pause: Callable[[str], None] | None = None) -> None:
+        for n, optimizer in enumerate(self.optimizers):
+            if pause is not None:
+                pause(f'step {n}')
+            optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[int, Any] = {}
+        group: dict[str, Any] = {}
+        for s, optimizer in zip(self.slices, self.optimizers, strict=True):
+            local = optimizer.state_dict()
+            state.update({s[i]: entry for i, entry in local['state'].items()})
+            group = {k: v for k, v in local['param_groups'][0].items() if k != 'params'}
+        return {'state': state, 'param_groups': [{**group, 'params': list(range(len(self.params)))}]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        groups = state['param_groups']
+        if len(groups) != 1 or sorted(groups[0]['params']) != list(range(len(self.params))):
+            raise ValueError(f'optimiser state is for other parameters (expected one group of '
+                             f'{len(self.params)})')
+        group = {k: v for k, v in groups[0].items() if k != 'params'}
+        entries = {int(k): v for k, v in state['state'].items()}
+        for s, optimizer in zip(self.slices, self.optimizers, strict=True):
+            # How it computes (fused, foreach) stays this optimiser's own: a
+            # checkpoint from before fused kernels must not turn them off.
+            own = {k: optimizer.param_groups[0][k] for k in _IMPLEMENTATION_FLAGS
+                   if k in optimizer.param_groups[0]}
+            optimizer.load_state_dict({
+                'state': {i: entries[g] for i, g in enumerate(s) if g in entries},
+                'param_groups': [{**group, **own, 'params': list(range(len(s)))}]})
+
+
 class _Trainer:
     """Shared bookkeeping: device, counters, lock, weights and state round trips."""
 
@@ -84,29 +179,34 @@ class _Trainer:
                  device: str, seed: int) -> None:
         self.device = torch.device(device)
         self.models = {name: m.to(self.device) for name, m in models.items()}
-        self.optimizer = self._make_optimizer(optimizer_params)
+        self.optimizer = SlicedOptimizer(optimizer_params, self._make_optimizer)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.rounds = 0
         self.version = 0
         # Held around each optimiser step and while copying weights out.
         self._lock = threading.RLock()
-        self._pause: Callable[[], None] | None = None
+        self._pause: Callable[[str], None] | None = None
 
-    def pause_with(self, pause: Callable[[], None]) -> None:
-        """Call `pause()` before each minibatch and each layer's forward and gradient.
+    def pause_with(self, pause: Callable[[str], None]) -> None:
+        """Call `pause(site)` before each minibatch, layer forward, gradient and optimiser slice.
 
         A node keeps training out of the acting agent's steps this way
         (`FrameRhythm.pause`): a whole minibatch of a big model can take longer
-        than the time between two frames, its layers do not.
+        than the time between two frames, its pieces do not. `site` names the
+        piece about to run ('minibatch', 'forward encoder.trunk.0',
+        'gradient policy.value_head.bias', 'step 2'), so the pause can learn
+        how long each piece takes.
         """
         self._pause = pause
-        for model in self.models.values():
-            for module in model.modules():
-                module.register_forward_pre_hook(lambda _module, _args: pause())
-            for param in model.parameters():
+        for model_name, model in self.models.items():
+            for name, module in model.named_modules():
+                site = f'forward {model_name}.{name}' if name else f'forward {model_name}'
+                module.register_forward_pre_hook(lambda _module, _args, site=site: pause(site))
+            for name, param in model.named_parameters():
                 if param.requires_grad:
-                    param.register_hook(lambda _grad: pause())
+                    site = f'gradient {model_name}.{name}'
+                    param.register_hook(lambda _grad, site=site: pause(site))
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         raise NotImplementedError
@@ -126,7 +226,7 @@ class _Trainer:
             if len(idx) < min_size:
                 return
             if self._pause is not None:
-                self._pause()
+                self._pause('minibatch')
             yield idx
 
     def ready(self) -> bool:
@@ -156,13 +256,12 @@ class _Trainer:
     def _step(self, loss: Tensor, max_grad_norm: float | None) -> float:
         """Backward + optimiser step under the lock; returns the gradient norm."""
         with self._lock:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             loss.backward()
-            params = [p for group in self.optimizer.param_groups for p in group['params']]
-            norm = torch.nn.utils.clip_grad_norm_(
-                params, max_grad_norm if max_grad_norm is not None else float('inf'))
-            self.optimizer.step()
-            return float(norm)
+            # Pauses between the slices as between layers (pause_with).
+            norm = self.optimizer.clip_grad_norm(max_grad_norm, self._pause)
+            self.optimizer.step(self._pause)
+            return norm
 
     def weights(self) -> dict[str, dict[str, Tensor]]:
         """Model name -> state_dict, as CPU copies safe to hand to another thread."""
@@ -227,7 +326,7 @@ class VAETrainer(_Trainer):
         self.buffer = ImageBuffer(cfg.buffer_size, seed=seed)
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=self.cfg.lr)
+        return torch.optim.Adam(params, lr=self.cfg.lr, fused=True)
 
     def add(self, image: Tensor) -> None:
         """One camera image, uint8 [3, 84, 84]."""
@@ -286,7 +385,7 @@ class DynamicsTrainer(_Trainer):
         self.buffer = DynamicsBuffer(cfg.buffer_size)
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=self.cfg.lr)
+        return torch.optim.AdamW(params, lr=self.cfg.lr, fused=True)
 
     def add(self, latent: Tensor, hidden: Tensor, action: Tensor, continues: bool = True) -> None:
         """One agent step: z_t [L], h_t [depth, dim] complex64, a_t [5]."""
@@ -372,7 +471,7 @@ class PPOTrainer(_Trainer):
         self.baseline = ActionRewardBaseline(ACTION_CHOICES) if cfg.action_baseline else None
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=self.cfg.lr)
+        return torch.optim.AdamW(params, lr=self.cfg.lr, fused=True)
 
     def add(self, observation: Tensor, action: Tensor, log_prob: Tensor, value: float | Tensor,
             reward: float | Tensor, policy_version: int) -> None:

@@ -72,7 +72,9 @@ frames' rhythm, and each minibatch and each encoding (and file) of new
 weights starts only where it fits: never within `guard_ms` before a frame's
 capture nor `quiet_ms` after it (`core/timing.py` FrameRhythm; the
 windows take at most half of the frames' period). The trainer pauses before
-every layer's forward and gradient, so even a minibatch longer than a frame
+every layer's forward and gradient and every slice of its optimiser step
+(`core/trainers.py` SlicedOptimizer), and starts each of these pieces only
+where its learnt length fits, so even a minibatch longer than a frame
 period keeps out of the agent's steps.
 
 Parameters (every trainer node):
@@ -431,11 +433,11 @@ class TrainerNode(ManagedNode):
         section, name = self.min_new_field
         return with_overrides(preset, **{section: {name: int(min_new)}})
 
-    def _pause_training(self) -> None:
+    def _pause_training(self, site: str) -> None:
         """Between two pieces of a round: give the round up at stop, else keep out of the agent's steps."""
         if self._stop.is_set():
             raise RoundGivenUp('the node is stopping')
-        self.rhythm.pause()
+        self.rhythm.pause(site)
 
     def _train_loop(self) -> None:
         last_start = -float('inf')
