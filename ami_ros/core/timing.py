@@ -135,7 +135,7 @@ class FrameRhythm:
 
     HISTORY = 8  # slots of one kind their length is predicted from (the longest)
     PIECE_HISTORY = 5  # runs of a paused piece its length is predicted from (the median)
-    MARGIN = 1.2  # predicted length = longest recent one times this
+    MARGIN = 1.2  # the length waited for = the recent one (longest or median) times this
     MAX_SHARE = 0.5  # of each period, at most, kept for the agent
 
     def __init__(self, quiet: float, guard: float = 0.012, clock=time.time) -> None:
