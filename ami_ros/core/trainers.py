@@ -115,13 +115,16 @@ class SlicedOptimizer:
         for param in self.params:
             param.grad = None
 
+    def _grads(self, indices: list[int]) -> list[Tensor]:
+        return [g for g in (self.params[i].grad for i in indices) if g is not None]
+
     def clip_grad_norm(self, max_norm: float | None, pause: Callable[[str], None] | None = None) -> float:
         """The gradients' total norm, scaled down to `max_norm` if above (as clip_grad_norm_)."""
         norms = []
         for n, s in enumerate(self.slices):
             if pause is not None:
                 pause(f'norm {n}')
-            grads = [self.params[i].grad for i in s if self.params[i].grad is not None]
+            grads = self._grads(s)
             if grads:
                 norms.append(torch.linalg.vector_norm(torch.stack(
                     [torch.linalg.vector_norm(g) for g in grads])))
@@ -133,7 +136,7 @@ class SlicedOptimizer:
             for n, s in enumerate(self.slices):
                 if pause is not None:
                     pause(f'clip {n}')
-                grads = [self.params[i].grad for i in s if self.params[i].grad is not None]
+                grads = self._grads(s)
                 if grads:
                     torch._foreach_mul_(grads, coef)
         return float(total)

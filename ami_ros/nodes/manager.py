@@ -144,38 +144,34 @@ class Manager(Node):
     def _publish_state(self) -> None:
         self._state_pub.publish(String(data=self.state))
 
-    async def _call(self, client, request, what: str, timeout: float | None = None):
-        if not client.service_is_ready():
-            return None, f'{what}: not reachable'
-        future = client.call_async(request)
-        # Bound the wait so one hung node cannot hang the whole graph's control.
+    async def _wait(self, timeout: float, future: Future | None = None) -> None:
+        """Until `future` is done or `timeout` seconds passed.
+
+        Not time.sleep: the executor keeps serving while a handler waits.
+        """
         settled = Future()
 
         def settle(*_) -> None:
             if not settled.done():
                 settled.set_result(None)
 
-        timeout = self.call_timeout if timeout is None else timeout
         timer = self.create_timer(timeout, settle)
-        future.add_done_callback(settle)
+        if future is not None:
+            future.add_done_callback(settle)
         await settled
         self.destroy_timer(timer)
+
+    async def _call(self, client, request, what: str, timeout: float | None = None):
+        if not client.service_is_ready():
+            return None, f'{what}: not reachable'
+        future = client.call_async(request)
+        # Bound the wait so one hung node cannot hang the whole graph's control.
+        timeout = self.call_timeout if timeout is None else timeout
+        await self._wait(timeout, future)
         if not future.done():
             future.cancel()
             return None, f'{what}: no answer within {timeout:.1f}s'
         return future.result(), None
-
-    async def _sleep(self, seconds: float) -> None:
-        # Not time.sleep: the executor keeps serving while a handler waits.
-        woken = Future()
-
-        def wake() -> None:
-            if not woken.done():
-                woken.set_result(None)
-
-        timer = self.create_timer(seconds, wake)
-        await woken
-        self.destroy_timer(timer)
 
     async def _ready(self, client, timeout: float) -> bool:
         """Whether `client`'s service is found within `timeout` seconds."""
@@ -183,7 +179,7 @@ class Manager(Node):
         while not client.service_is_ready():
             if waited >= timeout:
                 return False
-            await self._sleep(0.1)
+            await self._wait(0.1)
             waited += 0.1
         return True
 
