@@ -53,6 +53,23 @@ def test_pause_resume_status_shutdown(launch, test_node):
         feeder.stop.set()
 
 
+def test_a_pause_waits_for_a_node_that_is_still_being_discovered(launch, test_node):
+    # The manager comes up first; a pause asked before it has discovered the
+    # agent's lifecycle services waits for them (up to call_timeout) instead
+    # of answering "agent: not reachable" at once, and then pauses it.
+    launch('manager', parameters={'managed_nodes': ['agent'], 'call_timeout': 60.0})
+    wait_for(lambda: ami_ros('status', '--timeout', '5').stdout.strip(), 30,
+             message='the manager answering')
+    pausing = subprocess.Popen([sys.executable, '-m', 'ami_ros.cli', 'pause', '--timeout', '90'],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    assert pausing.poll() is None, pausing.communicate()  # the old manager answered at once
+    launch('agent', parameters={'preset': 'small'})
+    out, err = pausing.communicate(timeout=90)
+    assert pausing.returncode == 0 and out.strip() == 'paused', out + err
+    assert ami_ros('status').stdout.strip() == 'paused: agent=inactive'
+
+
 def test_status_reports_unreachable_nodes(launch):
     launch('manager', parameters={'managed_nodes': ['ghost'], 'call_timeout': 1.0})
     status = ami_ros('status')

@@ -18,7 +18,8 @@ Parameters:
   checkpointed_nodes   nodes that hold state: those of them among managed_nodes
                        must take part in every checkpoint (the manager waits
                        up to call_timeout for their save service)
-  call_timeout         seconds to wait for one node's answer
+  call_timeout         seconds to wait for one node's answer, and for the nodes'
+                       services to be discovered before a pause, resume or shutdown
   checkpoint_dir       where checkpoints go (checkpoints/ in the working directory)
   checkpoint_interval  seconds between periodic checkpoints (0 = none)
   keep_last            periodic and final checkpoints kept (0 = all); saved
@@ -92,7 +93,8 @@ class Manager(Node):
                              if n in self.managed]
         self.call_timeout = float(self.declare_parameter(
             'call_timeout', 5.0, ParameterDescriptor(
-                description='Seconds to wait for one node to answer a lifecycle call.',
+                description='Seconds to wait for one node to answer a lifecycle call, and for '
+                            'the nodes\' services to be discovered before a transition.',
                 floating_point_range=[FloatingPointRange(from_value=0.5, to_value=60.0)])).value)
         # Absolute, so the path ami/save_checkpoint answers is usable anywhere.
         self.checkpoint_dir = str(Path(self.declare_parameter(
@@ -173,10 +175,14 @@ class Manager(Node):
             return None, f'{what}: no answer within {timeout:.1f}s'
         return future.result(), None
 
-    async def _ready(self, client, timeout: float) -> bool:
-        """Whether `client`'s service is found within `timeout` seconds."""
+    async def _ready(self, clients: Sequence, timeout: float) -> bool:
+        """Whether every one of `clients`' services is found within `timeout` seconds.
+
+        A node that has just started, or a manager that has, needs a moment
+        before DDS has matched both topics of a service.
+        """
         waited = 0.0
-        while not client.service_is_ready():
+        while not all(client.service_is_ready() for client in clients):
             if waited >= timeout:
                 return False
             await self._wait(0.1)
@@ -205,6 +211,10 @@ class Manager(Node):
         return None if result.success else f'{name}: transition refused'
 
     async def _apply(self, names: Sequence[str], transition: int, only_from: int | None) -> list[str]:
+        # One bounded wait for all of them, so a node that is gone costs
+        # call_timeout once, not once per node.
+        await self._ready([c for n in names for c in (self._get[n], self._change[n])],
+                          self.call_timeout)
         problems = []
         for name in names:
             problem = await self._transition(name, transition, only_from)
@@ -295,7 +305,7 @@ class Manager(Node):
                 client = self._save_part[name]
                 if name in self.checkpointed:
                     # Just started, its service may not be discovered yet.
-                    if not await self._ready(client, self.call_timeout):
+                    if not await self._ready([client], self.call_timeout):
                         problems.append(f'{name}: its save_checkpoint service is not reachable '
                                         '(is the node running?)')
                         continue
