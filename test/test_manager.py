@@ -7,8 +7,12 @@ from pathlib import Path
 
 from ros_harness import FrameFeeder, wait_for
 from sensor_msgs.msg import Joy
+from std_msgs.msg import UInt8MultiArray
 
+from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.checkpoint import list_checkpoints
+from ami_ros.core.presets import get_preset
+from ami_ros.core.schemas import decode_experience
 
 
 def ami_ros(*args, timeout=30):
@@ -20,6 +24,7 @@ def test_pause_resume_status_shutdown(launch, test_node):
     agent = launch('agent', parameters={'preset': 'small'})
     manager = launch('manager', parameters={'managed_nodes': ['agent']})
     actions = test_node.collect(Joy, 'action')
+    experience = test_node.collect(UInt8MultiArray, 'experience')
     feeder = FrameFeeder(test_node)
     try:
         wait_for(lambda: len(actions) >= 5, 30, message='actions before pause')
@@ -47,6 +52,12 @@ def test_pause_resume_status_shutdown(launch, test_node):
         assert words == 'shut down' and path, done.stdout
         assert list_checkpoints(Path(path).parent) == [Path(path)]
         wait_for(lambda: not agent.alive() and not manager.alive(), 15, message='processes exit')
+        # The graph stayed paused after the final checkpoint: no step acted
+        # after it (its state would have been lost).
+        saved = CuriosityAgent('small')
+        saved.load_checkpoint(path)
+        last = max(decode_experience(bytes(m.data), get_preset('small')).step for _, m in experience)
+        assert last <= saved.steps, (last, saved.steps)
         assert agent.proc.returncode == 0
         assert manager.proc.returncode == 0
     finally:

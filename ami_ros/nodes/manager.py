@@ -8,8 +8,8 @@ Services (std_srvs/srv/Trigger, relative names):
   ami/save_checkpoint  pause, have every node write its part into one new
                 checkpoint directory, commit it atomically, resume only if the
                 graph was running; answers with the directory in `message`
-  ami/shutdown  save a final checkpoint (save_on_shutdown), take every node
-                through its lifecycle shutdown, then exit
+  ami/shutdown  pause the graph, save a final checkpoint (save_on_shutdown),
+                take every node through its lifecycle shutdown, then exit
 Topic:
   ami/state     std_msgs/String, latched: running | paused | shutting_down
 
@@ -254,12 +254,16 @@ class Manager(Node):
         return response
 
     async def _shutdown(self, request, response):
-        saved = ''
-        if self.save_on_shutdown and self.state != 'shutting_down':
-            ok, text = await self._save(manual=False)
-            saved = f'; final checkpoint {text}' if ok else f'; no final checkpoint: {text}'
+        saved, first = '', self.state != 'shutting_down'
         self.state = 'shutting_down'
         self._publish_state()
+        # Paused first, and left so: what acted or trained after the final
+        # checkpoint would be lost, and a trainer would push its weights to an
+        # agent that is already gone.
+        await self._apply(self.managed, Transition.TRANSITION_DEACTIVATE, State.PRIMARY_STATE_ACTIVE)
+        if self.save_on_shutdown and first:
+            ok, text = await self._save(manual=False)
+            saved = f'; final checkpoint {text}' if ok else f'; no final checkpoint: {text}'
         problems = await self._apply(self.managed, -1, None)
         response.success = not problems
         response.message = 'shut down' + (f' ({"; ".join(problems)})' if problems else '') + saved
