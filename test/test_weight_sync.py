@@ -143,6 +143,6 @@ def test_malformed_sync_requests_are_refused_and_acting_goes_on(acting, test_nod
     unanswered = [stamp not in acted_on for stamp in sent]
     assert not any(all(unanswered[i:i + 3]) for i in range(len(unanswered) - 2)), \
         f'three frames in a row without an action while refusing weights: {unanswered}'
-    assert sum(unanswered) <= len(sent) // 4, f'too many frames without an action: {unanswered}'
+    assert sum(unanswered) <= max(2, len(sent) // 4), f'too many frames without an action: {unanswered}'
     assert agent.alive()
     assert 'refused weights' in agent.output()
