@@ -31,6 +31,7 @@ Parameters:
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -181,12 +182,11 @@ class Manager(Node):
         A node that has just started, or a manager that has, needs a moment
         before DDS has matched both topics of a service.
         """
-        waited = 0.0
+        deadline = time.monotonic() + timeout  # a busy executor fires the 0.1 s timer late
         while not all(client.service_is_ready() for client in clients):
-            if waited >= timeout:
+            if time.monotonic() >= deadline:
                 return False
             await self._wait(0.1)
-            waited += 0.1
         return True
 
     async def _get_state(self, name: str) -> int | None:
