@@ -16,10 +16,13 @@ them on world/episode) measure how far the agent itself gets. The shares of
 forward, back, turning and standing-still actions, early and late, show what
 the policy learned. `--start X,Y` starts every episode at one map point
 (doom_world's `start`), `--reward` and `--action-baseline` choose the
-learning run's reward options.
+learning run's reward options, `--runs learning` makes the learning runs
+alone (to compare with random runs made before: the random policy does not
+depend on those options).
 
     .venv/bin/python bench/exploration.py [--seeds 0 1] [--minutes 3] [--time-scale 3]
         [--start 240,-176] [--reward novel_curiosity] [--action-baseline]
+        [--runs learning random]
 """
 
 from __future__ import annotations
@@ -94,9 +97,17 @@ def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: in
     run = Run()
     episode = ExplorationMap(cell)
 
+    first_episode: list[int] = []
+
     def on_episode(msg: UInt32) -> None:
         nonlocal episode
-        if episode.cells_visited:  # the one under way when the probe joined counts too
+        # The probe is up before the world starts, so the first number it hears
+        # is episode 1, and any pose that beat it here (another topic, another
+        # reader to match) belongs to it: it opens no new episode.
+        if not first_episode:
+            first_episode.append(msg.data)
+            return
+        if episode.cells_visited:
             run.episode_cells.append(episode.cells_visited)
         episode = ExplorationMap(cell)
 
@@ -170,6 +181,10 @@ def main() -> None:
                         help="the agent's reward (learning runs)")
     parser.add_argument('--action-baseline', action='store_true',
                         help="the policy trainer's action_baseline (learning runs)")
+    parser.add_argument('--runs', nargs='+', default=['learning', 'random'],
+                        choices=['learning', 'random'],
+                        help='which runs to make per seed (random alone gives a baseline to '
+                             'reuse; the random policy does not depend on the reward options)')
     parser.add_argument('--out', default='bench/results/exploration.png')
     args = parser.parse_args()
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
@@ -181,6 +196,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for label, train in (('learning', True), ('random', False)):
+                if label not in args.runs:
+                    continue
                 t0 = time.monotonic()
                 run = run_once(train, seed, args.minutes * 60, args.time_scale, args.cell,
                                Path(tmp), args.start, args.reward, args.action_baseline)
@@ -200,19 +217,21 @@ def main() -> None:
                       f'{np.mean(run.errors[-fifth:]):.4f} in the last', flush=True)
                 print('    actions, first fifth -> last fifth: ' + ', '.join(
                     f'{k} {first[k]:.2f} -> {final[k]:.2f}' for k in first), flush=True)
-    steps = min(len(c) for runs in curves.values() for c in runs)
-    mean = {k: float(np.mean([c[steps - 1] for c in runs])) for k, runs in curves.items()}
-    print(f'after {steps} steps: learning {mean["learning"]:.1f} cells, random '
-          f'{mean["random"]:.1f} cells, ratio {mean["learning"] / max(mean["random"], 1e-9):.2f}')
-    episode_mean = {k: float(np.mean(v or [0])) for k, v in per_episode.items()}
+    ran = [label for label in ('learning', 'random') if curves[label]]
     # Episodes differ a lot (their start, and chance): the standard error says
     # how far apart two means must be to mean anything.
-    sem = {k: float(np.std(v) / math.sqrt(len(v))) if len(v) > 1 else float('nan')
-           for k, v in per_episode.items()}
-    print(f'per whole episode: learning {episode_mean["learning"]:.1f} ± {sem["learning"]:.1f} '
-          f'cells ({len(per_episode["learning"])} episodes), random {episode_mean["random"]:.1f} '
-          f'± {sem["random"]:.1f} ({len(per_episode["random"])}), ratio '
-          f'{episode_mean["learning"] / max(episode_mean["random"], 1e-9):.2f}')
+    episode_mean = {k: float(np.mean(per_episode[k] or [0])) for k in ran}
+    sem = {k: float(np.std(per_episode[k]) / math.sqrt(len(per_episode[k])))
+           if len(per_episode[k]) > 1 else float('nan') for k in ran}
+    print('per whole episode: ' + ', '.join(
+        f'{k} {episode_mean[k]:.1f} ± {sem[k]:.1f} cells ({len(per_episode[k])} episodes)'
+        for k in ran))
+    if len(ran) == 2:
+        steps = min(len(c) for runs in curves.values() for c in runs)
+        mean = {k: float(np.mean([c[steps - 1] for c in runs])) for k, runs in curves.items()}
+        print(f'after {steps} steps: learning {mean["learning"]:.1f} cells, random '
+              f'{mean["random"]:.1f} cells, ratio {mean["learning"] / max(mean["random"], 1e-9):.2f}; '
+              f'per episode ratio {episode_mean["learning"] / max(episode_mean["random"], 1e-9):.2f}')
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(curves, out)
