@@ -26,11 +26,13 @@ def main_job(tmp_path_factory):
          f'vrchat_port:={_free_udp_port()}', f'duration:={DURATION}'],
         cwd=tmp, env={**os.environ, 'MLFLOW_TRACKING_URI': uri}, capture_output=True, text=True,
         timeout=DURATION + 120)
-    return proc, uri, tmp
+    from ami_ros.core.checkpoint import latest_checkpoint
+
+    return proc, uri, tmp, latest_checkpoint(tmp / 'checkpoints')
 
 
 def test_main_job_exits_cleanly(main_job):
-    proc, _, _ = main_job
+    proc, _, _, _ = main_job
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert '[launch] all nodes stopped cleanly' in proc.stdout
     # Every node of the main job ran.
@@ -42,7 +44,7 @@ def test_main_job_exits_cleanly(main_job):
 def test_main_job_learns_while_acting_and_records_it(main_job):
     from mlflow.tracking import MlflowClient
 
-    proc, uri, tmp = main_job
+    proc, uri, tmp, final = main_job
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name('ami_ros')
     runs = client.search_runs([experiment.experiment_id])
@@ -69,15 +71,24 @@ def test_main_job_learns_while_acting_and_records_it(main_job):
     assert summary['steps'] > 0 and summary['cells_visited'] >= 1
     assert all(summary['rounds'][t] >= 1 for t in ('vae_trainer', 'dynamics_trainer',
                                                    'policy_trainer')), summary['rounds']
+    # The summary ends where the final checkpoint does: the recorder is paused
+    # with the rest for the save, and still hears the counters the nodes
+    # report once their part is written (a round that ended during the save).
+    from ami_ros.core.checkpoint import read_json
+
+    assert final is not None, proc.stdout[-3000:]
+    assert summary['steps'] == read_json(final, 'interaction/agent/state.json')['steps']
+    saved_rounds = {t: read_json(final, f'trainers/{t}/state.json')['rounds']
+                    for t in ('vae_trainer', 'dynamics_trainer', 'policy_trainer')}
+    assert summary['rounds'] == saved_rounds, (summary['rounds'], saved_rounds)
 
 
 def test_ctrl_c_checkpoint_lets_the_main_job_continue(main_job):
     """The main job's final checkpoint restores every node: checkpoint:=latest."""
     from ami_ros.core.checkpoint import latest_checkpoint, read_json
 
-    first, _, tmp = main_job
+    first, _, tmp, latest = main_job
     assert 'final checkpoint' in first.stdout
-    latest = latest_checkpoint(tmp / 'checkpoints')
     assert latest is not None
     saved_steps = read_json(latest, 'interaction/agent/state.json')['steps']
     proc = subprocess.run(

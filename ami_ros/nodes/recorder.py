@@ -7,7 +7,8 @@ opens the run, writes metrics with one log_batch per `flush_interval` and
 logs the artifacts. A store that cannot be reached or created gives one
 error line (which URI, what to do) and the node runs on without recording.
 
-Subscribes (relative names, except /diagnostics; only while active):
+Subscribes (relative names, except /diagnostics; only while active, but
+/diagnostics keeps the summary current while paused):
   reward, prediction_error  std_msgs/Float32 from the agent -> metrics `reward`,
                             `prediction_error`
   /diagnostics              diagnostic_msgs/DiagnosticArray: every value of a
@@ -263,8 +264,12 @@ class RecorderNode(ManagedNode):
         return rest if rest and '/' not in rest else None
 
     def on_diagnostics(self, msg: DiagnosticArray) -> None:
-        if not self._recording():
+        # Paused, the recorder logs no metrics but keeps the summary current:
+        # the nodes report the counters of the final checkpoint (a round that
+        # ended during the save, the agent's last steps) while it is paused.
+        if self.writer is None or self.writer.failed:
             return
+        recording = self._recording()
         for status in msg.status:
             node = self._node_key(status.name)
             if node is None:
@@ -274,6 +279,8 @@ class RecorderNode(ManagedNode):
                 self._agent_steps = int(values['steps'])
                 self._rewards_since_status = 0
             self.stats.update(node, values)
+            if not recording:
+                continue
             step = self._step()
             for key, value in values.items():
                 self.writer.add_metric(f'{node}/{key}', value, step)

@@ -10,7 +10,9 @@ atomicity: `ami_ros/core/checkpoint.py`). Each node that holds state serves
                                 / write_json) and answers successful, or not
                                 with a one-line reason.
 
-and declares the parameter `checkpoint` (a complete checkpoint directory, ''
+calls `after_save` once its part is written (the nodes publish their
+diagnostics then, so the run record ends on the counters the checkpoint
+holds), and declares the parameter `checkpoint` (a complete checkpoint directory, ''
 = start fresh): the node restores its part before it first acts or trains,
 and refuses to start, with one line naming the file, if it cannot.
 """
@@ -30,9 +32,10 @@ class CheckpointPart:
     """Serves save_checkpoint for `node` and restores from its `checkpoint` parameter."""
 
     def __init__(self, node, save: Callable[[Path], None], restore: Callable[[Path], None],
-                 preset: str | None = None) -> None:
+                 preset: str | None = None, after_save: Callable[[], None] | None = None) -> None:
         self.node = node
         self._save = save
+        self._after_save = after_save
         self.restored_from: Path | None = None
         arg = node.declare('checkpoint', '', 'Checkpoint directory to restore this node from at '
                            "start ('' = start fresh); the launchers resolve checkpoint:=latest.")
@@ -54,6 +57,8 @@ class CheckpointPart:
                 raise CheckpointError("save_checkpoint needs a string parameter 'directory'")
             self._save(Path(directory))
             result = SetParametersResult(successful=True)
+            if self._after_save is not None:
+                self._after_save()
         except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
             self.node.get_logger().error(f'could not save checkpoint part: {exc}')
             result = SetParametersResult(successful=False, reason=str(exc).replace('\n', ' '))

@@ -390,16 +390,16 @@ class TrainerNode(ManagedNode):
         self.last_sync = 'nothing pushed yet'
         self.create_timer(0.2, self._push_tick)
 
-        self.diagnostics = NodeDiagnostics(self)
+        self.diagnostics = NodeDiagnostics(self, update=self._update_diagnostics)
         self.diagnostics.set(preset=preset_name, device=device)
-        self.create_timer(1.0, self._update_diagnostics)
 
         # Restore (checkpoint:=) before training can start and before any data
         # arrives (subclasses subscribe after this constructor), so a restored
         # trainer never trains from fresh state first.
         self.restored_part = ''
         self.checkpoints = CheckpointPart(self, self._save_part, self._restore_part,
-                                          preset=self.preset.name)
+                                          preset=self.preset.name,
+                                          after_save=lambda: self.diagnostics.report())
 
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._train_loop, name=f'{node_name}_training',
