@@ -57,10 +57,13 @@ class CheckpointPart:
                 raise CheckpointError("save_checkpoint needs a string parameter 'directory'")
             self._save(Path(directory))
             result = SetParametersResult(successful=True)
-            if self._after_save is not None:
-                self._after_save()
         except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
             self.node.get_logger().error(f'could not save checkpoint part: {exc}')
             result = SetParametersResult(successful=False, reason=str(exc).replace('\n', ' '))
         response.results = [result]
+        if result.successful and self._after_save is not None:
+            try:
+                self._after_save()
+            except Exception as exc:  # noqa: BLE001 - the part is saved; only the report failed
+                self.node.get_logger().warning(f'saved, but reporting after the save failed: {exc}')
         return response
