@@ -97,15 +97,15 @@ def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: in
     run = Run()
     episode = ExplorationMap(cell)
 
-    first_episode: list[int] = []
+    heard_first = False
 
     def on_episode(msg: UInt32) -> None:
-        nonlocal episode
+        nonlocal episode, heard_first
         # The probe is up before the world starts, so the first number it hears
         # is episode 1, and any pose that beat it here (another topic, another
         # reader to match) belongs to it: it opens no new episode.
-        if not first_episode:
-            first_episode.append(msg.data)
+        if not heard_first:
+            heard_first = True
             return
         if episode.cells_visited:
             run.episode_cells.append(episode.cells_visited)

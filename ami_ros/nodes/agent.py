@@ -104,17 +104,17 @@ class AgentNode(ManagedNode):
         self.step_gap = StepGap()
         self._prepare_seconds = 0.03  # how long building new models takes (smoothed)
         self._start_sync_service()
-        # Restores weights, versions, hidden state and sampling state before
-        # the first frame can arrive; serves agent/save_checkpoint.
-        self.checkpoints = CheckpointPart(self, self.agent.save_checkpoint,
-                                          self.agent.load_checkpoint, preset=preset,
-                                          after_save=lambda: self.diagnostics.report())
-        self.continues = False  # the next step follows the previous one without a gap
-        self.create_subscription(Image, 'camera/image_raw', self.on_frame, NEWEST_FRAME)
         self.rate = RateMeter()
         self.latency = LatencyWindow(1000)
         self.diagnostics = NodeDiagnostics(self, update=self._update_diagnostics)
         self.diagnostics.set(preset=preset, device=device)
+        # Restores weights, versions, hidden state and sampling state before
+        # the first frame can arrive; serves agent/save_checkpoint.
+        self.checkpoints = CheckpointPart(self, self.agent.save_checkpoint,
+                                          self.agent.load_checkpoint, preset=preset,
+                                          after_save=self.diagnostics.report)
+        self.continues = False  # the next step follows the previous one without a gap
+        self.create_subscription(Image, 'camera/image_raw', self.on_frame, NEWEST_FRAME)
         # Everything built so far lives as long as the process: out of the
         # collector's sight, so a collection during a step stays short.
         gc.collect()

@@ -399,7 +399,7 @@ class TrainerNode(ManagedNode):
         self.restored_part = ''
         self.checkpoints = CheckpointPart(self, self._save_part, self._restore_part,
                                           preset=self.preset.name,
-                                          after_save=lambda: self.diagnostics.report())
+                                          after_save=self.diagnostics.report)
 
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._train_loop, name=f'{node_name}_training',
