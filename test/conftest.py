@@ -38,12 +38,29 @@ def test_node():
     node.close()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report shows the end of every node log it started.
+
+    CI keeps no temporary directories, so without this a node that failed to
+    act or crashed would leave nothing to read.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for proc in getattr(item, 'ami_ros_started', []):
+            tail = '\n'.join(proc.output().splitlines()[-40:])
+            state = 'running' if proc.alive() else f'exited {proc.returncode}'
+            report.sections.append((f'node {proc.name} ({state}), last lines', tail))
+
+
 @pytest.fixture
-def launch(tmp_path):
+def launch(tmp_path, request):
     """Start node processes; every one is stopped when the test ends."""
     from ros_harness import start_node
 
     started = []
+    request.node.ami_ros_started = started
 
     def start(node: str, **kwargs):
         proc = start_node(node, tmp_path / 'logs', **kwargs)

@@ -37,7 +37,7 @@ def graph(launch, test_node, tmp_path):
     frames = FrameFeeder(test_node)
     wait_for(lambda: len(actions) >= 10, 30, message='the agent acting')
     yield agent, manager, actions, frames
-    frames.stop.set()
+    frames.close()
 
 
 def test_save_resumes_a_running_graph_and_keeps_a_paused_one_paused(graph, tmp_path):
@@ -58,7 +58,7 @@ def test_save_resumes_a_running_graph_and_keeps_a_paused_one_paused(graph, tmp_p
 
 def test_restart_continues_exactly_where_the_agent_was(graph, launch, test_node, tmp_path):
     agent, manager, actions, frames = graph
-    frames.stop.set()  # from here on, the test sends the frames itself
+    frames.close()  # from here on, the test sends the frames itself
     assert ami_ros('pause').returncode == 0
     path = ami_ros('save').stdout.strip()
     assert ami_ros('shutdown').returncode == 0
@@ -192,4 +192,4 @@ def test_periodic_checkpoints_keep_the_newest_and_every_manual_one(launch, test_
         assert manual in kept
         assert len(kept) == 3, kept
     finally:
-        frames.stop.set()
+        frames.close()

@@ -62,7 +62,7 @@ def test_pause_resume_status_shutdown(launch, test_node):
         assert agent.proc.returncode == 0
         assert manager.proc.returncode == 0
     finally:
-        feeder.stop.set()
+        feeder.close()
 
 
 def test_a_pause_waits_for_a_node_that_is_still_being_discovered(launch, test_node):

@@ -66,7 +66,7 @@ def graph(launch, test_node):
     watch = Watch(test_node)
     frames = FrameFeeder(test_node, hz=FRAME_HZ)
     yield watch
-    frames.stop.set()
+    frames.close()
     frames.thread.join(timeout=2)
 
 

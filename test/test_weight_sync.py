@@ -25,7 +25,7 @@ def acting(launch, test_node):
     frames = FrameFeeder(test_node)
     wait_for(lambda: len(actions) >= 5, 30, message='the agent acting')
     yield agent, actions, experience, frames
-    frames.stop.set()
+    frames.close()
 
 
 def _param(name, blob=None, value=None):
