@@ -27,7 +27,7 @@ LAUNCH_ARGUMENTS: dict[str, LaunchArgument] = {
     'world': LaunchArgument(
         'vrchat', 'vrchat: OBS virtual camera in, OSC out to VRChat; '
         'doom: the embedded ViZDoom world stands in for both', ('vrchat', 'doom')),
-    'preset': LaunchArgument('small', 'model size preset', tuple(PRESETS)),
+    'preset': LaunchArgument('small', 'model preset: sizes and what the policy sees', tuple(PRESETS)),
     'device': LaunchArgument('cpu', 'torch device for the agent: cpu, cuda or cuda:N'),
     'vrchat_host': LaunchArgument('127.0.0.1', 'host VRChat (or doom_world) listens on for OSC'),
     'vrchat_port': LaunchArgument('9000', 'UDP port VRChat (or doom_world) listens on for OSC'),

@@ -15,13 +15,15 @@ mostly with respawns; the cells per episode (episodes as doom_world announces
 them on world/episode) measure how far the agent itself gets. The shares of
 forward, back, turning and standing-still actions, early and late, show what
 the policy learned. `--start X,Y` starts every episode at one map point
-(doom_world's `start`), `--reward` and `--action-baseline` choose the
-learning run's reward options, `--runs learning` makes the learning runs
+(doom_world's `start`), `--preset` the models (small-latent: the policy
+on the encoder's latent), `--reward` and `--action-baseline` the learning
+run's reward options, `--runs learning` makes the learning runs
 alone (to compare with random runs made before: the random policy does not
 depend on those options).
 
     .venv/bin/python bench/exploration.py [--seeds 0 1] [--minutes 3] [--time-scale 3]
-        [--start 240,-176] [--reward novel_curiosity] [--action-baseline]
+        [--start 240,-176] [--preset small-latent] [--reward novel_curiosity]
+        [--action-baseline]
         [--runs learning random]
 """
 
@@ -82,7 +84,7 @@ class Run:
 
 def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: int,
              tmp: Path, start: str = '', reward: str = 'curiosity',
-             action_baseline: bool = False) -> Run:
+             action_baseline: bool = False, preset: str = 'small') -> Run:
     """One run of the main job, watched from outside."""
     params = yaml.safe_load(default_params_file().read_text())
     params['/**/doom_world']['ros__parameters'].update(time_scale=time_scale, seed=seed, start=start)
@@ -131,7 +133,7 @@ def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: in
     spinner.start()
     try:
         subprocess.run(
-            [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=doom', 'preset:=small',
+            [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=doom', f'preset:={preset}',
              f'train:={"true" if train else "false"}', 'record:=false',
              f'vrchat_port:={free_udp_port()}', f'params_file:={params_file}',
              f'duration:={seconds}'],
@@ -181,6 +183,9 @@ def main() -> None:
                         help="the agent's reward (learning runs)")
     parser.add_argument('--action-baseline', action='store_true',
                         help="the policy trainer's action_baseline (learning runs)")
+    parser.add_argument('--preset', default='small', choices=['small', 'small-latent'],
+                        help="the graph's preset (small-latent: the policy acts on the encoder's "
+                             'latent); the untrained policy of either is uniform')
     parser.add_argument('--runs', nargs='+', default=['learning', 'random'],
                         choices=['learning', 'random'],
                         help='which runs to make per seed (random alone gives a baseline to '
@@ -189,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
           f'{args.minutes:g} min per run at time_scale {args.time_scale:g}, cells {args.cell}, '
-          f'start {args.start or "random rooms"}, reward {args.reward}, '
+          f'start {args.start or "random rooms"}, preset {args.preset}, reward {args.reward}, '
           f'action_baseline {args.action_baseline}')
     curves: dict[str, list[list[int]]] = {'learning': [], 'random': []}
     per_episode: dict[str, list[int]] = {'learning': [], 'random': []}
@@ -200,7 +205,8 @@ def main() -> None:
                     continue
                 t0 = time.monotonic()
                 run = run_once(train, seed, args.minutes * 60, args.time_scale, args.cell,
-                               Path(tmp), args.start, args.reward, args.action_baseline)
+                               Path(tmp), args.start, args.reward, args.action_baseline,
+                               args.preset)
                 curves[label].append(run.curve)
                 per_episode[label] += run.episode_cells
                 fifth = max(1, len(run.errors) // 5)

@@ -48,6 +48,30 @@ def test_action_is_handed_out_before_the_encoder_and_dynamics_run():
     assert encoder_calls == [1, 2, 3, 4]
 
 
+def test_a_policy_on_the_latent_acts_on_the_encoders_z_of_this_frame():
+    agent = CuriosityAgent('small-latent', seed=3)
+    policy, encoder = agent.models['policy'], agent.models['encoder']
+    seen, order = [], []
+    real_policy, real_encode = policy.forward, encoder.encode_mean
+
+    def forward(x):
+        order.append('policy')
+        seen.append(x.clone())
+        return real_policy(x)
+
+    def encode_mean(obs):
+        order.append('encoder')
+        return real_encode(obs)
+
+    policy.forward, encoder.encode_mean = forward, encode_mean  # the real methods, watched
+    for frame in frames(3, seed=4):
+        step = agent.step(frame, on_action=lambda action: order.append('action'))
+        # The policy's input is the step's latent: z of this very frame.
+        assert torch.equal(seen[-1][0], step.latent)
+    # The encoder runs once per step, before the policy and the action.
+    assert order == ['encoder', 'policy', 'action'] * 3
+
+
 def test_handing_out_the_action_early_changes_nothing_the_step_produces():
     a, b = CuriosityAgent('small', seed=5), CuriosityAgent('small', seed=5)
     for frame in frames(5, seed=1):

@@ -234,6 +234,19 @@ def test_trajectory_take_hands_out_steps_plus_one_and_keeps_the_rest():
         buf.take()
 
 
+def test_trajectory_holds_latents_for_a_policy_on_the_latent_and_never_mixes_kinds():
+    buf = TrajectoryBuffer(steps=2)
+    for i in range(3):
+        buf.add(torch.full((4,), i / 2), torch.zeros(5), torch.zeros(5), 0.0, 0.0, 0)
+    traj = buf.take()
+    assert traj['observation'].dtype == torch.float32 and traj['observation'].shape == (3, 4)
+    assert traj['observation'][:, 0].tolist() == [0.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match='observation torch.uint8 \\[4\\] differs from torch.float32'):
+        buf.add(torch.zeros(4, dtype=torch.uint8), torch.zeros(5), torch.zeros(5), 0.0, 0.0, 0)
+    with pytest.raises(ValueError, match='a uint8 image or a float32 latent, got torch.float64'):
+        buf.add(torch.zeros(4, dtype=torch.float64), torch.zeros(5), torch.zeros(5), 0.0, 0.0, 0)
+
+
 def test_trajectory_overflow_and_staleness_drop_a_prefix():
     buf = TrajectoryBuffer(steps=2, max_entries=5)
     for i in range(7):

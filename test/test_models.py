@@ -18,7 +18,7 @@ from ami_ros.core.models import (
     parameter_counts,
 )
 from ami_ros.core.policy import MultiCategorical
-from ami_ros.core.presets import ACTION_CHOICES, IMAGE_SHAPE, get_preset
+from ami_ros.core.presets import ACTION_CHOICES, IMAGE_SHAPE, PolicyConfig, get_preset
 
 
 def random_actions(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -31,7 +31,8 @@ def small_models():
     return build_models('small', seed=0)
 
 
-@pytest.mark.parametrize('preset_name, batch', [('small', 4), ('ami', 2), ('large', 1)])
+@pytest.mark.parametrize('preset_name, batch', [('small', 4), ('small-latent', 3), ('ami', 2),
+                                                ('large', 1)])
 def test_shapes(preset_name, batch):
     preset = get_preset(preset_name)
     latent = preset.encoder.latent
@@ -64,7 +65,8 @@ def test_shapes(preset_name, batch):
         assert preds.shape == (batch, 3, latent)
         assert hs.shape == (batch, 3, dyn.depth, dyn.dim) and hs.dtype == torch.complex64
 
-        dist, value = models['policy'](obs)
+        # The policy sees what its preset says: the frame or the encoder's z.
+        dist, value = models['policy'](z if preset.policy.input == 'latent' else obs)
         assert value.shape == (batch,)
         action = dist.sample()
         assert action.shape == (batch, len(ACTION_CHOICES)) and action.dtype == torch.int64
@@ -86,6 +88,17 @@ def test_parameter_counts():
     small = parameter_counts('small')
     assert small['total'] < ami['total'] / 5, small
     assert count_parameters(torch.nn.Linear(3, 2)) == 8
+
+
+def test_a_policy_on_the_latent_is_an_mlp_that_takes_no_image():
+    policy = build_model('policy', 'small-latent')
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in policy.modules())
+    # Far fewer parameters than the conv policy of the same sizes.
+    assert count_parameters(policy) < count_parameters(build_model('policy', 'small')) / 4
+    with pytest.raises(RuntimeError):
+        policy(torch.rand(1, *IMAGE_SHAPE))
+    with pytest.raises(ValueError, match="policy input 'pixels' is not one of image, latent"):
+        PolicyConfig(input='pixels')
 
 
 def test_build_model_names_and_seed():

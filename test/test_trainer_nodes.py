@@ -67,7 +67,6 @@ def graph(launch, test_node):
     frames = FrameFeeder(test_node, hz=FRAME_HZ)
     yield watch
     frames.close()
-    frames.thread.join(timeout=2)
 
 
 def _assert_acting(watch: Watch, seconds: float) -> None:
@@ -159,6 +158,26 @@ def test_a_trainer_started_before_the_agent_pushes_once_it_appears(launch, graph
              and watch.value('vae_trainer', 'pushed_version') >= 1, 15,
              message=f'an accepted push in the diagnostics: {watch.status.get("/vae_trainer")}')
     assert vae.alive()
+
+
+def test_a_policy_on_the_latent_learns_from_the_agents_latents(launch, test_node):
+    # Preset small-latent: the policy trainer trains on the latents the agent
+    # publishes in `experience` (an image in its MLP would fail the round),
+    # and the agent takes the new weights while it acts on them.
+    preset = get_preset('small-latent')
+    versions: list[int] = []
+    test_node.node.create_subscription(
+        UInt8MultiArray, 'experience',
+        lambda msg: versions.append(decode_experience(bytes(msg.data), preset).versions['policy']), 200)
+    frames = FrameFeeder(test_node, hz=FRAME_HZ)
+    try:
+        launch('agent', parameters={'preset': 'small-latent'})
+        trainer = launch('policy_trainer', parameters={**FAST_POLICY, 'preset': 'small-latent'})
+        wait_for(lambda: versions and versions[-1] >= 2, 60,
+                 message='two rounds of the latent policy in the agent')
+        assert trainer.alive(), trainer.output()
+    finally:
+        frames.close()
 
 
 # -- the policy trainer's staleness and break handling, in this process -------

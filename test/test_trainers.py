@@ -203,19 +203,23 @@ def test_dynamics_trainer_learns_a_deterministic_transition():
     assert set(trainer.weights()) == {'dynamics'}
 
 
-@pytest.mark.parametrize('action_baseline', [False, True])
-def test_ppo_trainer_learns_a_bandit_in_every_head(action_baseline):
+@pytest.mark.parametrize('preset_name, action_baseline', [
+    ('small', False), ('small', True), ('small-latent', False)])
+def test_ppo_trainer_learns_a_bandit_in_every_head(preset_name, action_baseline):
     # Short credit horizon for a bandit: the reward follows its action at once.
     # A reward that depends on the action alone is exactly what the action
-    # baseline takes out: with it, nothing is learned.
-    preset = with_overrides(get_preset('small'), ppo_training=dict(
+    # baseline takes out: with it, nothing is learned. A policy on the latent
+    # learns from float32 latents as one on the frame does from uint8 images.
+    preset = with_overrides(get_preset(preset_name), ppo_training=dict(
         lr=1e-3, gamma=0.5, gae_lambda=0.5, action_baseline=action_baseline))
+    latent = preset.policy.input == 'latent'
     torch.manual_seed(0)
     policy = build_models(preset, seed=0)['policy']
     trainer = PPOTrainer(policy, preset.ppo_training, seed=0)
     target = torch.tensor([2, 1, 0, 1, 1])
     gen = torch.Generator().manual_seed(3)
-    probe = torch.rand(16, 3, 84, 84, generator=gen)
+    shape = (preset.encoder.latent,) if latent else (3, 84, 84)
+    probe = torch.randn(16, *shape, generator=gen) if latent else torch.rand(16, *shape, generator=gen)
 
     def target_probs() -> list[float]:
         trainer.policy.eval()
@@ -225,13 +229,16 @@ def test_ppo_trainer_learns_a_bandit_in_every_head(action_baseline):
 
     start = target_probs()
     previous_action = None
-    for _ in range(10):
+    for _ in range(20 if latent else 10):  # the latent's smaller MLP takes more rounds
         # Act like the agent: noise observations, sampled actions; the reward
         # for an action (fraction of heads on target) arrives with the next entry.
         n = 64 if previous_action is not None else 65
-        obs = torch.randint(0, 256, (n, 3, 84, 84), dtype=torch.uint8, generator=gen)
+        if latent:
+            obs = torch.randn(n, *shape, generator=gen)
+        else:
+            obs = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=gen)
         with torch.no_grad():
-            dist, value = trainer.policy(obs.float() / 255)
+            dist, value = trainer.policy(obs if latent else obs.float() / 255)
             actions = dist.sample()
             log_prob = dist.log_prob(actions)
         for k in range(n):

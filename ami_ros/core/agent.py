@@ -2,7 +2,8 @@
 
 Each step samples the five-part action from the policy, hands it out at
 once (the action only needs the policy, so it leaves before the rest of the
-step is done), then encodes the frame, scores the previous step's prediction
+step is done; a policy on the latent needs the encoder first), then encodes
+the frame (unless the policy already did), scores the previous step's prediction
 against it (the curiosity reward) and predicts the next latent with the
 forward dynamics, carrying the dynamics' hidden state explicitly from step to
 step. The agent node is a thin shell around this class; benchmarks drive it
@@ -86,8 +87,8 @@ class CuriosityAgent:
         """Act on one HxWx3 uint8 RGB frame of the preset's image size.
 
         `on_action(action)` (int64 [5], CPU) is called as soon as the action
-        is sampled, before the encoder, reward and dynamics run: the frame to
-        action latency is the policy's alone.
+        is sampled, before the encoder (unless the policy acts on the latent),
+        reward and dynamics run: the frame to action latency is the policy's alone.
         """
         if rgb.shape != (IMAGE_SHAPE[1], IMAGE_SHAPE[2], 3):
             raise ValueError(f'frame must be {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[2]}x3, got {rgb.shape}')
@@ -97,7 +98,13 @@ class CuriosityAgent:
     @torch.inference_mode()
     def _step(self, rgb: np.ndarray, on_action: Callable[[Tensor], None] | None) -> AgentStep:
         obs = to_observation(rgb).unsqueeze(0).to(self.device)
-        dist, value = self.models['policy'](obs)
+        z = None
+        if self.preset.policy.input == 'latent':
+            # The policy acts on z, so the encoder runs before the action leaves.
+            z = self.models['encoder'].encode_mean(obs)
+            dist, value = self.models['policy'](z)
+        else:
+            dist, value = self.models['policy'](obs)
         if self.deterministic:
             action = dist.mode()
         else:
@@ -108,7 +115,8 @@ class CuriosityAgent:
         if on_action is not None:
             on_action(action_cpu)
         log_prob = dist.log_prob(action)
-        z = self.models['encoder'].encode_mean(obs)
+        if z is None:
+            z = self.models['encoder'].encode_mean(obs)
         if self.prediction is not None:
             reward = float(self.reward_fn(self.prediction, z)[0])
             error = float(torch.mean((self.prediction - z) ** 2))

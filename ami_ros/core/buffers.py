@@ -345,9 +345,13 @@ class TrajectoryBuffer:
 
     def add(self, observation: Tensor, action: Tensor, log_prob: Tensor, value: float | Tensor,
             reward: float | Tensor, policy_version: int) -> None:
-        """Append entry t; `reward` rewards the action of entry t-1."""
-        if observation.dtype != torch.uint8:
-            raise ValueError(f'observation must be uint8, got {observation.dtype}')
+        """Append entry t; `reward` rewards the action of entry t-1.
+
+        `observation` is what the policy acted on: a uint8 image or a float32
+        latent, the same kind for every entry."""
+        if observation.dtype not in (torch.uint8, torch.float32):
+            raise ValueError(f'observation must be a uint8 image or a float32 latent, '
+                             f'got {observation.dtype}')
         entry = (observation.detach().clone(),
                  torch.as_tensor(action, dtype=torch.int64).detach().clone().reshape(-1),
                  torch.as_tensor(log_prob, dtype=torch.float32).detach().clone().reshape(-1),
@@ -357,8 +361,9 @@ class TrajectoryBuffer:
         with self._lock:
             if self._entries:
                 for name, got, have in zip(_TRAJECTORY_FIELDS, entry, self._entries[0], strict=True):
-                    if got.shape != have.shape:
-                        raise ValueError(f'{name} shape {list(got.shape)} differs from {list(have.shape)}')
+                    if got.shape != have.shape or got.dtype != have.dtype:
+                        raise ValueError(f'{name} {got.dtype} {list(got.shape)} differs from '
+                                         f'{have.dtype} {list(have.shape)}')
             self._entries.append(entry)
             if len(self._entries) > self.max_entries:
                 excess = len(self._entries) - self.max_entries

@@ -27,7 +27,7 @@ def build_model(name: str, preset: Preset | str) -> nn.Module:
     if name == 'dynamics':
         return ForwardDynamics(p.encoder.latent, p.dynamics)
     if name == 'policy':
-        return PolicyValue(p.policy)
+        return PolicyValue(p.policy, p.encoder.latent)
     raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODEL_NAMES)}')
 
 

@@ -74,18 +74,32 @@ def _orthogonal(layer: nn.Module, gain: float) -> nn.Module:
 
 
 class PolicyValue(nn.Module):
-    """Image [B,3,84,84] in [0,1] -> (MultiCategorical over actions, value [B])."""
+    """Observation -> (MultiCategorical over actions, value [B]).
 
-    def __init__(self, cfg: PolicyConfig, action_choices: tuple[int, ...] = ACTION_CHOICES) -> None:
+    The observation is what `cfg.input` names: an image [B,3,84,84] in [0,1]
+    ('image', through a conv trunk like the encoder's) or the encoder's
+    latent [B, latent_size] ('latent', through an MLP).
+    """
+
+    def __init__(self, cfg: PolicyConfig, latent_size: int | None = None,
+                 action_choices: tuple[int, ...] = ACTION_CHOICES) -> None:
         super().__init__()
+        self.input = cfg.input
         self.action_choices = tuple(action_choices)
         relu_gain = math.sqrt(2.0)  # PPO practice: orthogonal init scaled for ReLU
         layers: list[nn.Module] = []
-        for cin, cout, k, s in conv_trunk_shapes(cfg.channels):
-            layers += [_orthogonal(nn.Conv2d(cin, cout, k, s), relu_gain), nn.ReLU()]
+        if cfg.input == 'latent':
+            if not latent_size:
+                raise ValueError('a policy on the latent needs the latent size')
+            features = latent_size
+        else:
+            for cin, cout, k, s in conv_trunk_shapes(cfg.channels):
+                layers += [_orthogonal(nn.Conv2d(cin, cout, k, s), relu_gain), nn.ReLU()]
+            layers.append(nn.Flatten())
+            features = cfg.channels[2] * TRUNK_SIZE * TRUNK_SIZE
         self.trunk = nn.Sequential(
-            *layers, nn.Flatten(),
-            _orthogonal(nn.Linear(cfg.channels[2] * TRUNK_SIZE * TRUNK_SIZE, cfg.hidden), relu_gain),
+            *layers,
+            _orthogonal(nn.Linear(features, cfg.hidden), relu_gain),
             nn.ReLU(),
             _orthogonal(nn.Linear(cfg.hidden, cfg.hidden), relu_gain),
             nn.ReLU(),

@@ -1,4 +1,4 @@
-"""Model and training size presets, chosen by name everywhere (`preset`)."""
+"""Model and training presets (sizes, and what the policy sees), chosen by name everywhere (`preset`)."""
 
 from __future__ import annotations
 
@@ -27,10 +27,21 @@ class DynamicsConfig:
     dropout: float = 0.1
 
 
+POLICY_INPUTS: tuple[str, ...] = ('image', 'latent')
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
-    channels: tuple[int, int, int] = (32, 64, 64)
+    channels: tuple[int, int, int] = (32, 64, 64)  # of its conv trunk (input 'image' only)
     hidden: int = 512
+    # What the policy sees: 'image', the frame through its own conv trunk (the
+    # reference's design); 'latent', the encoder's z through an MLP, so it acts
+    # on the features the VAE learns (README, Performance: exploration).
+    input: str = 'image'
+
+    def __post_init__(self) -> None:
+        if self.input not in POLICY_INPUTS:
+            raise ValueError(f'policy input {self.input!r} is not one of {", ".join(POLICY_INPUTS)}')
 
 
 @dataclass(frozen=True)
@@ -85,17 +96,24 @@ class Preset:
         return asdict(self)
 
 
+_SMALL = Preset(
+    name='small',
+    encoder=EncoderConfig(channels=(16, 32, 32), hidden=128, latent=64),
+    dynamics=DynamicsConfig(dim=128, depth=2, ffn=128),
+    policy=PolicyConfig(channels=(16, 32, 32), hidden=128),
+    vae_training=VAETrainingConfig(buffer_size=512, min_new=64),
+    dynamics_training=DynamicsTrainingConfig(lr=1e-3, buffer_size=512, min_new=64),
+    ppo_training=PPOTrainingConfig(lr=3e-4, steps=64),
+)
+
 PRESETS: dict[str, Preset] = {
     # Fast on a 2-core CPU: tests and the default run.
-    'small': Preset(
-        name='small',
-        encoder=EncoderConfig(channels=(16, 32, 32), hidden=128, latent=64),
-        dynamics=DynamicsConfig(dim=128, depth=2, ffn=128),
-        policy=PolicyConfig(channels=(16, 32, 32), hidden=128),
-        vae_training=VAETrainingConfig(buffer_size=512, min_new=64),
-        dynamics_training=DynamicsTrainingConfig(lr=1e-3, buffer_size=512, min_new=64),
-        ppo_training=PPOTrainingConfig(lr=3e-4, steps=64),
-    ),
+    'small': _SMALL,
+    # `small` with the policy on the encoder's latent instead of the frame.
+    # A preset of its own, so that weights, experience and checkpoints of the
+    # two policies are told apart by the preset check they already pass.
+    'small-latent': replace(_SMALL, name='small-latent',
+                            policy=PolicyConfig(hidden=128, input='latent')),
     # The reference system's sizes (about 8.7 M parameters).
     'ami': Preset(name='ami'),
     # A scale-up trial, meant for a GPU.

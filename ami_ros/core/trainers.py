@@ -478,8 +478,9 @@ class PPOTrainer(_Trainer):
 
     def add(self, observation: Tensor, action: Tensor, log_prob: Tensor, value: float | Tensor,
             reward: float | Tensor, policy_version: int) -> None:
-        """Entry t: observation uint8 [3,84,84], action [5], log_prob [5], value;
-        `reward` is for the action of entry t-1."""
+        """Entry t: observation (what the policy acted on: uint8 [3,84,84] or
+        the float32 latent), action [5], log_prob [5], value; `reward` is for
+        the action of entry t-1."""
         self.buffer.add(observation, action, log_prob, value, reward, policy_version)
 
     def ready(self) -> bool:
@@ -504,7 +505,9 @@ class PPOTrainer(_Trainer):
         batches = 0
         for _ in range(cfg.epochs):
             for idx in self._minibatches(len(obs), cfg.batch_size, len(obs)):
-                dist, value = self.policy(_to_float_image(obs[idx].to(dev)))
+                x = obs[idx].to(dev)
+                # Images travel as uint8; latents are the policy's input as they are.
+                dist, value = self.policy(_to_float_image(x) if x.dtype == torch.uint8 else x)
                 loss, metrics = ppo_loss(dist.log_prob(actions[idx]), old_log_prob[idx], advantages[idx],
                                          value, old_value[idx], returns[idx], dist.entropy(),
                                          cfg.clip, cfg.value_coef, cfg.entropy_coef)

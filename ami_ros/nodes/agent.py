@@ -7,7 +7,8 @@ Subscribes:
 Publishes:
   action                  sensor_msgs/Joy, stamped with the frame's stamp; sent
                           as soon as the policy has chosen it, before the
-                          step's encoder, reward and dynamics work
+                          step's encoder (unless the preset's policy acts on
+                          the latent), reward and dynamics work
   reward                  std_msgs/Float32, curiosity of the previous action
   prediction_error        std_msgs/Float32, MSE of the latent prediction
   prediction/image_raw    sensor_msgs/Image, the decoded predicted next frame
@@ -75,7 +76,8 @@ SYNC_GAP_WAIT = 0.25
 class AgentNode(ManagedNode):
     def __init__(self) -> None:
         super().__init__('agent')
-        preset = self.declare('preset', 'small', 'Model size preset.', choices=tuple(PRESETS))
+        preset = self.declare('preset', 'small', 'Model preset: sizes and what the policy sees '
+                              '(core/presets.py).', choices=tuple(PRESETS))
         device = self.declare('device', 'cpu', 'Torch device: cpu, cuda or cuda:N.')
         seed = self.declare('seed', 0, 'Seed of the initial weights and of action sampling.',
                             low=0, high=2**31 - 1)

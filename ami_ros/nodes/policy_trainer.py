@@ -2,7 +2,8 @@
 
 Subscribes:
   experience            std_msgs/UInt8MultiArray, one envelope per agent step
-                        (ami_ros/core/schemas.py): observation, action,
+                        (ami_ros/core/schemas.py): observation (or latent,
+                        for a policy on the latent), action,
                         log_prob, value, reward (of the previous action) and
                         the policy version that acted go into the on-policy
                         trajectory buffer. A break in time (the agent's
@@ -70,7 +71,9 @@ class PolicyTrainerNode(ExperienceTrainerNode):
         # Without the previous action's reward no trajectory may span this step.
         if not follows or step.reward is None:
             self.trainer.buffer.break_sequence()
-        self.trainer.add(step.observation, step.action, step.log_prob, step.value,
+        # What the policy acted on: the frame, or the latent the agent's encoder made of it.
+        seen = step.latent if self.preset.policy.input == 'latent' else step.observation
+        self.trainer.add(seen, step.action, step.log_prob, step.value,
                          0.0 if step.reward is None else step.reward,
                          policy_version=step.versions['policy'])
 

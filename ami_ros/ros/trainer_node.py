@@ -78,7 +78,7 @@ where its learnt length fits, so even a minibatch longer than a frame
 period keeps out of the agent's steps.
 
 Parameters (every trainer node):
-  preset               model size preset (same as the agent's)
+  preset               model preset (the agent's; core/presets.py)
   device               torch device for training: cpu, cuda, cuda:N
   seed                 seed of the initial weights (the agent's seed) and
                        of the trainer's minibatch order
@@ -313,7 +313,7 @@ class TrainerNode(ManagedNode):
 
     def __init__(self, node_name: str, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        preset_name = self.declare('preset', 'small', 'Model size preset (the agent\'s).',
+        preset_name = self.declare('preset', 'small', 'Model preset, the agent\'s (core/presets.py).',
                                    choices=tuple(PRESETS))
         device = self.declare('device', 'cpu', 'Torch device for training: cpu, cuda or cuda:N.')
         seed = self.declare('seed', 0, 'Seed of the initial weights (use the agent\'s) and of '
