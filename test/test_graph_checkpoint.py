@@ -35,6 +35,9 @@ def graph(launch, test_node, tmp_path):
         'checkpoint_interval': 0.0})
     actions = test_node.collect(Joy, 'action')
     frames = FrameFeeder(test_node)
+    # Two waits, so that a failure says whether DDS matched or the agent did not act.
+    wait_for(lambda: frames.pub.get_subscription_count() > 0, 30,
+             message="the agent's camera subscription to match the test's frames")
     wait_for(lambda: len(actions) >= 10, 30, message='the agent acting')
     yield agent, manager, actions, frames
     frames.close()

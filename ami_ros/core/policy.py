@@ -84,7 +84,6 @@ class PolicyValue(nn.Module):
     def __init__(self, cfg: PolicyConfig, latent_size: int | None = None,
                  action_choices: tuple[int, ...] = ACTION_CHOICES) -> None:
         super().__init__()
-        self.input = cfg.input
         self.action_choices = tuple(action_choices)
         relu_gain = math.sqrt(2.0)  # PPO practice: orthogonal init scaled for ReLU
         layers: list[nn.Module] = []
