@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ami_ros.core.presets import PRESETS
+from ami_ros.core.presets import DEFAULT_PRESET, PRESETS
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ LAUNCH_ARGUMENTS: dict[str, LaunchArgument] = {
     'world': LaunchArgument(
         'vrchat', 'vrchat: OBS virtual camera in, OSC out to VRChat; '
         'doom: the embedded ViZDoom world stands in for both', ('vrchat', 'doom')),
-    'preset': LaunchArgument('small', 'model preset: sizes and what the policy sees', tuple(PRESETS)),
+    'preset': LaunchArgument(DEFAULT_PRESET, 'model preset: sizes and what the policy sees',
+                             tuple(PRESETS)),
     'device': LaunchArgument('cpu', 'torch device for the agent: cpu, cuda or cuda:N'),
     'vrchat_host': LaunchArgument('127.0.0.1', 'host VRChat (or doom_world) listens on for OSC'),
     'vrchat_port': LaunchArgument('9000', 'UDP port VRChat (or doom_world) listens on for OSC'),

@@ -128,7 +128,7 @@ def test_launch_refuses_damaged_or_foreign_checkpoints(graph, tmp_path):
     (missing / 'interaction' / 'agent' / 'state.json').unlink()
     cases['missing'] = (missing, 'interaction/agent/state.json')
     for name, (ckpt, words) in cases.items():
-        out = ami_ros('launch', 'world:=doom', 'train:=false', 'record:=false',
+        out = ami_ros('launch', 'world:=doom', 'preset:=small', 'train:=false', 'record:=false',
                       f'checkpoint:={ckpt}', 'duration:=5', cwd=tmp_path)
         assert out.returncode == 2, (name, out.stdout, out.stderr)
         lines = out.stderr.strip().splitlines()

@@ -22,7 +22,8 @@ def main_job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('main_job')
     uri = f'sqlite:///{tmp}/mlflow.db'
     proc = subprocess.run(
-        [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=doom', 'preset:=small',
+        # The README's main command with its default preset (small-latent).
+        [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=doom',
          f'vrchat_port:={_free_udp_port()}', f'duration:={DURATION}'],
         cwd=tmp, env={**os.environ, 'MLFLOW_TRACKING_URI': uri}, capture_output=True, text=True,
         timeout=DURATION + 120)
@@ -51,7 +52,7 @@ def test_main_job_learns_while_acting_and_records_it(main_job):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == 'FINISHED'
-    assert run.data.params['world'] == 'doom' and run.data.params['preset'] == 'small'
+    assert run.data.params['world'] == 'doom' and run.data.params['preset'] == 'small-latent'
     metrics = run.data.metrics
     # Every trainer trained at least one round...
     for trainer in ('vae_trainer', 'dynamics_trainer', 'policy_trainer'):
@@ -92,7 +93,7 @@ def test_ctrl_c_checkpoint_lets_the_main_job_continue(main_job):
     assert latest is not None
     saved_steps = read_json(latest, 'interaction/agent/state.json')['steps']
     proc = subprocess.run(
-        [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=doom', 'preset:=small',
+        [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=doom',
          'record:=false', 'checkpoint:=latest', f'vrchat_port:={_free_udp_port()}',
          'duration:=20'],
         cwd=tmp, capture_output=True, text=True, timeout=140)

@@ -55,7 +55,7 @@ from ami_ros.core.action import action_to_controls
 from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.envelope import EnvelopeError
 from ami_ros.core.observation import to_uint8_chw
-from ami_ros.core.presets import PRESETS
+from ami_ros.core.presets import DEFAULT_PRESET, PRESETS
 from ami_ros.core.reward import REWARDS
 from ami_ros.core.schemas import ExperienceStep, encode_experience
 from ami_ros.core.timing import LatencyWindow, RateMeter, StepGap
@@ -76,7 +76,7 @@ SYNC_GAP_WAIT = 0.25
 class AgentNode(ManagedNode):
     def __init__(self) -> None:
         super().__init__('agent')
-        preset = self.declare('preset', 'small', 'Model preset: sizes and what the policy sees '
+        preset = self.declare('preset', DEFAULT_PRESET, 'Model preset: sizes and what the policy sees '
                               '(core/presets.py).', choices=tuple(PRESETS))
         device = self.declare('device', 'cpu', 'Torch device: cpu, cuda or cuda:N.')
         seed = self.declare('seed', 0, 'Seed of the initial weights and of action sampling.',

@@ -159,7 +159,7 @@ from ami_ros.core.checkpoint import (
 )
 from ami_ros.core.envelope import EnvelopeError, specs_of
 from ami_ros.core.models import build_models
-from ami_ros.core.presets import PRESETS, Preset, get_preset, with_overrides
+from ami_ros.core.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset, with_overrides
 from ami_ros.core.schemas import ExperienceStep, decode_experience, encode_weights, weights_schema
 from ami_ros.core.timing import FrameRhythm
 from ami_ros.ros.checkpoint_part import CheckpointPart
@@ -313,7 +313,7 @@ class TrainerNode(ManagedNode):
 
     def __init__(self, node_name: str, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        preset_name = self.declare('preset', 'small', 'Model preset, the agent\'s (core/presets.py).',
+        preset_name = self.declare('preset', DEFAULT_PRESET, 'Model preset, the agent\'s (core/presets.py).',
                                    choices=tuple(PRESETS))
         device = self.declare('device', 'cpu', 'Torch device for training: cpu, cuda or cuda:N.')
         seed = self.declare('seed', 0, 'Seed of the initial weights (use the agent\'s) and of '
