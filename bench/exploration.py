@@ -15,14 +15,14 @@ mostly with respawns; the cells per episode (episodes as doom_world announces
 them on world/episode) measure how far the agent itself gets. The shares of
 forward, back, turning and standing-still actions, early and late, show what
 the policy learned. `--start X,Y` starts every episode at one map point
-(doom_world's `start`), `--preset` the models (small-latent: the policy
-on the encoder's latent), `--reward` and `--action-baseline` the learning
-run's reward options, `--runs learning` makes the learning runs
-alone (to compare with random runs made before: the random policy does not
-depend on those options).
+(doom_world's `start`), `--preset` the models (default small-latent, the
+graph's: the policy on the encoder's latent; small: on the frame),
+`--reward` and `--action-baseline` the learning run's reward options,
+`--runs learning` makes the learning runs alone (to compare with random
+runs made before: the random policy does not depend on those options).
 
     .venv/bin/python bench/exploration.py [--seeds 0 1] [--minutes 3] [--time-scale 3]
-        [--start 240,-176] [--preset small-latent] [--reward novel_curiosity]
+        [--start 240,-176] [--preset small] [--reward novel_curiosity]
         [--action-baseline]
         [--runs learning random]
 """
@@ -55,6 +55,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile  # noqa: E402
 from sensor_msgs.msg import Joy  # noqa: E402
 from std_msgs.msg import Float32, UInt32  # noqa: E402
 
+from ami_ros.core.presets import DEFAULT_PRESET  # noqa: E402
 from ami_ros.core.run_record import ExplorationMap  # noqa: E402
 from ami_ros.graph import default_params_file  # noqa: E402
 
@@ -84,7 +85,7 @@ class Run:
 
 def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: int,
              tmp: Path, start: str = '', reward: str = 'curiosity',
-             action_baseline: bool = False, preset: str = 'small') -> Run:
+             action_baseline: bool = False, preset: str = DEFAULT_PRESET) -> Run:
     """One run of the main job, watched from outside."""
     params = yaml.safe_load(default_params_file().read_text())
     params['/**/doom_world']['ros__parameters'].update(time_scale=time_scale, seed=seed, start=start)
@@ -183,9 +184,9 @@ def main() -> None:
                         help="the agent's reward (learning runs)")
     parser.add_argument('--action-baseline', action='store_true',
                         help="the policy trainer's action_baseline (learning runs)")
-    parser.add_argument('--preset', default='small', choices=['small', 'small-latent'],
-                        help="the graph's preset (small-latent: the policy acts on the encoder's "
-                             'latent); the untrained policy of either is uniform')
+    parser.add_argument('--preset', default=DEFAULT_PRESET, choices=['small', 'small-latent'],
+                        help="the graph's preset (small-latent, the default: the policy acts on "
+                             "the encoder's latent); the untrained policy of either is uniform")
     parser.add_argument('--runs', nargs='+', default=['learning', 'random'],
                         choices=['learning', 'random'],
                         help='which runs to make per seed (random alone gives a baseline to '
