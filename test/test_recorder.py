@@ -114,7 +114,7 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
         wait_for(lambda: list(artifacts.glob('*/artifacts/exploration/step_*.png')), 5,
                  message='a map snapshot')
     finally:
-        feeder.close()
+        feeder.stop.set()
         feeder.thread.join(2)
     assert recorder.stop(signal.SIGINT) == 0, recorder.output()
     assert 'finished: 120 agent steps' in recorder.output()

@@ -215,7 +215,8 @@ def make_node(context):
 
     def make(checkpoint: Path | str = '') -> DynamicsTrainerNode:
         node = DynamicsTrainerNode(context=context, parameter_overrides=[
-            Parameter('nice', value=0), Parameter('min_new', value=16), Parameter('max_batches', value=4),
+            Parameter('preset', value='small'), Parameter('nice', value=0),
+            Parameter('min_new', value=16), Parameter('max_batches', value=4),
             Parameter('checkpoint', value=str(checkpoint))])
         nodes.append(node)
         return node

@@ -200,7 +200,7 @@ def policy_node():
     context = rclpy.Context()
     rclpy.init(context=context)
     node = PolicyTrainerNode(context=context, parameter_overrides=[
-        Parameter('nice', value=0), Parameter('min_new', value=8),
+        Parameter('preset', value='small'), Parameter('nice', value=0), Parameter('min_new', value=8),
         Parameter('max_policy_lag', value=2)])
     yield node  # never activated: its training thread stays idle
     node.on_exit()
