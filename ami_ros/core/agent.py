@@ -70,6 +70,7 @@ class CuriosityAgent:
         self.reward_name = reward
         self.reward_fn = make_reward(reward)
         self.deterministic = deterministic
+        self.policy_on_latent = self.preset.policy.input == 'latent'
         self.generator = torch.Generator(device='cpu').manual_seed(seed)
         self.hidden = self.models['dynamics'].initial_hidden(1, self.device)
         self.prediction: Tensor | None = None  # mean of z_{t+1} predicted at step t
@@ -98,13 +99,9 @@ class CuriosityAgent:
     @torch.inference_mode()
     def _step(self, rgb: np.ndarray, on_action: Callable[[Tensor], None] | None) -> AgentStep:
         obs = to_observation(rgb).unsqueeze(0).to(self.device)
-        z = None
-        if self.preset.policy.input == 'latent':
-            # The policy acts on z, so the encoder runs before the action leaves.
-            z = self.models['encoder'].encode_mean(obs)
-            dist, value = self.models['policy'](z)
-        else:
-            dist, value = self.models['policy'](obs)
+        # A policy on the latent acts on z: then the encoder runs before the action leaves.
+        z = self.models['encoder'].encode_mean(obs) if self.policy_on_latent else None
+        dist, value = self.models['policy'](obs if z is None else z)
         if self.deterministic:
             action = dist.mode()
         else:

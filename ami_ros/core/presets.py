@@ -112,8 +112,7 @@ PRESETS: dict[str, Preset] = {
     # `small` with the policy on the encoder's latent instead of the frame.
     # A preset of its own, so that weights, experience and checkpoints of the
     # two policies are told apart by the preset check they already pass.
-    'small-latent': replace(_SMALL, name='small-latent',
-                            policy=PolicyConfig(hidden=128, input='latent')),
+    'small-latent': replace(_SMALL, name='small-latent', policy=replace(_SMALL.policy, input='latent')),
     # The reference system's sizes (about 8.7 M parameters).
     'ami': Preset(name='ami'),
     # A scale-up trial, meant for a GPU.
