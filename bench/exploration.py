@@ -19,7 +19,9 @@ the policy learned. `--start X,Y` starts every episode at one map point
 graph's: the policy on the encoder's latent; small: on the frame),
 `--reward` and `--action-baseline` the learning run's reward options,
 `--runs learning` makes the learning runs alone (to compare with random
-runs made before: the random policy does not depend on those options).
+runs made before: the random policy does not depend on those options). Next
+to the curves it writes every run's cells per episode and action shares as
+JSON (`--out` with .json), for comparisons across benches.
 
     .venv/bin/python bench/exploration.py [--seeds 0 1] [--minutes 3] [--time-scale 3]
         [--start 240,-176] [--preset small] [--reward novel_curiosity]
@@ -30,6 +32,7 @@ runs made before: the random policy does not depend on those options).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -199,6 +202,7 @@ def main() -> None:
           f'action_baseline {args.action_baseline}')
     curves: dict[str, list[list[int]]] = {'learning': [], 'random': []}
     per_episode: dict[str, list[int]] = {'learning': [], 'random': []}
+    records: list[dict] = []  # every run's episodes and shares, for analysis after the bench
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for label, train in (('learning', True), ('random', False)):
@@ -224,6 +228,14 @@ def main() -> None:
                       f'{np.mean(run.errors[-fifth:]):.4f} in the last', flush=True)
                 print('    actions, first fifth -> last fifth: ' + ', '.join(
                     f'{k} {first[k]:.2f} -> {final[k]:.2f}' for k in first), flush=True)
+                # Long runs: does the learning agent keep getting further?
+                fifths = np.array_split(np.asarray(run.episode_cells, float), 5)
+                print('    cells per episode by fifth of the run: ' + ', '.join(
+                    f'{f.mean():.1f}' if f.size else '-' for f in fifths), flush=True)
+                records.append({'seed': seed, 'run': label, 'steps': len(run.curve),
+                                'cells': run.curve[-1] if run.curve else 0,
+                                'episode_cells': run.episode_cells,
+                                'actions_first_fifth': first, 'actions_last_fifth': final})
     ran = [label for label in ('learning', 'random') if curves[label]]
     # Episodes differ a lot (their start, and chance): the standard error says
     # how far apart two means must be to mean anything.
@@ -242,7 +254,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(curves, out)
-    print(f'curves: {out}')
+    out.with_suffix('.json').write_text(json.dumps(
+        {'args': vars(args), 'machine': platform.node(), 'runs': records}, indent=1))
+    print(f'curves: {out}, runs: {out.with_suffix(".json")}')
 
 
 if __name__ == '__main__':
