@@ -107,6 +107,9 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
         episodes.publish(UInt32(data=3))
         wait_for(lambda: recorder_has(episode=3), 10, message='the recorder in episode 3')
         diagnostics.publish(DiagnosticArray(status=[_status('/agent', steps='120', latency_p99_ms='13.0')]))
+        # Taken in before the stop below: a message still queued at SIGINT is
+        # not part of the summary.
+        wait_for(lambda: recorder_has(agent_steps=120), 10, message='the agent at step 120')
         # A sample: the recorder subscribes to predictions, saves a picture, unsubscribes.
         wait_for(lambda: list(artifacts.glob('*/artifacts/frames/*.png')), 20, message='a frame sample')
         wait_for(lambda: feeder.prediction_listeners[-1] == 0, 5, message='the unsubscription')

@@ -28,7 +28,8 @@ Subscribes (relative names, except /diagnostics; only while active, but
                             subscribes, takes one, and unsubscribes
 Publishes:
   /diagnostics              its own status: run id, metrics logged, pending, cells,
-                            the current episode (-1 before the first) and its cells
+                            the current episode (-1 before the first) and its cells,
+                            the agent's steps last heard (-1 before any)
 
 Metric steps: the agent's step count (its diagnostics' `steps`, advanced by
 one per reward message between two diagnostics), else seconds since start
@@ -323,7 +324,8 @@ class RecorderNode(ManagedNode):
             dropped=writer.dropped if writer else 0,
             images_logged=self.images_logged, cells_visited=self.map.cells_visited,
             episode=-1 if self._episode is None else self._episode,
-            episode_cells=len(self._episode_cells))
+            episode_cells=len(self._episode_cells),
+            agent_steps=-1 if self._agent_steps is None else self._agent_steps)
         if writer is not None and writer.failed:
             self.diagnostics.warn('not recording: ' + (writer.error or '')[:200])
 
