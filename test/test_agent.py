@@ -1,10 +1,14 @@
 """The acting agent's core (no ROS): the action leaves before the rest of the step."""
 
+import math
+
 import numpy as np
+import pytest
 import torch
 
 from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.checkpoint import begin_checkpoint, commit_checkpoint
+from ami_ros.core.reward import prediction_nll
 
 
 def frames(n, seed=0):
@@ -102,3 +106,34 @@ def test_a_reward_with_memory_is_saved_and_restored_with_the_agent(tmp_path):
     plain = CuriosityAgent('small', seed=2)
     plain.load_checkpoint(path)
     assert plain.step(frames(1)[0]).reward > 0
+
+
+def test_an_icm_agent_is_rewarded_by_the_error_of_its_feature_prediction(tmp_path):
+    agent = CuriosityAgent('small-icm', seed=4)
+    dynamics = agent.models['dynamics']
+    for i, frame in enumerate(frames(4, seed=6)):
+        predicted_latent, predicted_features = agent.prediction, agent.feature_prediction
+        step = agent.step(frame)
+        if i == 0:
+            assert predicted_features is None and np.isnan(step.reward)
+            continue
+        with torch.no_grad():
+            z = step.latent[None]
+            in_features = float(prediction_nll(predicted_features, dynamics.features(z))[0])
+            in_latent = float(prediction_nll(predicted_latent, z)[0])
+        assert step.reward == pytest.approx(in_features, rel=1e-5)
+        assert step.reward != pytest.approx(in_latent, rel=1e-2)
+        # prediction_error stays the error in the latent, the one predicted frames show.
+        assert step.prediction_error == pytest.approx(in_latent / math.pi, rel=1e-5)
+    # A restored agent predicts the same features, so it is rewarded the same.
+    stage = begin_checkpoint(tmp_path)
+    agent.save_checkpoint(stage)
+    path = commit_checkpoint(stage, {'preset': 'small-icm'})
+    restored = CuriosityAgent('small-icm', seed=9)
+    restored.load_checkpoint(path)
+    assert torch.equal(restored.feature_prediction, agent.feature_prediction)
+    for frame in frames(3, seed=7):
+        x, y = agent.step(frame), restored.step(frame)
+        assert x.reward == y.reward and torch.equal(x.action, y.action)
+    agent.forget_prediction()
+    assert agent.prediction is None and agent.feature_prediction is None

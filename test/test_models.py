@@ -31,8 +31,8 @@ def small_models():
     return build_models('small', seed=0)
 
 
-@pytest.mark.parametrize('preset_name, batch', [('small', 4), ('small-latent', 3), ('ami', 2),
-                                                ('large', 1)])
+@pytest.mark.parametrize('preset_name, batch', [('small', 4), ('small-latent', 3), ('small-icm', 2),
+                                                ('ami', 2), ('large', 1)])
 def test_shapes(preset_name, batch):
     preset = get_preset(preset_name)
     latent = preset.encoder.latent
@@ -138,6 +138,34 @@ def test_dynamics_recurrent_equals_parallel(small_models, steps):
     with torch.no_grad():
         preds_zero, _ = dyn(z, dyn.initial_hidden(batch), action)
     assert (preds_zero - preds).abs().max() > 1e-3
+
+
+def test_inverse_dynamics_features_in_both_forms_and_only_where_the_preset_has_them():
+    plain = build_model('dynamics', 'small-latent').eval()
+    assert not plain.predicts_features
+    assert not any(name.startswith(('features', 'inverse', 'feature_output'))
+                   for name, _ in plain.named_parameters())
+    dyn = build_model('dynamics', 'small-icm').eval()
+    size = get_preset('small-icm').dynamics.inverse_features
+    assert dyn.predicts_features and dyn.feature_size == size > 0
+    g = torch.Generator().manual_seed(2)
+    batch, steps = 2, 5
+    z = torch.randn(batch, steps, dyn.latent, generator=g)
+    action = random_actions(batch, steps, generator=g)
+    with torch.no_grad():
+        _, none, _ = plain.step_with_features(z[:, 0], plain.initial_hidden(batch), action[:, 0])
+        assert none is None
+        preds, feats, hiddens = dyn.forward_with_features(z, dyn.initial_hidden(batch), action)
+        assert feats.shape == (batch, steps, size)
+        # The same recurrent state predicts both: the step form agrees with the parallel one.
+        h = dyn.initial_hidden(batch)
+        for t in range(steps):
+            pred, feat, h = dyn.step_with_features(z[:, t], h, action[:, t])
+            torch.testing.assert_close(pred, preds[:, t], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(feat, feats[:, t], atol=1e-5, rtol=1e-5)
+        assert dyn.features(z).shape == (batch, steps, size)
+        logits = dyn.inverse_logits(dyn.features(z[:, :-1]), dyn.features(z[:, 1:]))
+    assert [tuple(head.shape) for head in logits] == [(batch, steps - 1, n) for n in ACTION_CHOICES]
 
 
 def test_dynamics_keeps_no_state(small_models):

@@ -180,6 +180,37 @@ def test_a_policy_on_the_latent_learns_from_the_agents_latents(launch, test_node
         frames.close()
 
 
+def test_a_dynamics_with_inverse_features_is_trained_and_rewards_the_agent(launch, test_node):
+    # Preset small-icm: the dynamics trainer also learns the inverse-dynamics
+    # features (its diagnostics show their losses), the agent takes the new
+    # dynamics while it acts, and its reward, measured in those features,
+    # stays finite and positive.
+    preset = get_preset('small-icm')
+    steps: list[ExperienceStep] = []
+    test_node.node.create_subscription(
+        UInt8MultiArray, 'experience',
+        lambda msg: steps.append(decode_experience(bytes(msg.data), preset)), 200)
+    status: dict[str, str] = {}  # the dynamics trainer's diagnostics (Watch decodes `small` experience)
+    test_node.node.create_subscription(
+        DiagnosticArray, '/diagnostics',
+        lambda msg: status.update({kv.key: kv.value for st in msg.status
+                                   if st.name == '/dynamics_trainer' for kv in st.values}), 50)
+    frames = FrameFeeder(test_node, hz=FRAME_HZ)
+    try:
+        launch('agent', parameters={'preset': 'small-icm'})
+        trainer = launch('dynamics_trainer', parameters={**FAST, 'preset': 'small-icm'})
+        wait_for(lambda: steps and steps[-1].versions['dynamics'] >= 2, 60,
+                 message='two rounds of the dynamics with features in the agent')
+        wait_for(lambda: 'inverse_loss' in status, 10,
+                 message=f'the feature losses in the diagnostics: {status}')
+        assert 0 < float(status['inverse_loss']) < 10 and float(status['feature_loss']) >= 0, status
+        rewards = [s.reward for s in steps if s.versions['dynamics'] >= 2 and s.reward is not None]
+        assert rewards and all(np.isfinite(r) and r > 0 for r in rewards), rewards[:5]
+        assert trainer.alive(), trainer.output()
+    finally:
+        frames.close()
+
+
 # -- the policy trainer's staleness and break handling, in this process -------
 
 def _step(policy_version: int, reward: float | None = 0.5) -> ExperienceStep:

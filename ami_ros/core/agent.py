@@ -74,6 +74,8 @@ class CuriosityAgent:
         self.generator = torch.Generator(device='cpu').manual_seed(seed)
         self.hidden = self.models['dynamics'].initial_hidden(1, self.device)
         self.prediction: Tensor | None = None  # mean of z_{t+1} predicted at step t
+        # Its inverse-dynamics features, predicted with it, where the preset has them.
+        self.feature_prediction: Tensor | None = None
         self.steps = 0
         # Held by step() and swap(): new weights go in between two steps, never during one.
         self._lock = threading.Lock()
@@ -114,13 +116,18 @@ class CuriosityAgent:
         log_prob = dist.log_prob(action)
         if z is None:
             z = self.models['encoder'].encode_mean(obs)
+        dynamics = self.models['dynamics']
         if self.prediction is not None:
-            reward = float(self.reward_fn(self.prediction, z)[0])
+            if self.feature_prediction is not None:
+                reward = float(self.reward_fn(self.feature_prediction, dynamics.features(z))[0])
+            else:
+                reward = float(self.reward_fn(self.prediction, z)[0])
             error = float(torch.mean((self.prediction - z) ** 2))
         else:
             reward = error = math.nan
         hidden_used = self.hidden
-        self.prediction, self.hidden = self.models['dynamics'].step(z, hidden_used, action)
+        self.prediction, self.feature_prediction, self.hidden = dynamics.step_with_features(
+            z, hidden_used, action)
         self.steps += 1
         return AgentStep(action=action_cpu, log_prob=log_prob[0].cpu(),
                          value=float(value[0]), reward=reward, prediction_error=error,
@@ -137,7 +144,7 @@ class CuriosityAgent:
 
     def forget_prediction(self) -> None:
         """After a pause the last prediction no longer refers to the next frame."""
-        self.prediction = None
+        self.prediction = self.feature_prediction = None
 
     # -- weight sync --------------------------------------------------------
     def weight_specs(self, name: str) -> dict[str, TensorSpec]:
@@ -175,7 +182,7 @@ class CuriosityAgent:
 
     # -- checkpoints --------------------------------------------------------
     # models/<model>.safetensors          weights envelope (schema weights/<model>)
-    # interaction/agent/state.safetensors hidden state, sampling generator, prediction
+    # interaction/agent/state.safetensors hidden state, sampling generator, prediction(s)
     # interaction/agent/state.json        steps, versions, preset
     def save_checkpoint(self, stage) -> None:
         """Write the agent's part of a checkpoint into a staging directory."""
@@ -188,6 +195,8 @@ class CuriosityAgent:
             tensors = {'hidden': self.hidden.cpu(), 'generator': self.generator.get_state()}
             if self.prediction is not None:
                 tensors['prediction'] = self.prediction.cpu()
+            if self.feature_prediction is not None:
+                tensors['feature_prediction'] = self.feature_prediction.cpu()
             # A reward with memory (novel_curiosity's recent latents) is agent state too.
             if hasattr(self.reward_fn, 'state_dict'):
                 tensors.update({f'reward/{k}': v for k, v in self.reward_fn.state_dict().items()})
@@ -214,6 +223,9 @@ class CuriosityAgent:
             self.generator.set_state(state.tensors['generator'].contiguous())
             prediction = state.tensors.get('prediction')
             self.prediction = prediction.to(self.device) if prediction is not None else None
+            # A checkpoint of the same preset has it exactly when the dynamics predicts features.
+            features = state.tensors.get('feature_prediction')
+            self.feature_prediction = features.to(self.device) if features is not None else None
             self.steps = int(info['steps'])
             # The memory of another reward function means nothing to this one.
             reward_state = {k.split('/', 1)[1]: v for k, v in state.tensors.items()

@@ -110,7 +110,16 @@ class SConvBlock(nn.Module):
 
 
 class ForwardDynamics(nn.Module):
-    """Predicts the mean of z_{t+1} from z_t, the action a_t and the hidden state."""
+    """Predicts the mean of z_{t+1} from z_t, the action a_t and the hidden state.
+
+    With `cfg.inverse_features` > 0 it also learns features phi(z) by
+    predicting the action from (phi(z_t), phi(z_{t+1})), the inverse dynamics
+    of Pathak et al.'s curiosity module, and predicts phi(z_{t+1}) from the
+    same recurrent state; the agent's curiosity reward is then the error of
+    that prediction. Features that only need to tell the agent's actions
+    apart leave out what the agent cannot affect, and what follows from an
+    action (a turn shifting the view) is easy to predict in them.
+    """
 
     def __init__(self, latent: int, cfg: DynamicsConfig,
                  action_choices: tuple[int, ...] = ACTION_CHOICES) -> None:
@@ -125,6 +134,18 @@ class ForwardDynamics(nn.Module):
         self.blocks = nn.ModuleList(
             SConvBlock(cfg.dim, cfg.ffn, cfg.dropout) for _ in range(cfg.depth))
         self.output = nn.Linear(cfg.dim, latent)
+        self.feature_size = cfg.inverse_features
+        if self.feature_size > 0:
+            size = self.feature_size
+            self.features = nn.Sequential(nn.Linear(latent, 2 * size), nn.ELU(), nn.Linear(2 * size, size))
+            self.inverse = nn.Sequential(nn.Linear(2 * size, 4 * size), nn.ELU(),
+                                         nn.Linear(4 * size, sum(self.action_choices)))
+            self.feature_output = nn.Linear(cfg.dim, size)
+
+    @property
+    def predicts_features(self) -> bool:
+        """Whether the reward is measured in inverse-dynamics features (else in z)."""
+        return self.feature_size > 0
 
     def initial_hidden(self, batch: int = 1, device: torch.device | str | None = None) -> Tensor:
         """Zero state, complex64 [batch, depth, dim]."""
@@ -136,14 +157,23 @@ class ForwardDynamics(nn.Module):
         emb = [table(action[..., i]) for i, table in enumerate(self.action_embeddings)]
         return self.input(torch.cat([z, *emb], dim=-1))
 
+    def _feature_prediction(self, x: Tensor) -> Tensor | None:
+        return self.feature_output(x) if self.predicts_features else None
+
     def step(self, z: Tensor, hidden: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Recurrent form: z [B,L], hidden [B,depth,dim], action [B,5] -> (pred [B,L], hidden')."""
+        pred, _, hidden = self.step_with_features(z, hidden, action)
+        return pred, hidden
+
+    def step_with_features(self, z: Tensor, hidden: Tensor,
+                           action: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """`step`, and the predicted features of z_{t+1} [B,F] (None without features)."""
         x = self._embed(z, action)
         states = []
         for i, block in enumerate(self.blocks):
             x, h = block.step(x, hidden[:, i])
             states.append(h)
-        return self.output(x), torch.stack(states, dim=1)
+        return self.output(x), self._feature_prediction(x), torch.stack(states, dim=1)
 
     def forward(self, z: Tensor, hidden: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Parallel form: z [B,T,L], hidden [B,depth,dim], action [B,T,5] -> (pred [B,T,L], [B,T,depth,dim]).
@@ -151,12 +181,23 @@ class ForwardDynamics(nn.Module):
         hiddens[:, t] is the state after consuming step t, so hiddens[:, -1]
         equals the state T calls of `step` return.
         """
+        pred, _, hiddens = self.forward_with_features(z, hidden, action)
+        return pred, hiddens
+
+    def forward_with_features(self, z: Tensor, hidden: Tensor,
+                              action: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """`forward`, and the predicted features of z_{t+1} [B,T,F] (None without features)."""
         x = self._embed(z, action)
         states = []
         for i, block in enumerate(self.blocks):
             x, h = block(x, hidden[:, i])
             states.append(h)
-        return self.output(x), torch.stack(states, dim=2)
+        return self.output(x), self._feature_prediction(x), torch.stack(states, dim=2)
+
+    def inverse_logits(self, features_now: Tensor, features_next: Tensor) -> list[Tensor]:
+        """Logits of the action taken between two steps' features, one [..., n] per head."""
+        logits = self.inverse(torch.cat([features_now, features_next], dim=-1))
+        return list(logits.split(self.action_choices, dim=-1))
 
     @staticmethod
     def distribution(pred_mean: Tensor) -> Normal:

@@ -25,6 +25,11 @@ class DynamicsConfig:
     ffn: int = 512
     action_embedding: int = 8  # per action head
     dropout: float = 0.1
+    # Size of the features the curiosity reward is measured in, learnt by
+    # predicting the agent's own action from two consecutive latents (the
+    # inverse-dynamics features of Pathak et al. 2017); 0: the reward is the
+    # error in the VAE latent itself.
+    inverse_features: int = 0
 
 
 POLICY_INPUTS: tuple[str, ...] = ('image', 'latent')
@@ -62,6 +67,10 @@ class DynamicsTrainingConfig:
     chunk: int = 9  # consecutive steps per training sequence
     buffer_size: int = 2048
     min_new: int = 128
+    # Loss weights of the inverse-dynamics features (DynamicsConfig.inverse_features > 0):
+    # Pathak et al.'s 0.2 forward / 0.8 inverse, added to the latent prediction's loss.
+    feature_coef: float = 0.2
+    inverse_coef: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -106,13 +115,19 @@ _SMALL = Preset(
     ppo_training=PPOTrainingConfig(lr=3e-4, steps=64),
 )
 
+_SMALL_LATENT = replace(_SMALL, name='small-latent', policy=replace(_SMALL.policy, input='latent'))
+
 PRESETS: dict[str, Preset] = {
     # Fast on a 2-core CPU: tests, and with small-latent the default run.
     'small': _SMALL,
     # `small` with the policy on the encoder's latent instead of the frame.
     # A preset of its own, so that weights, experience and checkpoints of the
     # two policies are told apart by the preset check they already pass.
-    'small-latent': replace(_SMALL, name='small-latent', policy=replace(_SMALL.policy, input='latent')),
+    'small-latent': _SMALL_LATENT,
+    # `small-latent` with the curiosity reward measured in 32 inverse-dynamics
+    # features instead of the 64-dimensional VAE latent.
+    'small-icm': replace(_SMALL_LATENT, name='small-icm',
+                         dynamics=replace(_SMALL_LATENT.dynamics, inverse_features=32)),
     # The reference system's sizes (about 8.7 M parameters).
     'ami': Preset(name='ami'),
     # A scale-up trial, meant for a GPU.

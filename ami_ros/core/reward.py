@@ -4,7 +4,9 @@ The reward at step t is -log p(z_t | prediction made at t-1) under the
 dynamics' Gaussian with fixed std 1/sqrt(2*pi), i.e. pi * (z - mu)^2 per
 dimension. It is averaged (not summed) over the latent dimension so that the
 reward scale, and with it PPO's value targets, does not depend on the latent
-size of the preset.
+size of the preset. Where the preset's dynamics has inverse-dynamics features
+(`small-icm`), the agent passes the predicted and observed features instead
+of latents: the same measure, in the space of Pathak et al.'s curiosity module.
 """
 
 from __future__ import annotations

@@ -373,6 +373,13 @@ class DynamicsTrainer(_Trainer):
     step and runs the parallel form over chunk-1 transitions; loss =
     prediction_nll(pred, next latent).mean() (the curiosity reward's own
     measure). Gradients are clipped to `max_grad_norm`.
+
+    A dynamics with inverse-dynamics features adds, weighted by the config's
+    `feature_coef` and `inverse_coef`, the NLL of the predicted next features
+    (against features held fixed) and the cross-entropy of the action read
+    from two consecutive steps' features (mean over heads); the round's
+    metrics then also give latent_loss, feature_loss, inverse_loss and
+    inverse_turn_accuracy.
     """
 
     kind = 'dynamics'
@@ -400,6 +407,31 @@ class DynamicsTrainer(_Trainer):
     def ready(self) -> bool:
         return len(self.buffer) >= self.cfg.chunk and self.buffer.new_count >= self.cfg.min_new
 
+    def _loss(self, z: Tensor, h0: Tensor, a: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
+        if not self.dynamics.predicts_features:
+            pred, _ = self.dynamics(z, h0, a)
+            return prediction_nll(pred, target).mean(), {}
+        pred, feature_pred, _ = self.dynamics.forward_with_features(z, h0, a)
+        latent_loss = prediction_nll(pred, target).mean()
+        features_now = self.dynamics.features(z)
+        features_next = self.dynamics.features(target)
+        # The features learn only from the inverse loss: a forward loss that
+        # reached them could shrink them towards what is easy to predict.
+        feature_loss = prediction_nll(feature_pred, features_next.detach()).mean()
+        logits = self.dynamics.inverse_logits(features_now, features_next)
+        inverse_loss = sum(F.cross_entropy(head.flatten(0, -2), a[..., i].flatten())
+                           for i, head in enumerate(logits)) / len(logits)
+        loss = (latent_loss + self.cfg.feature_coef * feature_loss
+                + self.cfg.inverse_coef * inverse_loss)
+        with torch.no_grad():
+            # How well the features tell the turn (look horizontal) apart, the
+            # action that moves the view most; chance is about 1/3.
+            turn_accuracy = (logits[2].argmax(-1) == a[..., 2]).float().mean()
+        return loss, {'latent_loss': float(latent_loss.detach()),
+                      'feature_loss': float(feature_loss.detach()),
+                      'inverse_loss': float(inverse_loss.detach()),
+                      'inverse_turn_accuracy': float(turn_accuracy)}
+
     def _round(self) -> dict[str, float]:
         z, h0, a, target = self.buffer.chunks(self.cfg.chunk, mark_trained=True)
         if len(z) == 0:
@@ -411,8 +443,10 @@ class DynamicsTrainer(_Trainer):
             epoch_loss, epoch_batches = 0.0, 0
             for idx in self._minibatches(len(z), self.cfg.batch_size, self.max_batches):
                 dev = self.device
-                pred, _ = self.dynamics(z[idx].to(dev), h0[idx].to(dev), a[idx].to(dev))
-                loss = prediction_nll(pred, target[idx].to(self.device)).mean()
+                loss, parts = self._loss(z[idx].to(dev), h0[idx].to(dev), a[idx].to(dev),
+                                         target[idx].to(dev))
+                for key, value in parts.items():
+                    totals[key] = totals.get(key, 0.0) + value
                 totals['grad_norm'] += self._step(loss, self.max_grad_norm)
                 epoch_loss += float(loss.detach())
                 epoch_batches += 1
