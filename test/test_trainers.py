@@ -182,12 +182,17 @@ def _held_out_nll(dynamics: torch.nn.Module, world: _ToyWorld, steps: int = 64) 
     return total / steps
 
 
-def test_dynamics_trainer_learns_a_deterministic_transition():
-    preset = with_overrides(get_preset('small'), dynamics_training=dict(buffer_size=128, min_new=64))
+def _toy_dynamics_trainer(preset_name: str) -> tuple[DynamicsTrainer, _ToyWorld]:
+    """A dynamics trainer with a small buffer, and a toy world run by a copy of its model."""
+    preset = with_overrides(get_preset(preset_name), dynamics_training=dict(buffer_size=128, min_new=64))
     torch.manual_seed(0)
     dynamics = build_models(preset, seed=0)['dynamics']
     world = _ToyWorld(copy.deepcopy(dynamics), seed=1)
-    trainer = DynamicsTrainer(dynamics, preset.dynamics_training, seed=0)
+    return DynamicsTrainer(dynamics, preset.dynamics_training, seed=0), world
+
+
+def test_dynamics_trainer_learns_a_deterministic_transition():
+    trainer, world = _toy_dynamics_trainer('small')
     before = _held_out_nll(trainer.dynamics, world)
     world.feed(trainer, 63)
     assert not trainer.ready()
@@ -207,11 +212,8 @@ def test_dynamics_trainer_learns_features_that_tell_the_action_apart():
     # In the toy world the first action head moves the latent; the inverse
     # head must learn to read it from two consecutive latents' features
     # (chance: 1/3), while the latent prediction is learnt as before.
-    preset = with_overrides(get_preset('small-icm'), dynamics_training=dict(buffer_size=128, min_new=64))
-    torch.manual_seed(0)
-    dynamics = build_models(preset, seed=0)['dynamics']
-    world = _ToyWorld(copy.deepcopy(dynamics), seed=1)
-    trainer = DynamicsTrainer(dynamics, preset.dynamics_training, seed=0)
+    trainer, world = _toy_dynamics_trainer('small-icm')
+    dynamics = trainer.dynamics
 
     def held_out_accuracy() -> float:
         gen = torch.Generator().manual_seed(7)

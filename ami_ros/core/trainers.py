@@ -413,8 +413,9 @@ class DynamicsTrainer(_Trainer):
             return prediction_nll(pred, target).mean(), {}
         pred, feature_pred, _ = self.dynamics.forward_with_features(z, h0, a)
         latent_loss = prediction_nll(pred, target).mean()
-        features_now = self.dynamics.features(z)
-        features_next = self.dynamics.features(target)
+        # target is z shifted by one step: the window's features, computed once.
+        window = self.dynamics.features(torch.cat([z[:, :1], target], dim=1))
+        features_now, features_next = window[:, :-1], window[:, 1:]
         # The features learn only from the inverse loss: a forward loss that
         # reached them could shrink them towards what is easy to predict.
         feature_loss = prediction_nll(feature_pred, features_next.detach()).mean()
