@@ -187,10 +187,12 @@ def main() -> None:
                         help="the agent's reward (learning runs)")
     parser.add_argument('--action-baseline', action='store_true',
                         help="the policy trainer's action_baseline (learning runs)")
-    parser.add_argument('--preset', default=DEFAULT_PRESET, choices=['small', 'small-latent', 'small-icm'],
+    parser.add_argument('--preset', default=DEFAULT_PRESET,
+                        choices=['small', 'small-latent', 'small-icm', 'small-memory'],
                         help="the graph's preset (small-latent, the default: the policy acts on "
                              "the encoder's latent; small-icm: and is rewarded in inverse-dynamics "
-                             "features); the untrained policy of each is uniform")
+                             "features; small-memory: and also sees the dynamics' hidden state); "
+                             "the untrained policy of each is uniform")
     parser.add_argument('--runs', nargs='+', default=['learning', 'random'],
                         choices=['learning', 'random'],
                         help='which runs to make per seed (random alone gives a baseline to '

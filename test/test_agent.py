@@ -8,6 +8,7 @@ import torch
 
 from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.checkpoint import begin_checkpoint, commit_checkpoint
+from ami_ros.core.policy import policy_observation
 from ami_ros.core.reward import prediction_nll
 
 
@@ -74,6 +75,24 @@ def test_a_policy_on_the_latent_acts_on_the_encoders_z_of_this_frame():
         assert torch.equal(seen[-1][0], step.latent)
     # The encoder runs once per step, before the policy and the action.
     assert order == ['encoder', 'policy', 'action'] * 3
+
+
+def test_a_policy_on_the_hidden_state_acts_on_what_the_step_records():
+    # small-memory: the policy trainer rebuilds each step's input from the
+    # experience (z and the hidden state the step used); PPO's importance
+    # ratio is only right if that is exactly what the agent acted on.
+    agent = CuriosityAgent('small-memory', seed=3)
+    policy = agent.models['policy']
+    hiddens = set()
+    for frame in frames(4, seed=5):
+        step = agent.step(frame)
+        with torch.no_grad():
+            rebuilt = policy_observation('latent-hidden', None, step.latent, step.hidden)
+            dist, value = policy(rebuilt[None])
+        assert torch.allclose(dist.log_prob(step.action[None])[0], step.log_prob, atol=1e-6)
+        assert float(value[0]) == pytest.approx(step.value, abs=1e-6)
+        hiddens.add(step.hidden.abs().sum().item())
+    assert len(hiddens) == 4  # a new state every step: the input is not constant
 
 
 def test_handing_out_the_action_early_changes_nothing_the_step_produces():

@@ -17,7 +17,7 @@ from ami_ros.core.models import (
     count_parameters,
     parameter_counts,
 )
-from ami_ros.core.policy import MultiCategorical
+from ami_ros.core.policy import MultiCategorical, PolicyValue, policy_observation
 from ami_ros.core.presets import ACTION_CHOICES, IMAGE_SHAPE, PolicyConfig, get_preset
 
 
@@ -32,7 +32,7 @@ def small_models():
 
 
 @pytest.mark.parametrize('preset_name, batch', [('small', 4), ('small-latent', 3), ('small-icm', 2),
-                                                ('ami', 2), ('large', 1)])
+                                                ('small-memory', 2), ('ami', 2), ('large', 1)])
 def test_shapes(preset_name, batch):
     preset = get_preset(preset_name)
     latent = preset.encoder.latent
@@ -65,8 +65,9 @@ def test_shapes(preset_name, batch):
         assert preds.shape == (batch, 3, latent)
         assert hs.shape == (batch, 3, dyn.depth, dyn.dim) and hs.dtype == torch.complex64
 
-        # The policy sees what its preset says: the frame or the encoder's z.
-        dist, value = models['policy'](z if preset.policy.input == 'latent' else obs)
+        # The policy sees what its preset says: the frame, the encoder's z, or
+        # z and the dynamics' hidden state.
+        dist, value = models['policy'](policy_observation(preset.policy.input, obs, z, h1))
         assert value.shape == (batch,)
         action = dist.sample()
         assert action.shape == (batch, len(ACTION_CHOICES)) and action.dtype == torch.int64
@@ -99,6 +100,35 @@ def test_a_policy_on_the_latent_is_an_mlp_that_takes_no_image():
         policy(torch.rand(1, *IMAGE_SHAPE))
     with pytest.raises(ValueError, match="policy input 'pixels' is not one of image, latent"):
         PolicyConfig(input='pixels')
+
+
+def test_a_policy_on_the_hidden_state_tells_two_histories_apart():
+    # The same frame's z after two different pasts: a policy on the latent
+    # alone cannot tell them apart, one that also reads the dynamics' hidden
+    # state can. Its hidden part is layer-normalised, so it does not care how
+    # large the state is, only what it holds.
+    torch.manual_seed(0)
+    models = build_models('small-memory', seed=0)
+    dyn, policy = models['dynamics'].eval(), models['policy'].eval()
+    z = torch.randn(1, get_preset('small-memory').encoder.latent)
+    pasts = []
+    with torch.no_grad():
+        for seed in (1, 2):
+            g = torch.Generator().manual_seed(seed)
+            h = dyn.initial_hidden(1)
+            for _ in range(5):
+                _, h = dyn.step(torch.randn(z.shape, generator=g), h, random_actions(1))
+            pasts.append(h)
+        first, second = (policy(policy_observation('latent-hidden', None, z, h))[0].logits
+                         for h in pasts)
+        assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(first, second, strict=True))
+        scaled = policy(policy_observation('latent-hidden', None, z, 10 * pasts[0]))[0].logits
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(first, scaled, strict=True))
+        on_latent = build_model('policy', 'small-latent').eval()
+        assert torch.equal(on_latent(policy_observation('latent', None, z, pasts[0]))[0].logits[0],
+                           on_latent(policy_observation('latent', None, z, pasts[1]))[0].logits[0])
+    with pytest.raises(ValueError, match='needs the hidden size'):
+        PolicyValue(get_preset('small-memory').policy, latent_size=64)
 
 
 def test_build_model_names_and_seed():

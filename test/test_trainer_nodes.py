@@ -160,19 +160,21 @@ def test_a_trainer_started_before_the_agent_pushes_once_it_appears(launch, graph
     assert vae.alive()
 
 
-def test_a_policy_on_the_latent_learns_from_the_agents_latents(launch, test_node):
-    # Preset small-latent: the policy trainer trains on the latents the agent
-    # publishes in `experience` (an image in its MLP would fail the round),
-    # and the agent takes the new weights while it acts on them.
-    preset = get_preset('small-latent')
+@pytest.mark.parametrize('preset_name', ['small-latent', 'small-memory'])
+def test_a_policy_on_the_latent_learns_from_the_agents_latents(launch, test_node, preset_name):
+    # Presets small-latent and small-memory: the policy trainer trains on the
+    # latents (and hidden states) the agent publishes in `experience` (an
+    # image, or a latent alone for small-memory, would not fit its MLP and
+    # fail the round), and the agent takes the new weights while it acts on them.
+    preset = get_preset(preset_name)
     versions: list[int] = []
     test_node.node.create_subscription(
         UInt8MultiArray, 'experience',
         lambda msg: versions.append(decode_experience(bytes(msg.data), preset).versions['policy']), 200)
     frames = FrameFeeder(test_node, hz=FRAME_HZ)
     try:
-        launch('agent', parameters={'preset': 'small-latent'})
-        trainer = launch('policy_trainer', parameters={**FAST_POLICY, 'preset': 'small-latent'})
+        launch('agent', parameters={'preset': preset_name})
+        trainer = launch('policy_trainer', parameters={**FAST_POLICY, 'preset': preset_name})
         wait_for(lambda: versions and versions[-1] >= 2, 60,
                  message='two rounds of the latent policy in the agent')
         assert trainer.alive(), trainer.output()

@@ -242,7 +242,7 @@ def test_dynamics_trainer_learns_features_that_tell_the_action_apart():
 
 
 @pytest.mark.parametrize('preset_name, action_baseline', [
-    ('small', False), ('small', True), ('small-latent', False)])
+    ('small', False), ('small', True), ('small-latent', False), ('small-memory', False)])
 def test_ppo_trainer_learns_a_bandit_in_every_head(preset_name, action_baseline):
     # Short credit horizon for a bandit: the reward follows its action at once.
     # A reward that depends on the action alone is exactly what the action
@@ -250,13 +250,15 @@ def test_ppo_trainer_learns_a_bandit_in_every_head(preset_name, action_baseline)
     # learns from float32 latents as one on the frame does from uint8 images.
     preset = with_overrides(get_preset(preset_name), ppo_training=dict(
         lr=1e-3, gamma=0.5, gae_lambda=0.5, action_baseline=action_baseline))
-    latent = preset.policy.input == 'latent'
+    latent = preset.policy.input != 'image'
     torch.manual_seed(0)
     policy = build_models(preset, seed=0)['policy']
     trainer = PPOTrainer(policy, preset.ppo_training, seed=0)
     target = torch.tensor([2, 1, 0, 1, 1])
     gen = torch.Generator().manual_seed(3)
-    shape = (preset.encoder.latent,) if latent else (3, 84, 84)
+    # A latent policy's input: z, and for small-memory the hidden state's features after it.
+    memory = 2 * preset.dynamics.depth * preset.dynamics.dim if preset.policy.input == 'latent-hidden' else 0
+    shape = (preset.encoder.latent + memory,) if latent else (3, 84, 84)
     probe = torch.randn(16, *shape, generator=gen) if latent else torch.rand(16, *shape, generator=gen)
 
     def target_probs() -> list[float]:

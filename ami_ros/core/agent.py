@@ -26,6 +26,7 @@ from ami_ros.core.checkpoint import read_json, read_tensors, write_json, write_t
 from ami_ros.core.envelope import EnvelopeError, TensorSpec, specs_of
 from ami_ros.core.models import MODEL_NAMES, build_models
 from ami_ros.core.observation import to_observation
+from ami_ros.core.policy import policy_observation
 from ami_ros.core.presets import IMAGE_SHAPE, Preset, get_preset
 from ami_ros.core.reward import make_reward
 from ami_ros.core.schemas import decode_weights, weights_schema
@@ -70,7 +71,8 @@ class CuriosityAgent:
         self.reward_name = reward
         self.reward_fn = make_reward(reward)
         self.deterministic = deterministic
-        self.policy_on_latent = self.preset.policy.input == 'latent'
+        self.policy_input = self.preset.policy.input
+        self.policy_on_latent = self.policy_input != 'image'
         self.generator = torch.Generator(device='cpu').manual_seed(seed)
         self.hidden = self.models['dynamics'].initial_hidden(1, self.device)
         self.prediction: Tensor | None = None  # mean of z_{t+1} predicted at step t
@@ -103,7 +105,7 @@ class CuriosityAgent:
         obs = to_observation(rgb).unsqueeze(0).to(self.device)
         # A policy on the latent acts on z: then the encoder runs before the action leaves.
         z = self.models['encoder'].encode_mean(obs) if self.policy_on_latent else None
-        dist, value = self.models['policy'](obs if z is None else z)
+        dist, value = self.models['policy'](policy_observation(self.policy_input, obs, z, self.hidden))
         if self.deterministic:
             action = dist.mode()
         else:

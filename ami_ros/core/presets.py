@@ -32,7 +32,7 @@ class DynamicsConfig:
     inverse_features: int = 0
 
 
-POLICY_INPUTS: tuple[str, ...] = ('image', 'latent')
+POLICY_INPUTS: tuple[str, ...] = ('image', 'latent', 'latent-hidden')
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,10 @@ class PolicyConfig:
     hidden: int = 512
     # What the policy sees: 'image', the frame through its own conv trunk (the
     # reference's design); 'latent', the encoder's z through an MLP, so it acts
-    # on the features the VAE learns (README, Performance: exploration).
+    # on the features the VAE learns (README, Performance: exploration);
+    # 'latent-hidden', z and the forward dynamics' hidden state (the state it
+    # predicts the next latent from), so the policy also has a memory of the
+    # steps before, as the reference system's later policies do.
     input: str = 'image'
 
     def __post_init__(self) -> None:
@@ -128,6 +131,10 @@ PRESETS: dict[str, Preset] = {
     # features instead of the 64-dimensional VAE latent.
     'small-icm': replace(_SMALL_LATENT, name='small-icm',
                          dynamics=replace(_SMALL_LATENT.dynamics, inverse_features=32)),
+    # `small-latent` with the dynamics' hidden state as the policy's input
+    # too: it can tell walking on from being stuck, or a room it just left.
+    'small-memory': replace(_SMALL_LATENT, name='small-memory',
+                            policy=replace(_SMALL.policy, input='latent-hidden')),
     # The reference system's sizes (about 8.7 M parameters).
     'ami': Preset(name='ami'),
     # A scale-up trial, meant for a GPU.

@@ -38,6 +38,7 @@ from typing import Any
 
 from torch import nn
 
+from ami_ros.core.policy import policy_observation
 from ami_ros.core.presets import Preset, with_overrides
 from ami_ros.core.schemas import ExperienceStep
 from ami_ros.core.trainers import PPOTrainer
@@ -71,8 +72,9 @@ class PolicyTrainerNode(ExperienceTrainerNode):
         # Without the previous action's reward no trajectory may span this step.
         if not follows or step.reward is None:
             self.trainer.buffer.break_sequence()
-        # What the policy acted on: the frame, or the latent the agent's encoder made of it.
-        seen = step.latent if self.preset.policy.input == 'latent' else step.observation
+        # What the policy acted on: the frame, or the latent the agent's encoder
+        # made of it (and the dynamics hidden state the agent held then).
+        seen = policy_observation(self.preset.policy.input, step.observation, step.latent, step.hidden)
         self.trainer.add(seen, step.action, step.log_prob, step.value,
                          0.0 if step.reward is None else step.reward,
                          policy_version=step.versions['policy'])
