@@ -21,11 +21,14 @@ graph's: the policy on the encoder's latent; small: on the frame),
 `--runs learning` makes the learning runs alone (to compare with random
 runs made before: the random policy does not depend on those options). Next
 to the curves it writes every run's cells per episode and action shares as
-JSON (`--out` with .json), for comparisons across benches.
+JSON (`--out` with .json), for comparisons across benches. `--trace` adds
+every step's place and prediction error to it, and prints where the error
+(the curiosity reward's measure) was high: in cells new to the episode or
+seen before, near the start or away from it.
 
     .venv/bin/python bench/exploration.py [--seeds 0 1] [--minutes 3] [--time-scale 3]
         [--start 240,-176] [--preset small] [--reward novel_curiosity]
-        [--action-baseline]
+        [--action-baseline] [--trace]
         [--runs learning random]
 """
 
@@ -77,6 +80,9 @@ class Run:
     errors: list[float] = field(default_factory=list)  # the agent's prediction errors
     episode_cells: list[int] = field(default_factory=list)  # distinct cells per finished episode
     actions: list[tuple[float, ...]] = field(default_factory=list)  # Joy axes + buttons per step
+    # Per world step: episode, map x, y, and whether the step entered a cell
+    # new to its episode (with --trace, to see where the curiosity reward is high).
+    trace: list[tuple[int, int, int, bool]] = field(default_factory=list)
 
     def action_shares(self, part: slice) -> dict[str, float]:
         """How often the actions in `part` moved forward, turned, or held still."""
@@ -119,7 +125,8 @@ def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: in
 
     def on_pose(msg: PoseStamped) -> None:
         x, y = msg.pose.position.x, msg.pose.position.y
-        episode.visit(x, y)
+        new = episode.visit(x, y)
+        run.trace.append((len(run.episode_cells), round(x), round(y), new))
         explored.visit(x, y)
         run.curve.append(explored.cells_visited)
 
@@ -147,6 +154,34 @@ def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: in
         node.destroy_node()
         rclpy.try_shutdown(context=context)
     return run
+
+
+def print_trace(run: Run, start: str) -> list[tuple[int, int, int, bool, float]]:
+    """Where was the prediction error (the curiosity reward's measure) high?
+
+    Poses and errors come one per world step on two topics; they are paired
+    from the end (a subscription may miss the first few of either), which
+    may shift them by a step: enough to tell rooms apart. Prints the mean
+    error on steps that entered a cell new to their episode against steps in
+    cells seen before, and near the start (within 160 map units) against
+    away from it, by half of the run. Returns the paired steps.
+    """
+    n = min(len(run.trace), len(run.errors))
+    # The world publishes poses before the agent has started; a gap beyond
+    # that start-up would say the pairing slipped.
+    print(f'    {len(run.trace)} poses, {len(run.errors)} prediction errors paired from the end',
+          flush=True)
+    steps = [(*t, float(e)) for t, e in zip(run.trace[-n:], run.errors[-n:], strict=True)]
+    sx, sy = (float(v) for v in start.split(',')) if start else (math.nan, math.nan)
+    for name, part in (('first half', steps[:n // 2]), ('second half', steps[n // 2:])):
+        error = np.asarray([s[4] for s in part])
+        new = np.asarray([s[3] for s in part], bool)
+        near = np.asarray([math.hypot(s[1] - sx, s[2] - sy) < 160 for s in part], bool)
+        means = [f'{label} {error[mask].mean():.4f} ({mask.mean():.0%} of steps)'
+                 for label, mask in (('new cell', new), ('seen cell', ~new),
+                                     ('near the start', near), ('away', ~near)) if mask.any()]
+        print(f'    prediction error, {name}: ' + ', '.join(means), flush=True)
+    return [(e, x, y, bool(new), round(err, 5)) for e, x, y, new, err in steps]
 
 
 def plot(curves: dict[str, list[list[int]]], path: Path) -> None:
@@ -197,6 +232,9 @@ def main() -> None:
                         choices=['learning', 'random'],
                         help='which runs to make per seed (random alone gives a baseline to '
                              'reuse; the random policy does not depend on the reward options)')
+    parser.add_argument('--trace', action='store_true',
+                        help='also write every step (episode, x, y, new cell, prediction error) '
+                             'to the JSON, and print the prediction error by where the agent was')
     parser.add_argument('--out', default='bench/results/exploration.png')
     args = parser.parse_args()
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
@@ -239,6 +277,8 @@ def main() -> None:
                                 'cells': run.curve[-1] if run.curve else 0,
                                 'episode_cells': run.episode_cells,
                                 'actions_first_fifth': first, 'actions_last_fifth': final})
+                if args.trace:
+                    records[-1]['trace'] = print_trace(run, args.start)
     ran = [label for label in ('learning', 'random') if curves[label]]
     # Episodes differ a lot (their start, and chance): the standard error says
     # how far apart two means must be to mean anything.

@@ -348,7 +348,8 @@ class TrajectoryBuffer:
         """Append entry t; `reward` rewards the action of entry t-1.
 
         `observation` is what the policy acted on: a uint8 image or a float32
-        latent, the same kind for every entry."""
+        vector (the latent, or policy.policy_observation's latent and hidden
+        state), the same kind for every entry."""
         if observation.dtype not in (torch.uint8, torch.float32):
             raise ValueError(f'observation must be a uint8 image or a float32 latent, '
                              f'got {observation.dtype}')

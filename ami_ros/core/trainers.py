@@ -513,9 +513,9 @@ class PPOTrainer(_Trainer):
 
     def add(self, observation: Tensor, action: Tensor, log_prob: Tensor, value: float | Tensor,
             reward: float | Tensor, policy_version: int) -> None:
-        """Entry t: observation (what the policy acted on: uint8 [3,84,84] or
-        the float32 latent), action [5], log_prob [5], value; `reward` is for
-        the action of entry t-1."""
+        """Entry t: observation (what the policy acted on, see
+        policy.policy_observation: uint8 [3,84,84] or a float32 vector),
+        action [5], log_prob [5], value; `reward` is for the action of entry t-1."""
         self.buffer.add(observation, action, log_prob, value, reward, policy_version)
 
     def ready(self) -> bool:
