@@ -77,6 +77,43 @@ def test_a_policy_on_the_latent_acts_on_the_encoders_z_of_this_frame():
     assert order == ['encoder', 'policy', 'action'] * 3
 
 
+def test_an_ensemble_agent_is_paid_the_disagreement_of_its_last_prediction(tmp_path):
+    # small-ensemble: the reward for an action is how much the dynamics'
+    # members disagreed on what it would bring, computed with the prediction
+    # and paid with the next frame; a restored agent pays the same.
+    agent = CuriosityAgent('small-ensemble', seed=4)
+    dynamics = agent.models['dynamics']
+    previous = None
+    for frame in frames(4, seed=8):
+        owed = agent.disagreement
+        step = agent.step(frame)
+        if previous is None:
+            assert owed is None and np.isnan(step.reward)
+        else:
+            assert step.reward == pytest.approx(float(owed[0]), rel=1e-6)
+            # The members' variance for the previous step's z, state and action.
+            with torch.no_grad():
+                _, _, recomputed, _ = dynamics.step_with_extras(
+                    previous.latent[None], previous.hidden[None], previous.action[None])
+            assert step.reward == pytest.approx(float(recomputed[0]), rel=1e-5)
+            # Not the prediction's error, which the latent's metric still reports.
+            assert step.reward != pytest.approx(step.prediction_error * math.pi, rel=1e-2)
+        previous = step
+    stage = begin_checkpoint(tmp_path)
+    agent.save_checkpoint(stage)
+    path = commit_checkpoint(stage, {'preset': 'small-ensemble'})
+    restored = CuriosityAgent('small-ensemble', seed=9)
+    restored.load_checkpoint(path)
+    assert torch.equal(restored.disagreement, agent.disagreement)
+    for frame in frames(3, seed=7):
+        x, y = agent.step(frame), restored.step(frame)
+        assert x.reward == y.reward and torch.equal(x.action, y.action)
+    agent.forget_prediction()
+    assert agent.disagreement is None
+    with pytest.raises(ValueError, match='use reward:=curiosity'):
+        CuriosityAgent('small-ensemble', reward='novel_curiosity')
+
+
 def test_a_policy_on_the_hidden_state_acts_on_what_the_step_records():
     # small-memory: the policy trainer rebuilds each step's input from the
     # experience (z and the hidden state the step used); PPO's importance

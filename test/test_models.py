@@ -18,7 +18,7 @@ from ami_ros.core.models import (
     parameter_counts,
 )
 from ami_ros.core.policy import MultiCategorical, PolicyValue, policy_observation
-from ami_ros.core.presets import ACTION_CHOICES, IMAGE_SHAPE, PolicyConfig, get_preset
+from ami_ros.core.presets import ACTION_CHOICES, IMAGE_SHAPE, DynamicsConfig, PolicyConfig, get_preset
 
 
 def random_actions(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -32,7 +32,8 @@ def small_models():
 
 
 @pytest.mark.parametrize('preset_name, batch', [('small', 4), ('small-latent', 3), ('small-icm', 2),
-                                                ('small-memory', 2), ('ami', 2), ('large', 1)])
+                                                ('small-memory', 2), ('small-ensemble', 2), ('ami', 2),
+                                                ('large', 1)])
 def test_shapes(preset_name, batch):
     preset = get_preset(preset_name)
     latent = preset.encoder.latent
@@ -129,6 +130,36 @@ def test_a_policy_on_the_hidden_state_tells_two_histories_apart():
                            on_latent(policy_observation('latent', None, z, pasts[1]))[0].logits[0])
     with pytest.raises(ValueError, match='needs the hidden size'):
         PolicyValue(get_preset('small-memory').policy, latent_size=64)
+
+
+def test_an_ensembles_disagreement_in_both_forms_and_only_where_the_preset_has_one():
+    plain = build_model('dynamics', 'small-latent').eval()
+    assert not plain.rewards_disagreement and len(plain.ensemble_heads) == 0
+    dyn = build_model('dynamics', 'small-ensemble').eval()
+    members = get_preset('small-ensemble').dynamics.ensemble
+    assert dyn.rewards_disagreement and len(dyn.ensemble_heads) == members - 1
+    g = torch.Generator().manual_seed(3)
+    batch, steps = 2, 4
+    z = torch.randn(batch, steps, dyn.latent, generator=g)
+    action = random_actions(batch, steps, generator=g)
+    with torch.no_grad():
+        assert plain.step_with_extras(z[:, 0], plain.initial_hidden(batch), action[:, 0])[2] is None
+        preds, _, ensemble, _ = dyn.forward_with_extras(z, dyn.initial_hidden(batch), action)
+        assert ensemble.shape == (batch, steps, members - 1, dyn.latent)
+        h = dyn.initial_hidden(batch)
+        for t in range(steps):
+            pred, _, disagreement, h = dyn.step_with_extras(z[:, t], h, action[:, t])
+            torch.testing.assert_close(pred, preds[:, t], atol=1e-5, rtol=1e-5)
+            # pi * the members' variance, mean over the latent, as the trainer computes it.
+            members_now = torch.cat([preds[:, t, None], ensemble[:, t]], dim=1)
+            expected = math.pi * members_now.var(dim=1).mean(dim=-1)
+            torch.testing.assert_close(disagreement, expected, atol=1e-5, rtol=1e-4)
+            assert (disagreement > 0).all()
+    # Members that agree do not disagree.
+    same = preds[:, :1].unsqueeze(2).expand(batch, 1, members - 1, dyn.latent)
+    assert torch.allclose(dyn.disagreement(preds[:, :1], same), torch.zeros(batch, 1))
+    with pytest.raises(ValueError, match='ensemble must be >= 1'):
+        ForwardDynamics(64, DynamicsConfig(ensemble=0))
 
 
 def test_build_model_names_and_seed():

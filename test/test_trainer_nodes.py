@@ -182,12 +182,16 @@ def test_a_policy_on_the_latent_learns_from_the_agents_latents(launch, test_node
         frames.close()
 
 
-def test_a_dynamics_with_inverse_features_is_trained_and_rewards_the_agent(launch, test_node):
-    # Preset small-icm: the dynamics trainer also learns the inverse-dynamics
-    # features (its diagnostics show their losses), the agent takes the new
-    # dynamics while it acts, and its reward, measured in those features,
-    # stays finite and positive.
-    preset = get_preset('small-icm')
+@pytest.mark.parametrize('preset_name, losses', [
+    ('small-icm', ('feature_loss', 'inverse_loss')), ('small-ensemble', ('ensemble_loss', 'disagreement'))])
+def test_a_dynamics_with_a_reward_of_its_own_is_trained_and_rewards_the_agent(
+        launch, test_node, preset_name, losses):
+    # Presets small-icm and small-ensemble: the dynamics trainer also learns
+    # the inverse-dynamics features or the ensemble's extra heads (its
+    # diagnostics show their losses), the agent takes the new dynamics while
+    # it acts, and its reward, measured in those features or as the
+    # ensemble's disagreement, stays finite and positive.
+    preset = get_preset(preset_name)
     steps: list[ExperienceStep] = []
     test_node.node.create_subscription(
         UInt8MultiArray, 'experience',
@@ -199,13 +203,14 @@ def test_a_dynamics_with_inverse_features_is_trained_and_rewards_the_agent(launc
                                    if st.name == '/dynamics_trainer' for kv in st.values}), 50)
     frames = FrameFeeder(test_node, hz=FRAME_HZ)
     try:
-        launch('agent', parameters={'preset': 'small-icm'})
-        trainer = launch('dynamics_trainer', parameters={**FAST, 'preset': 'small-icm'})
+        launch('agent', parameters={'preset': preset_name})
+        trainer = launch('dynamics_trainer', parameters={**FAST, 'preset': preset_name})
         wait_for(lambda: steps and steps[-1].versions['dynamics'] >= 2, 60,
-                 message='two rounds of the dynamics with features in the agent')
-        wait_for(lambda: 'inverse_loss' in status, 10,
-                 message=f'the feature losses in the diagnostics: {status}')
-        assert 0 < float(status['inverse_loss']) < 10 and float(status['feature_loss']) >= 0, status
+                 message=f'two rounds of the {preset_name} dynamics in the agent')
+        wait_for(lambda: all(key in status for key in losses), 10,
+                 message=f'{", ".join(losses)} in the diagnostics: {status}')
+        values = [float(status[key]) for key in (*losses, 'latent_loss')]
+        assert all(np.isfinite(v) and 0 <= v < 100 for v in values), status
         rewards = [s.reward for s in steps if s.versions['dynamics'] >= 2 and s.reward is not None]
         assert rewards and all(np.isfinite(r) and r > 0 for r in rewards), rewards[:5]
         assert trainer.alive(), trainer.output()

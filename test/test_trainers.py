@@ -241,6 +241,40 @@ def test_dynamics_trainer_learns_features_that_tell_the_action_apart():
     assert before < 0.5 and after > 0.9, (before, after)
 
 
+def test_the_ensembles_disagreement_falls_where_it_has_learnt_and_stays_elsewhere():
+    # small-ensemble: the reward is how much the dynamics' predictors disagree.
+    # Trained on the toy world it must fall on that world's transitions and
+    # stay high on latents unlike any it was trained on (here 4x as large),
+    # the two things that make it a reward for going where the model is new.
+    trainer, world = _toy_dynamics_trainer('small-ensemble')
+    dynamics = trainer.dynamics
+
+    def held_out_disagreement(scale: float) -> float:
+        gen = torch.Generator().manual_seed(5)
+        z = scale * torch.randn(dynamics.latent, generator=gen)
+        dynamics.eval()
+        h, total = dynamics.initial_hidden(1), 0.0
+        with torch.no_grad():
+            for _ in range(32):
+                a = world.action()
+                _, _, disagreement, h = dynamics.step_with_extras(z[None], h, a[None])
+                total += float(disagreement[0])
+                z = world.next_latent(z, a)
+        return total / 32
+
+    before = held_out_disagreement(1.0)
+    world.feed(trainer, 128)
+    rounds = []
+    for _ in range(6):
+        rounds.append(trainer.train_round())
+        world.feed(trainer, 64)
+    assert {'latent_loss', 'ensemble_loss', 'disagreement'} <= set(rounds[0])
+    assert rounds[-1]['ensemble_loss'] < 0.3 * rounds[0]['ensemble_loss'], rounds
+    after, unseen = held_out_disagreement(1.0), held_out_disagreement(4.0)
+    assert after < 0.5 * before, (before, after)
+    assert unseen > 3 * after, (after, unseen)
+
+
 @pytest.mark.parametrize('preset_name, action_baseline', [
     ('small', False), ('small', True), ('small-latent', False), ('small-memory', False)])
 def test_ppo_trainer_learns_a_bandit_in_every_head(preset_name, action_baseline):

@@ -4,7 +4,8 @@ Each step samples the five-part action from the policy, hands it out at
 once (the action only needs the policy, so it leaves before the rest of the
 step is done; a policy on the latent needs the encoder first), then encodes
 the frame (unless the policy already did), scores the previous step's prediction
-against it (the curiosity reward) and predicts the next latent with the
+against it (the curiosity reward; with an ensemble in the dynamics, the reward
+is instead how much its members disagreed on that prediction) and predicts the next latent with the
 forward dynamics, carrying the dynamics' hidden state explicitly from step to
 step. The agent node is a thin shell around this class; benchmarks drive it
 directly.
@@ -70,6 +71,9 @@ class CuriosityAgent:
         self.versions = dict.fromkeys(MODEL_NAMES, 0)
         self.reward_name = reward
         self.reward_fn = make_reward(reward)
+        if self.models['dynamics'].rewards_disagreement and reward != 'curiosity':
+            raise ValueError(f'preset {self.preset.name!r} rewards the disagreement of its dynamics '
+                             f'ensemble, which reward {reward!r} cannot modify; use reward:=curiosity')
         self.deterministic = deterministic
         self.policy_input = self.preset.policy.input
         self.policy_on_latent = self.policy_input != 'image'
@@ -78,6 +82,9 @@ class CuriosityAgent:
         self.prediction: Tensor | None = None  # mean of z_{t+1} predicted at step t
         # Its inverse-dynamics features, predicted with it, where the preset has them.
         self.feature_prediction: Tensor | None = None
+        # How much the dynamics' ensemble disagreed on it, where the preset has one:
+        # the reward of the action taken with it, paid when the next frame comes.
+        self.disagreement: Tensor | None = None
         self.steps = 0
         # Held by step() and swap(): new weights go in between two steps, never during one.
         self._lock = threading.Lock()
@@ -120,7 +127,9 @@ class CuriosityAgent:
             z = self.models['encoder'].encode_mean(obs)
         dynamics = self.models['dynamics']
         if self.prediction is not None:
-            if self.feature_prediction is not None:
+            if self.disagreement is not None:
+                reward = float(self.disagreement[0])
+            elif self.feature_prediction is not None:
                 reward = float(self.reward_fn(self.feature_prediction, dynamics.features(z))[0])
             else:
                 reward = float(self.reward_fn(self.prediction, z)[0])
@@ -128,8 +137,8 @@ class CuriosityAgent:
         else:
             reward = error = math.nan
         hidden_used = self.hidden
-        self.prediction, self.feature_prediction, self.hidden = dynamics.step_with_features(
-            z, hidden_used, action)
+        self.prediction, self.feature_prediction, self.disagreement, self.hidden = (
+            dynamics.step_with_extras(z, hidden_used, action))
         self.steps += 1
         return AgentStep(action=action_cpu, log_prob=log_prob[0].cpu(),
                          value=float(value[0]), reward=reward, prediction_error=error,
@@ -146,7 +155,7 @@ class CuriosityAgent:
 
     def forget_prediction(self) -> None:
         """After a pause the last prediction no longer refers to the next frame."""
-        self.prediction = self.feature_prediction = None
+        self.prediction = self.feature_prediction = self.disagreement = None
 
     # -- weight sync --------------------------------------------------------
     def weight_specs(self, name: str) -> dict[str, TensorSpec]:
@@ -184,7 +193,8 @@ class CuriosityAgent:
 
     # -- checkpoints --------------------------------------------------------
     # models/<model>.safetensors          weights envelope (schema weights/<model>)
-    # interaction/agent/state.safetensors hidden state, sampling generator, prediction(s)
+    # interaction/agent/state.safetensors hidden state, sampling generator, prediction(s),
+    #                                     the ensemble's disagreement
     # interaction/agent/state.json        steps, versions, preset
     def save_checkpoint(self, stage) -> None:
         """Write the agent's part of a checkpoint into a staging directory."""
@@ -199,6 +209,8 @@ class CuriosityAgent:
                 tensors['prediction'] = self.prediction.cpu()
             if self.feature_prediction is not None:
                 tensors['feature_prediction'] = self.feature_prediction.cpu()
+            if self.disagreement is not None:
+                tensors['disagreement'] = self.disagreement.cpu()
             # A reward with memory (novel_curiosity's recent latents) is agent state too.
             if hasattr(self.reward_fn, 'state_dict'):
                 tensors.update({f'reward/{k}': v for k, v in self.reward_fn.state_dict().items()})
@@ -228,6 +240,8 @@ class CuriosityAgent:
             # A checkpoint of the same preset has it exactly when the dynamics predicts features.
             features = state.tensors.get('feature_prediction')
             self.feature_prediction = features.to(self.device) if features is not None else None
+            disagreement = state.tensors.get('disagreement')
+            self.disagreement = disagreement.to(self.device) if disagreement is not None else None
             self.steps = int(info['steps'])
             # The memory of another reward function means nothing to this one.
             reward_state = {k.split('/', 1)[1]: v for k, v in state.tensors.items()

@@ -134,6 +134,10 @@ class ForwardDynamics(nn.Module):
         self.blocks = nn.ModuleList(
             SConvBlock(cfg.dim, cfg.ffn, cfg.dropout) for _ in range(cfg.depth))
         self.output = nn.Linear(cfg.dim, latent)
+        if cfg.ensemble < 1:
+            raise ValueError(f'dynamics ensemble must be >= 1 predictor, got {cfg.ensemble}')
+        # The other members of the ensemble: linear heads on the same features.
+        self.ensemble_heads = nn.ModuleList(nn.Linear(cfg.dim, latent) for _ in range(cfg.ensemble - 1))
         self.feature_size = cfg.inverse_features
         if self.feature_size > 0:
             size = self.feature_size
@@ -146,6 +150,26 @@ class ForwardDynamics(nn.Module):
     def predicts_features(self) -> bool:
         """Whether the reward is measured in inverse-dynamics features (else in z)."""
         return self.feature_size > 0
+
+    @property
+    def rewards_disagreement(self) -> bool:
+        """Whether the reward is the ensemble's disagreement (else the prediction's error)."""
+        return len(self.ensemble_heads) > 0
+
+    def ensemble_predictions(self, x: Tensor) -> Tensor:
+        """The extra heads' predictions of z_{t+1} [..., heads-1, L] from the recurrent
+        features x [..., dim]; detached from them, so that the extra heads do
+        not change what the recurrent layers and the main prediction learn."""
+        x = x.detach()
+        return torch.stack([head(x) for head in self.ensemble_heads], dim=-2)
+
+    @staticmethod
+    def disagreement(pred: Tensor, ensemble: Tensor) -> Tensor:
+        """pi * the variance over the ensemble (the main prediction [..., L] and the
+        extra heads' [..., heads-1, L]), mean over the latent [...]: in the units
+        of the curiosity reward, the NLL under the fixed-std Gaussian."""
+        members = torch.cat([pred.unsqueeze(-2), ensemble], dim=-2)
+        return math.pi * members.var(dim=-2).mean(dim=-1)
 
     def initial_hidden(self, batch: int = 1, device: torch.device | str | None = None) -> Tensor:
         """Zero state, complex64 [batch, depth, dim]."""
@@ -168,12 +192,22 @@ class ForwardDynamics(nn.Module):
     def step_with_features(self, z: Tensor, hidden: Tensor,
                            action: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """`step`, and the predicted features of z_{t+1} [B,F] (None without features)."""
+        pred, features, _, hidden = self.step_with_extras(z, hidden, action)
+        return pred, features, hidden
+
+    def step_with_extras(self, z: Tensor, hidden: Tensor,
+                         action: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """`step_with_features`, and the ensemble's disagreement [B] (None without one):
+        (prediction, features, disagreement, hidden')."""
         x = self._embed(z, action)
         states = []
         for i, block in enumerate(self.blocks):
             x, h = block.step(x, hidden[:, i])
             states.append(h)
-        return self.output(x), self._feature_prediction(x), torch.stack(states, dim=1)
+        pred = self.output(x)
+        disagreement = (self.disagreement(pred, self.ensemble_predictions(x))
+                        if self.rewards_disagreement else None)
+        return pred, self._feature_prediction(x), disagreement, torch.stack(states, dim=1)
 
     def forward(self, z: Tensor, hidden: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Parallel form: z [B,T,L], hidden [B,depth,dim], action [B,T,5] -> (pred [B,T,L], [B,T,depth,dim]).
@@ -187,12 +221,20 @@ class ForwardDynamics(nn.Module):
     def forward_with_features(self, z: Tensor, hidden: Tensor,
                               action: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """`forward`, and the predicted features of z_{t+1} [B,T,F] (None without features)."""
+        pred, features, _, hiddens = self.forward_with_extras(z, hidden, action)
+        return pred, features, hiddens
+
+    def forward_with_extras(self, z: Tensor, hidden: Tensor, action: Tensor
+                            ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """`forward_with_features`, and the extra ensemble heads' predictions
+        [B,T,heads-1,L] (None without an ensemble), for training them."""
         x = self._embed(z, action)
         states = []
         for i, block in enumerate(self.blocks):
             x, h = block(x, hidden[:, i])
             states.append(h)
-        return self.output(x), self._feature_prediction(x), torch.stack(states, dim=2)
+        ensemble = self.ensemble_predictions(x) if self.rewards_disagreement else None
+        return self.output(x), self._feature_prediction(x), ensemble, torch.stack(states, dim=2)
 
     def inverse_logits(self, features_now: Tensor, features_next: Tensor) -> list[Tensor]:
         """Logits of the action taken between two steps' features, one [..., n] per head."""

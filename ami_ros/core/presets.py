@@ -30,6 +30,12 @@ class DynamicsConfig:
     # inverse-dynamics features of Pathak et al. 2017); 0: the reward is the
     # error in the VAE latent itself.
     inverse_features: int = 0
+    # Predictors of z_{t+1} in an ensemble (the main one and heads - 1 linear
+    # heads on the same recurrent features, each trained on its own random
+    # half of every batch); with more than one, the curiosity reward is how
+    # much they disagree (Pathak et al. 2019), which stays high where the
+    # model has seen little and falls where the next view is merely noisy.
+    ensemble: int = 1
 
 
 POLICY_INPUTS: tuple[str, ...] = ('image', 'latent', 'latent-hidden')
@@ -135,6 +141,9 @@ PRESETS: dict[str, Preset] = {
     # too: it can tell walking on from being stuck, or a room it just left.
     'small-memory': replace(_SMALL_LATENT, name='small-memory',
                             policy=replace(_SMALL.policy, input='latent-hidden')),
+    # `small-latent` rewarded by the disagreement of five predictors of z_{t+1}.
+    'small-ensemble': replace(_SMALL_LATENT, name='small-ensemble',
+                              dynamics=replace(_SMALL_LATENT.dynamics, ensemble=5)),
     # The reference system's sizes (about 8.7 M parameters).
     'ami': Preset(name='ami'),
     # A scale-up trial, meant for a GPU.

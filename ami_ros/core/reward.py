@@ -7,6 +7,9 @@ reward scale, and with it PPO's value targets, does not depend on the latent
 size of the preset. Where the preset's dynamics has inverse-dynamics features
 (`small-icm`), the agent passes the predicted and observed features instead
 of latents: the same measure, in the space of Pathak et al.'s curiosity module.
+Where it has an ensemble of predictors (`small-ensemble`), the reward is their
+disagreement instead (ForwardDynamics.disagreement, in the same units), paid
+for the action the prediction was made with.
 """
 
 from __future__ import annotations

@@ -408,30 +408,42 @@ class DynamicsTrainer(_Trainer):
         return len(self.buffer) >= self.cfg.chunk and self.buffer.new_count >= self.cfg.min_new
 
     def _loss(self, z: Tensor, h0: Tensor, a: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
-        if not self.dynamics.predicts_features:
-            pred, _ = self.dynamics(z, h0, a)
-            return prediction_nll(pred, target).mean(), {}
-        pred, feature_pred, _ = self.dynamics.forward_with_features(z, h0, a)
+        pred, feature_pred, ensemble, _ = self.dynamics.forward_with_extras(z, h0, a)
         latent_loss = prediction_nll(pred, target).mean()
-        # target is z shifted by one step: the window's features, computed once.
-        window = self.dynamics.features(torch.cat([z[:, :1], target], dim=1))
-        features_now, features_next = window[:, :-1], window[:, 1:]
-        # The features learn only from the inverse loss: a forward loss that
-        # reached them could shrink them towards what is easy to predict.
-        feature_loss = prediction_nll(feature_pred, features_next.detach()).mean()
-        logits = self.dynamics.inverse_logits(features_now, features_next)
-        inverse_loss = sum(F.cross_entropy(head.flatten(0, -2), a[..., i].flatten())
-                           for i, head in enumerate(logits)) / len(logits)
-        loss = (latent_loss + self.cfg.feature_coef * feature_loss
-                + self.cfg.inverse_coef * inverse_loss)
-        with torch.no_grad():
-            # How well the features tell the turn (look horizontal) apart, the
-            # action that moves the view most; chance is about 1/3.
-            turn_accuracy = (logits[2].argmax(-1) == a[..., 2]).float().mean()
-        return loss, {'latent_loss': float(latent_loss.detach()),
-                      'feature_loss': float(feature_loss.detach()),
-                      'inverse_loss': float(inverse_loss.detach()),
-                      'inverse_turn_accuracy': float(turn_accuracy)}
+        loss, metrics = latent_loss, {}
+        if feature_pred is not None:
+            # target is z shifted by one step: the window's features, computed once.
+            window = self.dynamics.features(torch.cat([z[:, :1], target], dim=1))
+            features_now, features_next = window[:, :-1], window[:, 1:]
+            # The features learn only from the inverse loss: a forward loss that
+            # reached them could shrink them towards what is easy to predict.
+            feature_loss = prediction_nll(feature_pred, features_next.detach()).mean()
+            logits = self.dynamics.inverse_logits(features_now, features_next)
+            inverse_loss = sum(F.cross_entropy(head.flatten(0, -2), a[..., i].flatten())
+                               for i, head in enumerate(logits)) / len(logits)
+            loss = loss + self.cfg.feature_coef * feature_loss + self.cfg.inverse_coef * inverse_loss
+            with torch.no_grad():
+                # How well the features tell the turn (look horizontal) apart, the
+                # action that moves the view most; chance is about 1/3.
+                turn_accuracy = (logits[2].argmax(-1) == a[..., 2]).float().mean()
+            metrics.update(feature_loss=float(feature_loss.detach()),
+                           inverse_loss=float(inverse_loss.detach()),
+                           inverse_turn_accuracy=float(turn_accuracy))
+        if ensemble is not None:
+            # Each extra head learns from its own random half of the chunks (a
+            # bootstrap), so the heads agree only where there is data enough.
+            nll = prediction_nll(ensemble, target.unsqueeze(-2))  # [B, T, heads-1]
+            mask = (torch.rand(nll.shape[0], 1, nll.shape[2], generator=self.generator) < 0.5)
+            mask = mask.to(nll.device, nll.dtype).expand_as(nll)
+            ensemble_loss = (nll * mask).sum() / mask.sum().clamp(min=1.0)
+            loss = loss + ensemble_loss
+            with torch.no_grad():
+                disagreement = self.dynamics.disagreement(pred, ensemble).mean()
+            metrics.update(ensemble_loss=float(ensemble_loss.detach()),
+                           disagreement=float(disagreement))
+        if metrics:
+            metrics['latent_loss'] = float(latent_loss.detach())
+        return loss, metrics
 
     def _round(self) -> dict[str, float]:
         z, h0, a, target = self.buffer.chunks(self.cfg.chunk, mark_trained=True)

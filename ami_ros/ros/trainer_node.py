@@ -121,7 +121,9 @@ Diagnostics (/diagnostics, status named after the node, every second):
     vae_trainer       loss, reconstruction, kl, grad_norm
     dynamics_trainer  loss, loss_last_epoch, grad_norm; with inverse-dynamics
                       features (preset small-icm) also latent_loss,
-                      feature_loss, inverse_loss, inverse_turn_accuracy
+                      feature_loss, inverse_loss, inverse_turn_accuracy;
+                      with an ensemble (small-ensemble) latent_loss,
+                      ensemble_loss, disagreement
     policy_trainer    loss, policy_loss, value_loss, entropy, approx_kl,
                       clip_fraction, grad_norm, reward_mean, advantage_mean,
                       return_mean, policy_version_min
