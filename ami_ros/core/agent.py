@@ -3,12 +3,12 @@
 Each step samples the five-part action from the policy, hands it out at
 once (the action only needs the policy, so it leaves before the rest of the
 step is done; a policy on the latent needs the encoder first), then encodes
-the frame (unless the policy already did), scores the previous step's prediction
-against it (the curiosity reward; with an ensemble in the dynamics, the reward
-is instead how much its members disagreed on that prediction) and predicts the next latent with the
-forward dynamics, carrying the dynamics' hidden state explicitly from step to
-step. The agent node is a thin shell around this class; benchmarks drive it
-directly.
+the frame (unless the policy already did), scores the previous step's
+prediction against it (the curiosity reward; with an ensemble in the
+dynamics, the reward is instead how much its members disagreed on that
+prediction) and predicts the next latent with the forward dynamics, carrying
+the dynamics' hidden state explicitly from step to step. The agent node is a
+thin shell around this class; benchmarks drive it directly.
 """
 
 from __future__ import annotations

@@ -379,7 +379,9 @@ class DynamicsTrainer(_Trainer):
     (against features held fixed) and the cross-entropy of the action read
     from two consecutive steps' features (mean over heads); the round's
     metrics then also give latent_loss, feature_loss, inverse_loss and
-    inverse_turn_accuracy.
+    inverse_turn_accuracy. A dynamics with an ensemble adds its extra heads'
+    NLL, each head on its own random half of the chunks (a bootstrap); the
+    metrics then give latent_loss, ensemble_loss and disagreement.
     """
 
     kind = 'dynamics'
