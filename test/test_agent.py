@@ -17,6 +17,22 @@ def frames(n, seed=0):
     return [rng.integers(0, 255, (84, 84, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def restored_copy(agent: CuriosityAgent, tmp_path) -> CuriosityAgent:
+    """A new agent of the same preset (another seed) restored from `agent`'s checkpoint."""
+    stage = begin_checkpoint(tmp_path)
+    agent.save_checkpoint(stage)
+    path = commit_checkpoint(stage, {'preset': agent.preset.name})
+    restored = CuriosityAgent(agent.preset.name, seed=9)
+    restored.load_checkpoint(path)
+    return restored
+
+
+def assert_acting_and_rewarded_alike(a: CuriosityAgent, b: CuriosityAgent) -> None:
+    for frame in frames(3, seed=7):
+        x, y = a.step(frame), b.step(frame)
+        assert x.reward == y.reward and torch.equal(x.action, y.action)
+
+
 def test_action_is_handed_out_before_the_encoder_and_dynamics_run():
     agent = CuriosityAgent('small', seed=3)
     calls = []
@@ -99,15 +115,9 @@ def test_an_ensemble_agent_is_paid_the_disagreement_of_its_last_prediction(tmp_p
             # Not the prediction's error, which the latent's metric still reports.
             assert step.reward != pytest.approx(step.prediction_error * math.pi, rel=1e-2)
         previous = step
-    stage = begin_checkpoint(tmp_path)
-    agent.save_checkpoint(stage)
-    path = commit_checkpoint(stage, {'preset': 'small-ensemble'})
-    restored = CuriosityAgent('small-ensemble', seed=9)
-    restored.load_checkpoint(path)
+    restored = restored_copy(agent, tmp_path)
     assert torch.equal(restored.disagreement, agent.disagreement)
-    for frame in frames(3, seed=7):
-        x, y = agent.step(frame), restored.step(frame)
-        assert x.reward == y.reward and torch.equal(x.action, y.action)
+    assert_acting_and_rewarded_alike(agent, restored)
     agent.forget_prediction()
     assert agent.disagreement is None
     with pytest.raises(ValueError, match='use reward:=curiosity'):
@@ -182,14 +192,8 @@ def test_an_icm_agent_is_rewarded_by_the_error_of_its_feature_prediction(tmp_pat
         # prediction_error stays the error in the latent, the one predicted frames show.
         assert step.prediction_error == pytest.approx(in_latent / math.pi, rel=1e-5)
     # A restored agent predicts the same features, so it is rewarded the same.
-    stage = begin_checkpoint(tmp_path)
-    agent.save_checkpoint(stage)
-    path = commit_checkpoint(stage, {'preset': 'small-icm'})
-    restored = CuriosityAgent('small-icm', seed=9)
-    restored.load_checkpoint(path)
+    restored = restored_copy(agent, tmp_path)
     assert torch.equal(restored.feature_prediction, agent.feature_prediction)
-    for frame in frames(3, seed=7):
-        x, y = agent.step(frame), restored.step(frame)
-        assert x.reward == y.reward and torch.equal(x.action, y.action)
+    assert_acting_and_rewarded_alike(agent, restored)
     agent.forget_prediction()
     assert agent.prediction is None and agent.feature_prediction is None
