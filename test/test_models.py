@@ -214,14 +214,14 @@ def test_inverse_dynamics_features_in_both_forms_and_only_where_the_preset_has_t
     z = torch.randn(batch, steps, dyn.latent, generator=g)
     action = random_actions(batch, steps, generator=g)
     with torch.no_grad():
-        _, none, _ = plain.step_with_features(z[:, 0], plain.initial_hidden(batch), action[:, 0])
+        _, none, _, _ = plain.step_with_extras(z[:, 0], plain.initial_hidden(batch), action[:, 0])
         assert none is None
-        preds, feats, hiddens = dyn.forward_with_features(z, dyn.initial_hidden(batch), action)
+        preds, feats, _, hiddens = dyn.forward_with_extras(z, dyn.initial_hidden(batch), action)
         assert feats.shape == (batch, steps, size)
         # The same recurrent state predicts both: the step form agrees with the parallel one.
         h = dyn.initial_hidden(batch)
         for t in range(steps):
-            pred, feat, h = dyn.step_with_features(z[:, t], h, action[:, t])
+            pred, feat, _, h = dyn.step_with_extras(z[:, t], h, action[:, t])
             torch.testing.assert_close(pred, preds[:, t], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(feat, feats[:, t], atol=1e-5, rtol=1e-5)
         assert dyn.features(z).shape == (batch, steps, size)

@@ -186,19 +186,14 @@ class ForwardDynamics(nn.Module):
 
     def step(self, z: Tensor, hidden: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Recurrent form: z [B,L], hidden [B,depth,dim], action [B,5] -> (pred [B,L], hidden')."""
-        pred, _, hidden = self.step_with_features(z, hidden, action)
+        pred, _, _, hidden = self.step_with_extras(z, hidden, action)
         return pred, hidden
-
-    def step_with_features(self, z: Tensor, hidden: Tensor,
-                           action: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """`step`, and the predicted features of z_{t+1} [B,F] (None without features)."""
-        pred, features, _, hidden = self.step_with_extras(z, hidden, action)
-        return pred, features, hidden
 
     def step_with_extras(self, z: Tensor, hidden: Tensor,
                          action: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-        """`step_with_features`, and the ensemble's disagreement [B] (None without one):
-        (prediction, features, disagreement, hidden')."""
+        """`step`, with what some presets add: (prediction, the predicted features of
+        z_{t+1} [B,F] (None without features), the ensemble's disagreement [B]
+        (None without one), hidden')."""
         x = self._embed(z, action)
         states = []
         for i, block in enumerate(self.blocks):
@@ -215,19 +210,14 @@ class ForwardDynamics(nn.Module):
         hiddens[:, t] is the state after consuming step t, so hiddens[:, -1]
         equals the state T calls of `step` return.
         """
-        pred, _, hiddens = self.forward_with_features(z, hidden, action)
+        pred, _, _, hiddens = self.forward_with_extras(z, hidden, action)
         return pred, hiddens
-
-    def forward_with_features(self, z: Tensor, hidden: Tensor,
-                              action: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """`forward`, and the predicted features of z_{t+1} [B,T,F] (None without features)."""
-        pred, features, _, hiddens = self.forward_with_extras(z, hidden, action)
-        return pred, features, hiddens
 
     def forward_with_extras(self, z: Tensor, hidden: Tensor, action: Tensor
                             ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-        """`forward_with_features`, and the extra ensemble heads' predictions
-        [B,T,heads-1,L] (None without an ensemble), for training them."""
+        """`forward`, with what some presets add: (predictions, the predicted features
+        [B,T,F] (None without features), the extra ensemble heads' predictions
+        [B,T,heads-1,L] (None without an ensemble), hiddens)."""
         x = self._embed(z, action)
         states = []
         for i, block in enumerate(self.blocks):
