@@ -109,8 +109,8 @@ def test_an_ensemble_agent_is_paid_the_disagreement_of_its_last_prediction(tmp_p
             assert step.reward == pytest.approx(float(owed[0]), rel=1e-6)
             # The members' variance for the previous step's z, state and action.
             with torch.no_grad():
-                _, _, recomputed, _ = dynamics.step_with_extras(
-                    previous.latent[None], previous.hidden[None], previous.action[None])
+                recomputed = dynamics.step_with_extras(
+                    previous.latent[None], previous.hidden[None], previous.action[None]).disagreement
             assert step.reward == pytest.approx(float(recomputed[0]), rel=1e-5)
             # Not the prediction's error, which the latent's metric still reports.
             assert step.reward != pytest.approx(step.prediction_error * math.pi, rel=1e-2)
@@ -197,3 +197,36 @@ def test_an_icm_agent_is_rewarded_by_the_error_of_its_feature_prediction(tmp_pat
     assert_acting_and_rewarded_alike(agent, restored)
     agent.forget_prediction()
     assert agent.prediction is None and agent.feature_prediction is None
+
+
+def test_an_aleatoric_agent_is_paid_the_error_beyond_the_one_it_expected(tmp_path):
+    # small-aleatoric: the dynamics' head guesses, from the state a prediction
+    # is made from, how large its error will be; the reward is the error less
+    # that guess, computed with the next frame.
+    agent = CuriosityAgent('small-aleatoric', seed=4)
+    dynamics = agent.models['dynamics']
+    previous = None
+    for frame in frames(4, seed=9):
+        predicted, expected = agent.prediction, agent.expected_error
+        step = agent.step(frame)
+        if previous is None:
+            assert expected is None and np.isnan(step.reward)
+        else:
+            error = float(prediction_nll(predicted, step.latent[None])[0])
+            # The guess for the previous step's z, state and action, recomputed.
+            with torch.no_grad():
+                guess = float(dynamics.step_with_extras(
+                    previous.latent[None], previous.hidden[None], previous.action[None]).expected_error[0])
+            assert float(expected[0]) == pytest.approx(guess, rel=1e-5)
+            assert step.reward == pytest.approx(error - guess, rel=1e-5, abs=1e-6)
+            assert abs(guess) > 1e-4  # an untrained head guesses something: the test can tell
+            assert step.prediction_error == pytest.approx(error / math.pi, rel=1e-5)
+        previous = step
+    restored = restored_copy(agent, tmp_path)
+    assert torch.equal(restored.expected_error, agent.expected_error)
+    assert_acting_and_rewarded_alike(agent, restored)
+    agent.forget_prediction()
+    assert agent.expected_error is None
+    with pytest.raises(ValueError, match='use reward:=curiosity'):
+        CuriosityAgent('small-aleatoric', reward='novel_curiosity')
+    assert CuriosityAgent('small-latent').expected_error is None

@@ -32,7 +32,8 @@ def small_models():
 
 
 @pytest.mark.parametrize('preset_name, batch', [('small', 4), ('small-latent', 3), ('small-icm', 2),
-                                                ('small-memory', 2), ('small-ensemble', 2), ('ami', 2),
+                                                ('small-memory', 2), ('small-ensemble', 2),
+                                                ('small-aleatoric', 2), ('ami', 2),
                                                 ('large', 1)])
 def test_shapes(preset_name, batch):
     preset = get_preset(preset_name)
@@ -143,12 +144,12 @@ def test_an_ensembles_disagreement_in_both_forms_and_only_where_the_preset_has_o
     z = torch.randn(batch, steps, dyn.latent, generator=g)
     action = random_actions(batch, steps, generator=g)
     with torch.no_grad():
-        assert plain.step_with_extras(z[:, 0], plain.initial_hidden(batch), action[:, 0])[2] is None
-        preds, _, ensemble, _ = dyn.forward_with_extras(z, dyn.initial_hidden(batch), action)
+        assert plain.step_with_extras(z[:, 0], plain.initial_hidden(batch), action[:, 0]).disagreement is None
+        preds, _, ensemble, _, _ = dyn.forward_with_extras(z, dyn.initial_hidden(batch), action)
         assert ensemble.shape == (batch, steps, members - 1, dyn.latent)
         h = dyn.initial_hidden(batch)
         for t in range(steps):
-            pred, _, disagreement, h = dyn.step_with_extras(z[:, t], h, action[:, t])
+            pred, _, disagreement, _, h = dyn.step_with_extras(z[:, t], h, action[:, t])
             torch.testing.assert_close(pred, preds[:, t], atol=1e-5, rtol=1e-5)
             # pi * the members' variance, mean over the latent, as the trainer computes it.
             members_now = torch.cat([preds[:, t, None], ensemble[:, t]], dim=1)
@@ -160,6 +161,35 @@ def test_an_ensembles_disagreement_in_both_forms_and_only_where_the_preset_has_o
     assert torch.allclose(dyn.disagreement(preds[:, :1], same), torch.zeros(batch, 1))
     with pytest.raises(ValueError, match='ensemble must be >= 1'):
         ForwardDynamics(64, DynamicsConfig(ensemble=0))
+
+
+def test_the_expected_error_head_reads_the_state_alike_in_both_forms_and_learns_apart():
+    plain = build_model('dynamics', 'small-latent').eval()
+    assert not plain.expects_error
+    dyn = build_model('dynamics', 'small-aleatoric')
+    assert dyn.expects_error
+    g = torch.Generator().manual_seed(4)
+    batch, steps = 2, 5
+    z = torch.randn(batch, steps, dyn.latent, generator=g)
+    action = random_actions(batch, steps, generator=g)
+    dyn.eval()
+    with torch.no_grad():
+        first = plain.step_with_extras(z[:, 0], plain.initial_hidden(batch), action[:, 0])
+        assert first.expected_error is None
+        guesses = dyn.forward_with_extras(z, dyn.initial_hidden(batch), action).expected_error
+        assert guesses.shape == (batch, steps)
+        h = dyn.initial_hidden(batch)
+        for t in range(steps):
+            out = dyn.step_with_extras(z[:, t], h, action[:, t])
+            torch.testing.assert_close(out.expected_error, guesses[:, t], atol=1e-4, rtol=1e-4)
+            h = out.hidden
+    # Its loss reaches the head alone: the dynamics learns what it learnt before.
+    dyn.train()
+    dyn.forward_with_extras(z, dyn.initial_hidden(batch), action).expected_error.sum().backward()
+    head = [*dyn.expected_error_norm.parameters(), *dyn.expected_error_head.parameters()]
+    assert all(p.grad is not None for p in head)
+    head = {id(p) for p in head}
+    assert all(p.grad is None for p in dyn.parameters() if id(p) not in head)
 
 
 def test_build_model_names_and_seed():
@@ -214,14 +244,14 @@ def test_inverse_dynamics_features_in_both_forms_and_only_where_the_preset_has_t
     z = torch.randn(batch, steps, dyn.latent, generator=g)
     action = random_actions(batch, steps, generator=g)
     with torch.no_grad():
-        _, none, _, _ = plain.step_with_extras(z[:, 0], plain.initial_hidden(batch), action[:, 0])
+        none = plain.step_with_extras(z[:, 0], plain.initial_hidden(batch), action[:, 0]).features
         assert none is None
-        preds, feats, _, hiddens = dyn.forward_with_extras(z, dyn.initial_hidden(batch), action)
+        preds, feats, _, _, hiddens = dyn.forward_with_extras(z, dyn.initial_hidden(batch), action)
         assert feats.shape == (batch, steps, size)
         # The same recurrent state predicts both: the step form agrees with the parallel one.
         h = dyn.initial_hidden(batch)
         for t in range(steps):
-            pred, feat, _, h = dyn.step_with_extras(z[:, t], h, action[:, t])
+            pred, feat, _, _, h = dyn.step_with_extras(z[:, t], h, action[:, t])
             torch.testing.assert_close(pred, preds[:, t], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(feat, feats[:, t], atol=1e-5, rtol=1e-5)
         assert dyn.features(z).shape == (batch, steps, size)

@@ -257,7 +257,7 @@ def test_the_ensembles_disagreement_falls_where_it_has_learnt_and_stays_elsewher
         with torch.no_grad():
             for _ in range(32):
                 a = world.action()
-                _, _, disagreement, h = dynamics.step_with_extras(z[None], h, a[None])
+                _, _, disagreement, _, h = dynamics.step_with_extras(z[None], h, a[None])
                 total += float(disagreement[0])
                 z = world.next_latent(z, a)
         return total / 32
@@ -273,6 +273,68 @@ def test_the_ensembles_disagreement_falls_where_it_has_learnt_and_stays_elsewher
     after, unseen = held_out_disagreement(1.0), held_out_disagreement(4.0)
     assert after < 0.5 * before, (before, after)
     assert unseen > 3 * after, (after, unseen)
+
+
+class _NoisyToyWorld(_ToyWorld):
+    """The toy world, where the first action head's third choice also adds
+    fresh noise to the next latent: a step that stays hard to predict however
+    much the model learns, like a turn that brings unseen walls into view."""
+
+    def next_latent(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(z.shape, generator=self.gen) if int(a[..., 0]) == 2 else 0.0
+        return super().next_latent(z, a) + noise
+
+
+def test_the_expected_error_takes_out_the_noise_and_leaves_the_new():
+    # small-aleatoric: the reward is the prediction's error less the error the
+    # head expects. After training, noisy steps must be expected to miss (so
+    # they pay little although their error stays large), and latents unlike
+    # any trained on must pay more than the noise.
+    trainer, _ = _toy_dynamics_trainer('small-aleatoric')
+    dynamics = trainer.dynamics
+    world = _NoisyToyWorld(copy.deepcopy(dynamics), seed=1)
+
+    def held_out(scale: float) -> dict[str, list[tuple[float, float]]]:
+        """(error, reward) of quiet and noisy steps along a fresh trajectory."""
+        world_gen, world.gen = world.gen, torch.Generator().manual_seed(11)
+        z = scale * torch.randn(dynamics.latent, generator=world.gen)
+        dynamics.eval()
+        h, out = dynamics.initial_hidden(1), {'quiet': [], 'noisy': []}
+        with torch.no_grad():
+            for _ in range(96):
+                a = world.action()
+                pred, _, _, guess, h = dynamics.step_with_extras(z[None], h, a[None])
+                guess = float(guess[0])
+                z = world.next_latent(z, a)
+                error = float(prediction_nll(pred[0], z))
+                out['noisy' if int(a[0]) == 2 else 'quiet'].append((error, error - guess))
+        world.gen = world_gen
+        return out
+
+    def mean(pairs, i):
+        return sum(p[i] for p in pairs) / len(pairs)
+
+    world.feed(trainer, 128)
+    rounds = []
+    for _ in range(10):
+        rounds.append(trainer.train_round())
+        world.feed(trainer, 64)
+    assert {'latent_loss', 'expected_error_loss', 'expected_error', 'unexpected_error'} <= set(rounds[0])
+    assert rounds[-1]['expected_error_loss'] < 0.5 * rounds[0]['expected_error_loss'], rounds
+    seen, unseen = held_out(1.0), held_out(8.0)
+    noisy_error, noisy_reward = mean(seen['noisy'], 0), mean(seen['noisy'], 1)
+    quiet_error, quiet_reward = mean(seen['quiet'], 0), mean(seen['quiet'], 1)
+    # The noise keeps the noisy steps' error high; the head takes most of it out.
+    assert noisy_error > 3 * quiet_error, (noisy_error, quiet_error)
+    assert abs(noisy_reward) < 0.25 * noisy_error, (noisy_reward, noisy_error)
+    assert abs(quiet_reward) < noisy_error - abs(noisy_reward)
+    # A quiet step from latents unlike any trained on (8x as large) is less
+    # surprising than a noisy one, so raw curiosity would pay for the noise;
+    # beyond the expected, the new place pays more than the noise.
+    new_error, new_reward = mean(unseen['quiet'], 0), mean(unseen['quiet'], 1)
+    assert new_error < noisy_error, (new_error, noisy_error)
+    assert new_reward > noisy_reward, (new_reward, noisy_reward)
+    assert new_reward > 3 * quiet_reward, (new_reward, quiet_reward)
 
 
 @pytest.mark.parametrize('preset_name, action_baseline', [

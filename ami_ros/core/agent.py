@@ -6,7 +6,8 @@ step is done; a policy on the latent needs the encoder first), then encodes
 the frame (unless the policy already did), scores the previous step's
 prediction against it (the curiosity reward; with an ensemble in the
 dynamics, the reward is instead how much its members disagreed on that
-prediction) and predicts the next latent with the forward dynamics, carrying
+prediction; with an expected-error head, the error beyond the one expected)
+and predicts the next latent with the forward dynamics, carrying
 the dynamics' hidden state explicitly from step to step. The agent node is a
 thin shell around this class; benchmarks drive it directly.
 """
@@ -71,9 +72,12 @@ class CuriosityAgent:
         self.versions = dict.fromkeys(MODEL_NAMES, 0)
         self.reward_name = reward
         self.reward_fn = make_reward(reward)
-        if self.models['dynamics'].rewards_disagreement and reward != 'curiosity':
-            raise ValueError(f'preset {self.preset.name!r} rewards the disagreement of its dynamics '
-                             f'ensemble, which reward {reward!r} cannot modify; use reward:=curiosity')
+        dynamics = self.models['dynamics']
+        if (dynamics.rewards_disagreement or dynamics.expects_error) and reward != 'curiosity':
+            what = ('the disagreement of its dynamics ensemble' if dynamics.rewards_disagreement
+                    else 'the prediction error beyond the one its dynamics expects')
+            raise ValueError(f'preset {self.preset.name!r} rewards {what}, which reward {reward!r} '
+                             f'cannot modify; use reward:=curiosity')
         self.deterministic = deterministic
         self.policy_input = self.preset.policy.input
         self.policy_on_latent = self.policy_input != 'image'
@@ -85,6 +89,9 @@ class CuriosityAgent:
         # How much the dynamics' ensemble disagreed on it, where the preset has one:
         # the reward of the action taken with it, paid when the next frame comes.
         self.disagreement: Tensor | None = None
+        # The error the dynamics expects of the prediction, where the preset has
+        # a head for it: taken out of the reward paid when the next frame comes.
+        self.expected_error: Tensor | None = None
         self.steps = 0
         # Held by step() and swap(): new weights go in between two steps, never during one.
         self._lock = threading.Lock()
@@ -133,12 +140,15 @@ class CuriosityAgent:
                 reward = float(self.reward_fn(self.feature_prediction, dynamics.features(z))[0])
             else:
                 reward = float(self.reward_fn(self.prediction, z)[0])
+            if self.expected_error is not None:
+                reward -= float(self.expected_error[0])
             error = float(torch.mean((self.prediction - z) ** 2))
         else:
             reward = error = math.nan
         hidden_used = self.hidden
-        self.prediction, self.feature_prediction, self.disagreement, self.hidden = (
-            dynamics.step_with_extras(z, hidden_used, action))
+        out = dynamics.step_with_extras(z, hidden_used, action)
+        self.prediction, self.feature_prediction, self.hidden = out.prediction, out.features, out.hidden
+        self.disagreement, self.expected_error = out.disagreement, out.expected_error
         self.steps += 1
         return AgentStep(action=action_cpu, log_prob=log_prob[0].cpu(),
                          value=float(value[0]), reward=reward, prediction_error=error,
@@ -155,7 +165,7 @@ class CuriosityAgent:
 
     def forget_prediction(self) -> None:
         """After a pause the last prediction no longer refers to the next frame."""
-        self.prediction = self.feature_prediction = self.disagreement = None
+        self.prediction = self.feature_prediction = self.disagreement = self.expected_error = None
 
     # -- weight sync --------------------------------------------------------
     def weight_specs(self, name: str) -> dict[str, TensorSpec]:
@@ -194,7 +204,7 @@ class CuriosityAgent:
     # -- checkpoints --------------------------------------------------------
     # models/<model>.safetensors          weights envelope (schema weights/<model>)
     # interaction/agent/state.safetensors hidden state, sampling generator, prediction(s),
-    #                                     the ensemble's disagreement
+    #                                     the ensemble's disagreement, the expected error
     # interaction/agent/state.json        steps, versions, preset
     def save_checkpoint(self, stage) -> None:
         """Write the agent's part of a checkpoint into a staging directory."""
@@ -211,6 +221,8 @@ class CuriosityAgent:
                 tensors['feature_prediction'] = self.feature_prediction.cpu()
             if self.disagreement is not None:
                 tensors['disagreement'] = self.disagreement.cpu()
+            if self.expected_error is not None:
+                tensors['expected_error'] = self.expected_error.cpu()
             # A reward with memory (novel_curiosity's recent latents) is agent state too.
             if hasattr(self.reward_fn, 'state_dict'):
                 tensors.update({f'reward/{k}': v for k, v in self.reward_fn.state_dict().items()})
@@ -242,6 +254,8 @@ class CuriosityAgent:
             self.feature_prediction = features.to(self.device) if features is not None else None
             disagreement = state.tensors.get('disagreement')
             self.disagreement = disagreement.to(self.device) if disagreement is not None else None
+            expected = state.tensors.get('expected_error')
+            self.expected_error = expected.to(self.device) if expected is not None else None
             self.steps = int(info['steps'])
             # The memory of another reward function means nothing to this one.
             reward_state = {k.split('/', 1)[1]: v for k, v in state.tensors.items()

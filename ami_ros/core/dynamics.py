@@ -18,6 +18,7 @@ channel (|lam| < 1 by construction, so the state cannot blow up), read out as
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,26 @@ from ami_ros.core.presets import ACTION_CHOICES, DynamicsConfig
 # Fixed std of the prediction: with sigma = 1/sqrt(2*pi), -log p = pi*(x-mu)^2 exactly.
 PREDICTION_STD = 1.0 / math.sqrt(2.0 * math.pi)
 HIDDEN_DTYPE = torch.complex64
+
+
+class DynamicsStep(NamedTuple):
+    """One step of ForwardDynamics; what a preset does not have is None."""
+
+    prediction: Tensor  # mean of z_{t+1} [B, L]
+    features: Tensor | None  # predicted inverse-dynamics features of z_{t+1} [B, F]
+    disagreement: Tensor | None  # the ensemble's disagreement on the prediction [B]
+    expected_error: Tensor | None  # the error expected of the prediction [B]
+    hidden: Tensor  # the state after the step [B, depth, dim]
+
+
+class DynamicsSequence(NamedTuple):
+    """A sequence through ForwardDynamics; what a preset does not have is None."""
+
+    predictions: Tensor  # [B, T, L]
+    features: Tensor | None  # [B, T, F]
+    ensemble: Tensor | None  # the extra ensemble heads' predictions [B, T, heads-1, L]
+    expected_error: Tensor | None  # [B, T]
+    hiddens: Tensor  # the state after each step [B, T, depth, dim]
 
 
 class SConvLayer(nn.Module):
@@ -119,6 +140,10 @@ class ForwardDynamics(nn.Module):
     that prediction. Features that only need to tell the agent's actions
     apart leave out what the agent cannot affect, and what follows from an
     action (a turn shifting the view) is easy to predict in them.
+
+    With `cfg.expected_error` it also has a head that reads the recurrent
+    features a prediction is made from and predicts that prediction's error,
+    in the curiosity reward's units; the reward is then the error beyond it.
     """
 
     def __init__(self, latent: int, cfg: DynamicsConfig,
@@ -138,6 +163,13 @@ class ForwardDynamics(nn.Module):
             raise ValueError(f'dynamics ensemble must be >= 1 predictor, got {cfg.ensemble}')
         # The other members of the ensemble: linear heads on the same features.
         self.ensemble_heads = nn.ModuleList(nn.Linear(cfg.dim, latent) for _ in range(cfg.ensemble - 1))
+        if cfg.ensemble > 1 and cfg.expected_error:
+            raise ValueError('a dynamics rewards an ensemble\'s disagreement or the error beyond '
+                             'the expected, not both: set ensemble 1 or expected_error False')
+        self.expected_error_norm = nn.LayerNorm(cfg.dim) if cfg.expected_error else None
+        self.expected_error_head = (
+            nn.Sequential(nn.Linear(cfg.dim + sum(self.action_choices), 64), nn.GELU(), nn.Linear(64, 1))
+            if cfg.expected_error else None)
         self.feature_size = cfg.inverse_features
         if self.feature_size > 0:
             size = self.feature_size
@@ -155,6 +187,23 @@ class ForwardDynamics(nn.Module):
     def rewards_disagreement(self) -> bool:
         """Whether the reward is the ensemble's disagreement (else the prediction's error)."""
         return len(self.ensemble_heads) > 0
+
+    @property
+    def expects_error(self) -> bool:
+        """Whether the reward is the error beyond the one this model expects (else all of it)."""
+        return self.expected_error_head is not None
+
+    def _expected_error(self, x: Tensor, action: Tensor) -> Tensor | None:
+        """The error expected of the prediction read from the recurrent features
+        x [..., dim] after `action` [..., 5], as the NLL prediction_nll measures
+        [...] (None without the head). Detached from x, so that the head learns
+        about the dynamics without changing what it learns; the action also
+        goes in as one-hots, which, unlike x, do not drift as the dynamics learns."""
+        if self.expected_error_head is None:
+            return None
+        one_hots = [F.one_hot(action[..., i], n).to(x.dtype) for i, n in enumerate(self.action_choices)]
+        inputs = torch.cat([self.expected_error_norm(x.detach()), *one_hots], dim=-1)
+        return self.expected_error_head(inputs).squeeze(-1)
 
     def ensemble_predictions(self, x: Tensor) -> Tensor:
         """The extra heads' predictions of z_{t+1} [..., heads-1, L] from the recurrent
@@ -186,14 +235,11 @@ class ForwardDynamics(nn.Module):
 
     def step(self, z: Tensor, hidden: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Recurrent form: z [B,L], hidden [B,depth,dim], action [B,5] -> (pred [B,L], hidden')."""
-        pred, _, _, hidden = self.step_with_extras(z, hidden, action)
-        return pred, hidden
+        out = self.step_with_extras(z, hidden, action)
+        return out.prediction, out.hidden
 
-    def step_with_extras(self, z: Tensor, hidden: Tensor,
-                         action: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-        """`step`, with what some presets add: (prediction, the predicted features of
-        z_{t+1} [B,F] (None without features), the ensemble's disagreement [B]
-        (None without one), hidden')."""
+    def step_with_extras(self, z: Tensor, hidden: Tensor, action: Tensor) -> DynamicsStep:
+        """`step`, with what some presets add (DynamicsStep)."""
         x = self._embed(z, action)
         states = []
         for i, block in enumerate(self.blocks):
@@ -202,7 +248,8 @@ class ForwardDynamics(nn.Module):
         pred = self.output(x)
         disagreement = (self.disagreement(pred, self.ensemble_predictions(x))
                         if self.rewards_disagreement else None)
-        return pred, self._feature_prediction(x), disagreement, torch.stack(states, dim=1)
+        return DynamicsStep(pred, self._feature_prediction(x), disagreement, self._expected_error(x, action),
+                            torch.stack(states, dim=1))
 
     def forward(self, z: Tensor, hidden: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Parallel form: z [B,T,L], hidden [B,depth,dim], action [B,T,5] -> (pred [B,T,L], [B,T,depth,dim]).
@@ -210,21 +257,19 @@ class ForwardDynamics(nn.Module):
         hiddens[:, t] is the state after consuming step t, so hiddens[:, -1]
         equals the state T calls of `step` return.
         """
-        pred, _, _, hiddens = self.forward_with_extras(z, hidden, action)
-        return pred, hiddens
+        out = self.forward_with_extras(z, hidden, action)
+        return out.predictions, out.hiddens
 
-    def forward_with_extras(self, z: Tensor, hidden: Tensor, action: Tensor
-                            ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-        """`forward`, with what some presets add: (predictions, the predicted features
-        [B,T,F] (None without features), the extra ensemble heads' predictions
-        [B,T,heads-1,L] (None without an ensemble), hiddens)."""
+    def forward_with_extras(self, z: Tensor, hidden: Tensor, action: Tensor) -> DynamicsSequence:
+        """`forward`, with what some presets add (DynamicsSequence)."""
         x = self._embed(z, action)
         states = []
         for i, block in enumerate(self.blocks):
             x, h = block(x, hidden[:, i])
             states.append(h)
         ensemble = self.ensemble_predictions(x) if self.rewards_disagreement else None
-        return self.output(x), self._feature_prediction(x), ensemble, torch.stack(states, dim=2)
+        return DynamicsSequence(self.output(x), self._feature_prediction(x), ensemble,
+                                self._expected_error(x, action), torch.stack(states, dim=2))
 
     def inverse_logits(self, features_now: Tensor, features_next: Tensor) -> list[Tensor]:
         """Logits of the action taken between two steps' features, one [..., n] per head."""

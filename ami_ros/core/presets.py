@@ -36,6 +36,12 @@ class DynamicsConfig:
     # much they disagree (Pathak et al. 2019), which stays high where the
     # model has seen little and falls where the next view is merely noisy.
     ensemble: int = 1
+    # A head that predicts, from the hidden state a prediction is made from,
+    # how large that prediction's error will be; the curiosity reward is then
+    # the error beyond it (the aleatoric-uncertainty correction of Mavor-Parker
+    # et al. 2022), which is near 0 for steps that are always hard to predict,
+    # such as turning in place, and stays high where the error is new.
+    expected_error: bool = False
 
 
 POLICY_INPUTS: tuple[str, ...] = ('image', 'latent', 'latent-hidden')
@@ -144,6 +150,10 @@ PRESETS: dict[str, Preset] = {
     # `small-latent` rewarded by the disagreement of five predictors of z_{t+1}.
     'small-ensemble': replace(_SMALL_LATENT, name='small-ensemble',
                               dynamics=replace(_SMALL_LATENT.dynamics, ensemble=5)),
+    # `small-latent` rewarded by the prediction error beyond the error its
+    # dynamics expects at that state and action.
+    'small-aleatoric': replace(_SMALL_LATENT, name='small-aleatoric',
+                               dynamics=replace(_SMALL_LATENT.dynamics, expected_error=True)),
     # The reference system's sizes (about 8.7 M parameters).
     'ami': Preset(name='ami'),
     # A scale-up trial, meant for a GPU.

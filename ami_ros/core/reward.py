@@ -9,7 +9,10 @@ size of the preset. Where the preset's dynamics has inverse-dynamics features
 of latents: the same measure, in the space of Pathak et al.'s curiosity module.
 Where it has an ensemble of predictors (`small-ensemble`), the reward is their
 disagreement instead (ForwardDynamics.disagreement, in the same units), paid
-for the action the prediction was made with.
+for the action the prediction was made with. Where it has an expected-error
+head (`small-aleatoric`), the agent takes the error the head expected of the
+prediction (ForwardDynamics.expected_error, in the same units) out of the
+reward: what is left is surprise beyond the usual at that state and action.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ Setting torch's thread count is the node's job, not the trainers'.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -381,7 +382,10 @@ class DynamicsTrainer(_Trainer):
     metrics then also give latent_loss, feature_loss, inverse_loss and
     inverse_turn_accuracy. A dynamics with an ensemble adds its extra heads'
     NLL, each head on its own random half of the chunks (a bootstrap); the
-    metrics then give latent_loss, ensemble_loss and disagreement.
+    metrics then give latent_loss, ensemble_loss and disagreement. A dynamics
+    with an expected-error head adds the squared error of its guess at each
+    step's NLL; the metrics then give latent_loss, expected_error_loss,
+    expected_error and unexpected_error (the reward's batch mean).
     """
 
     kind = 'dynamics'
@@ -409,10 +413,31 @@ class DynamicsTrainer(_Trainer):
     def ready(self) -> bool:
         return len(self.buffer) >= self.cfg.chunk and self.buffer.new_count >= self.cfg.min_new
 
-    def _loss(self, z: Tensor, h0: Tensor, a: Tensor, target: Tensor) -> tuple[Tensor, dict[str, float]]:
-        pred, feature_pred, ensemble, _ = self.dynamics.forward_with_extras(z, h0, a)
-        latent_loss = prediction_nll(pred, target).mean()
+    def _loss(self, z: Tensor, h0: Tensor, a: Tensor, target: Tensor,
+              fresh_error: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """The loss of one minibatch; `fresh_error` [B,T] (NaN where unknown) is
+        the error of each prediction before the model trained on it, which the
+        expected-error head learns."""
+        out = self.dynamics.forward_with_extras(z, h0, a)
+        pred, feature_pred, ensemble, expected = (out.predictions, out.features, out.ensemble,
+                                                  out.expected_error)
+        step_nll = prediction_nll(pred, target)  # [B, T]
+        latent_loss = step_nll.mean()
         loss, metrics = latent_loss, {}
+        if expected is not None:
+            # The head learns the error a prediction had before the model trained
+            # on it, the error the agent is paid for (once trained on, the model
+            # fits part of the noise, and its error there understates it).
+            known = ~fresh_error.isnan()
+            miss = (expected - fresh_error.nan_to_num()).pow(2) * known
+            expected_error_loss = miss.sum() / known.sum().clamp(min=1)
+            loss = loss + expected_error_loss
+            with torch.no_grad():
+                # The reward's mean over the new steps: near 0 once the head has learnt.
+                unexpected = ((fresh_error.nan_to_num() - expected) * known).sum() / known.sum().clamp(min=1)
+            metrics.update(expected_error_loss=float(expected_error_loss.detach()),
+                           expected_error=float(expected.detach().mean()),
+                           unexpected_error=float(unexpected))
         if feature_pred is not None:
             # target is z shifted by one step: the window's features, computed once.
             window = self.dynamics.features(torch.cat([z[:, :1], target], dim=1))
@@ -447,8 +472,28 @@ class DynamicsTrainer(_Trainer):
             metrics['latent_loss'] = float(latent_loss.detach())
         return loss, metrics
 
+    def _fresh_errors(self, z: Tensor, h0: Tensor, a: Tensor, target: Tensor, new: Tensor) -> Tensor:
+        """Each new transition's error under the model as it is (not yet trained on
+        it), NaN for the others [N,T]: the expected-error head's targets."""
+        errors = torch.full(new.shape, math.nan)
+        self.dynamics.eval()
+        with torch.no_grad():
+            for idx in torch.arange(len(z)).split(max(self.cfg.batch_size, 64)):
+                idx = idx[new[idx].any(dim=1)]
+                if len(idx):
+                    dev = self.device
+                    pred, _ = self.dynamics(z[idx].to(dev), h0[idx].to(dev), a[idx].to(dev))
+                    errors[idx] = prediction_nll(pred, target[idx].to(dev)).cpu()
+        self.dynamics.train()
+        return errors.masked_fill(~new, math.nan)
+
     def _round(self) -> dict[str, float]:
-        z, h0, a, target = self.buffer.chunks(self.cfg.chunk, mark_trained=True)
+        if self.dynamics.expects_error:
+            z, h0, a, target, new = self.buffer.chunks(self.cfg.chunk, mark_trained=True, new_mask=True)
+            fresh = self._fresh_errors(z, h0, a, target, new) if len(z) else None
+        else:
+            z, h0, a, target = self.buffer.chunks(self.cfg.chunk, mark_trained=True)
+            fresh = None
         if len(z) == 0:
             raise ValueError(f'no unbroken run of {self.cfg.chunk} steps in the dynamics buffer')
         totals = {'loss': 0.0, 'grad_norm': 0.0}
@@ -459,7 +504,7 @@ class DynamicsTrainer(_Trainer):
             for idx in self._minibatches(len(z), self.cfg.batch_size, self.max_batches):
                 dev = self.device
                 loss, parts = self._loss(z[idx].to(dev), h0[idx].to(dev), a[idx].to(dev),
-                                         target[idx].to(dev))
+                                         target[idx].to(dev), None if fresh is None else fresh[idx].to(dev))
                 for key, value in parts.items():
                     totals[key] = totals.get(key, 0.0) + value
                 totals['grad_norm'] += self._step(loss, self.max_grad_norm)
