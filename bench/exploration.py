@@ -224,11 +224,12 @@ def main() -> None:
                         help="the policy trainer's action_baseline (learning runs)")
     parser.add_argument('--preset', default=DEFAULT_PRESET,
                         choices=['small', 'small-latent', 'small-icm', 'small-memory',
-                                 'small-ensemble'],
+                                 'small-ensemble', 'small-aleatoric'],
                         help="the graph's preset (small-latent, the default: the policy acts on "
                              "the encoder's latent; small-icm: and is rewarded in inverse-dynamics "
                              "features; small-memory: and also sees the dynamics' hidden state; "
-                             "small-ensemble: rewarded by the disagreement of its predictors); "
+                             "small-ensemble: rewarded by the disagreement of its predictors; "
+                             "small-aleatoric: by the error beyond the one its dynamics expects); "
                              "the untrained policy of each is uniform")
     parser.add_argument('--runs', nargs='+', default=['learning', 'random'],
                         choices=['learning', 'random'],
