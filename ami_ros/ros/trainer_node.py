@@ -123,7 +123,9 @@ Diagnostics (/diagnostics, status named after the node, every second):
                       features (preset small-icm) also latent_loss,
                       feature_loss, inverse_loss, inverse_turn_accuracy;
                       with an ensemble (small-ensemble) latent_loss,
-                      ensemble_loss, disagreement
+                      ensemble_loss, disagreement; with an expected-error
+                      head (small-aleatoric) latent_loss,
+                      expected_error_loss, expected_error, unexpected_error
     policy_trainer    loss, policy_loss, value_loss, entropy, approx_kl,
                       clip_fraction, grad_norm, reward_mean, advantage_mean,
                       return_mean, policy_version_min
