@@ -36,8 +36,8 @@ class DynamicsConfig:
     # much they disagree (Pathak et al. 2019), which stays high where the
     # model has seen little and falls where the next view is merely noisy.
     ensemble: int = 1
-    # A head that predicts, from the hidden state a prediction is made from,
-    # how large that prediction's error will be; the curiosity reward is then
+    # A head that predicts, from the recurrent features a prediction is made
+    # from and the action, how large its error will be; the curiosity reward is then
     # the error beyond it (the aleatoric-uncertainty correction of Mavor-Parker
     # et al. 2022), which is near 0 for steps that are always hard to predict,
     # such as turning in place, and stays high where the error is new.

@@ -11,7 +11,7 @@ Where it has an ensemble of predictors (`small-ensemble`), the reward is their
 disagreement instead (ForwardDynamics.disagreement, in the same units), paid
 for the action the prediction was made with. Where it has an expected-error
 head (`small-aleatoric`), the agent takes the error the head expected of the
-prediction (ForwardDynamics.expected_error, in the same units) out of the
+prediction (DynamicsStep.expected_error, in the same units) out of the
 reward: what is left is surprise beyond the usual at that state and action.
 """
 

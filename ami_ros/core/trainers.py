@@ -384,7 +384,9 @@ class DynamicsTrainer(_Trainer):
     NLL, each head on its own random half of the chunks (a bootstrap); the
     metrics then give latent_loss, ensemble_loss and disagreement. A dynamics
     with an expected-error head adds the squared error of its guess at each
-    step's NLL; the metrics then give latent_loss, expected_error_loss,
+    new step's NLL under the model as it was before the round (the error the
+    agent met: once trained on, the model fits part of the noise); the
+    metrics then give latent_loss, expected_error_loss,
     expected_error and unexpected_error (the reward's batch mean).
     """
 
