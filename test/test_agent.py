@@ -33,6 +33,20 @@ def assert_acting_and_rewarded_alike(a: CuriosityAgent, b: CuriosityAgent) -> No
         assert x.reward == y.reward and torch.equal(x.action, y.action)
 
 
+def assert_owed_reward_restored_and_forgotten(agent: CuriosityAgent, attribute: str, tmp_path) -> None:
+    """For a preset whose reward uses what the dynamics said with its last
+    prediction (`attribute` of the agent): a restored agent holds it and acts
+    and is rewarded alike, a pause forgets it, and no other reward can be
+    combined with it."""
+    restored = restored_copy(agent, tmp_path)
+    assert torch.equal(getattr(restored, attribute), getattr(agent, attribute))
+    assert_acting_and_rewarded_alike(agent, restored)
+    agent.forget_prediction()
+    assert getattr(agent, attribute) is None
+    with pytest.raises(ValueError, match='use reward:=curiosity'):
+        CuriosityAgent(agent.preset.name, reward='novel_curiosity')
+
+
 def test_action_is_handed_out_before_the_encoder_and_dynamics_run():
     agent = CuriosityAgent('small', seed=3)
     calls = []
@@ -115,13 +129,7 @@ def test_an_ensemble_agent_is_paid_the_disagreement_of_its_last_prediction(tmp_p
             # Not the prediction's error, which the latent's metric still reports.
             assert step.reward != pytest.approx(step.prediction_error * math.pi, rel=1e-2)
         previous = step
-    restored = restored_copy(agent, tmp_path)
-    assert torch.equal(restored.disagreement, agent.disagreement)
-    assert_acting_and_rewarded_alike(agent, restored)
-    agent.forget_prediction()
-    assert agent.disagreement is None
-    with pytest.raises(ValueError, match='use reward:=curiosity'):
-        CuriosityAgent('small-ensemble', reward='novel_curiosity')
+    assert_owed_reward_restored_and_forgotten(agent, 'disagreement', tmp_path)
 
 
 def test_a_policy_on_the_hidden_state_acts_on_what_the_step_records():
@@ -222,11 +230,5 @@ def test_an_aleatoric_agent_is_paid_the_error_beyond_the_one_it_expected(tmp_pat
             assert abs(guess) > 1e-4  # an untrained head guesses something: the test can tell
             assert step.prediction_error == pytest.approx(error / math.pi, rel=1e-5)
         previous = step
-    restored = restored_copy(agent, tmp_path)
-    assert torch.equal(restored.expected_error, agent.expected_error)
-    assert_acting_and_rewarded_alike(agent, restored)
-    agent.forget_prediction()
-    assert agent.expected_error is None
-    with pytest.raises(ValueError, match='use reward:=curiosity'):
-        CuriosityAgent('small-aleatoric', reward='novel_curiosity')
+    assert_owed_reward_restored_and_forgotten(agent, 'expected_error', tmp_path)
     assert CuriosityAgent('small-latent').expected_error is None

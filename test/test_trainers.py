@@ -155,6 +155,16 @@ class _ToyWorld:
     def next_latent(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return 0.8 * torch.roll(z, 1, dims=-1) + 0.6 * self.effects[a[..., 0]]
 
+    def train(self, trainer: DynamicsTrainer, rounds: int) -> list[dict[str, float]]:
+        """Fill the trainer's buffer, then train `rounds` rounds with 64 new steps
+        between them; the rounds' metrics."""
+        self.feed(trainer, 128)
+        metrics = []
+        for _ in range(rounds):
+            metrics.append(trainer.train_round())
+            self.feed(trainer, 64)
+        return metrics
+
     def feed(self, trainer: DynamicsTrainer, steps: int) -> None:
         for _ in range(steps):
             a = self.action()
@@ -227,11 +237,7 @@ def test_dynamics_trainer_learns_features_that_tell_the_action_apart():
         return float((logits[0].argmax(-1) == a0).float().mean())
 
     before = held_out_accuracy()
-    world.feed(trainer, 128)
-    rounds = []
-    for _ in range(6):
-        rounds.append(trainer.train_round())
-        world.feed(trainer, 64)
+    rounds = world.train(trainer, 6)
     assert {'latent_loss', 'feature_loss', 'inverse_loss', 'inverse_turn_accuracy'} <= set(rounds[0])
     # The other heads are chance in this world, so the inverse loss falls only
     # so far; what counts is reading the moving head on steps never trained on.
@@ -263,11 +269,7 @@ def test_the_ensembles_disagreement_falls_where_it_has_learnt_and_stays_elsewher
         return total / 32
 
     before = held_out_disagreement(1.0)
-    world.feed(trainer, 128)
-    rounds = []
-    for _ in range(6):
-        rounds.append(trainer.train_round())
-        world.feed(trainer, 64)
+    rounds = world.train(trainer, 6)
     assert {'latent_loss', 'ensemble_loss', 'disagreement'} <= set(rounds[0])
     assert rounds[-1]['ensemble_loss'] < 0.3 * rounds[0]['ensemble_loss'], rounds
     after, unseen = held_out_disagreement(1.0), held_out_disagreement(4.0)
@@ -314,11 +316,7 @@ def test_the_expected_error_takes_out_the_noise_and_leaves_the_new():
     def mean(pairs, i):
         return sum(p[i] for p in pairs) / len(pairs)
 
-    world.feed(trainer, 128)
-    rounds = []
-    for _ in range(10):
-        rounds.append(trainer.train_round())
-        world.feed(trainer, 64)
+    rounds = world.train(trainer, 10)
     assert {'latent_loss', 'expected_error_loss', 'expected_error', 'unexpected_error'} <= set(rounds[0])
     assert rounds[-1]['expected_error_loss'] < 0.5 * rounds[0]['expected_error_loss'], rounds
     seen, unseen = held_out(1.0), held_out(8.0)
