@@ -208,9 +208,9 @@ def test_an_icm_agent_is_rewarded_by_the_error_of_its_feature_prediction(tmp_pat
 
 
 def test_an_aleatoric_agent_is_paid_the_error_beyond_the_one_it_expected(tmp_path):
-    # small-aleatoric: the dynamics' head guesses, from the state a prediction
-    # is made from, how large its error will be; the reward is the error less
-    # that guess, computed with the next frame.
+    # small-aleatoric: the dynamics' head guesses, from the recurrent features
+    # a prediction is made from and the action, how large its error will be;
+    # the reward is the error less that guess, computed with the next frame.
     agent = CuriosityAgent('small-aleatoric', seed=4)
     dynamics = agent.models['dynamics']
     previous = None

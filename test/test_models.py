@@ -190,6 +190,8 @@ def test_the_expected_error_head_reads_the_state_alike_in_both_forms_and_learns_
     assert all(p.grad is not None for p in head)
     head = {id(p) for p in head}
     assert all(p.grad is None for p in dyn.parameters() if id(p) not in head)
+    with pytest.raises(ValueError, match='not both'):
+        ForwardDynamics(64, DynamicsConfig(ensemble=3, expected_error=True))
 
 
 def test_build_model_names_and_seed():

@@ -431,12 +431,12 @@ class DynamicsTrainer(_Trainer):
             # on it, the error the agent is paid for (once trained on, the model
             # fits part of the noise, and its error there understates it).
             known = ~fresh_error.isnan()
-            miss = (expected - fresh_error.nan_to_num()).pow(2) * known
-            expected_error_loss = miss.sum() / known.sum().clamp(min=1)
+            count = known.sum().clamp(min=1)
+            beyond = (fresh_error.nan_to_num() - expected) * known
+            expected_error_loss = beyond.pow(2).sum() / count
             loss = loss + expected_error_loss
-            with torch.no_grad():
-                # The reward's mean over the new steps: near 0 once the head has learnt.
-                unexpected = ((fresh_error.nan_to_num() - expected) * known).sum() / known.sum().clamp(min=1)
+            # The reward's mean over the new steps: near 0 once the head has learnt.
+            unexpected = beyond.detach().sum() / count
             metrics.update(expected_error_loss=float(expected_error_loss.detach()),
                            expected_error=float(expected.detach().mean()),
                            unexpected_error=float(unexpected))
@@ -478,14 +478,12 @@ class DynamicsTrainer(_Trainer):
         """Each new transition's error under the model as it is (not yet trained on
         it), NaN for the others [N,T]: the expected-error head's targets."""
         errors = torch.full(new.shape, math.nan)
+        dev = self.device
         self.dynamics.eval()
         with torch.no_grad():
-            for idx in torch.arange(len(z)).split(max(self.cfg.batch_size, 64)):
-                idx = idx[new[idx].any(dim=1)]
-                if len(idx):
-                    dev = self.device
-                    pred, _ = self.dynamics(z[idx].to(dev), h0[idx].to(dev), a[idx].to(dev))
-                    errors[idx] = prediction_nll(pred, target[idx].to(dev)).cpu()
+            for idx in new.any(dim=1).nonzero().squeeze(1).split(max(self.cfg.batch_size, 64)):
+                pred, _ = self.dynamics(z[idx].to(dev), h0[idx].to(dev), a[idx].to(dev))
+                errors[idx] = prediction_nll(pred, target[idx].to(dev)).cpu()
         self.dynamics.train()
         return errors.masked_fill(~new, math.nan)
 
