@@ -188,11 +188,17 @@ def test_periodic_checkpoints_keep_the_newest_and_every_manual_one(launch, test_
                  message='periodic checkpoints')
         wait_for(lambda: len(actions) > 0, 1)
         # Let several more periodic saves happen; retention keeps 2 of them.
+        # A new checkpoint is complete a moment before retention removes the
+        # oldest, so wait for a listing that holds a new one *and* is back to
+        # three; without retention the count only grows and this times out.
         before = {p.name for p in list_checkpoints(tmp_path / 'ckpt')}
-        wait_for(lambda: {p.name for p in list_checkpoints(tmp_path / 'ckpt')} - before, 30,
-                 message='another periodic checkpoint')
-        kept = [str(p) for p in list_checkpoints(tmp_path / 'ckpt')]
-        assert manual in kept
-        assert len(kept) == 3, kept
+
+        def retained_after_a_new_save() -> set[str] | None:
+            names = {p.name for p in list_checkpoints(tmp_path / 'ckpt')}
+            return names if names - before and len(names) == 3 else None
+
+        kept = wait_for(retained_after_a_new_save, 30,
+                        message='a new periodic checkpoint with only 2 periodic + the manual one kept')
+        assert Path(manual).name in kept, (manual, kept)
     finally:
         frames.close()
