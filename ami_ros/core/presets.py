@@ -104,6 +104,10 @@ class PPOTrainingConfig:
     # (reward.ActionRewardBaseline). Off by default: in the exploration bench
     # it did not stop the policy from turning (README, Performance).
     action_baseline: bool = False
+    # Train on the reward less its running mean, divided by the running spread
+    # of its discounted return (reward.ReturnNormalizer), so that the critic's
+    # targets stay near unit scale however large curiosity is.
+    normalize_reward: bool = True
 
 
 @dataclass(frozen=True)

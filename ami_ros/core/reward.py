@@ -203,3 +203,65 @@ class ActionRewardBaseline:
             raise ValueError(f'reward baseline of shape {list(gram.shape)}, expected {list(self.gram.shape)}')
         self.gram = gram.to(torch.float64).clone()
         self.moment = moment.to(torch.float64).clone()
+
+
+class ReturnNormalizer:
+    """Puts PPO's reward on a fixed scale: minus its running mean, divided by
+    the running standard deviation of the discounted return of those centred
+    rewards (Burda et al. 2018 divide curiosity by the latter).
+
+    Raw curiosity is about 0.05-2 per step and falls as the forward model
+    learns, so its returns (about 100 steps long at gamma 0.99) run to tens,
+    far beyond what PPO's clipped value loss (±clip per round) lets the critic
+    follow, and the critic's large loss then takes most of the clipped
+    gradient of the trunk it shares with the policy. The agent never ends an
+    episode, so taking a constant out of every reward changes no policy's
+    ranking; it only leaves the critic the part that depends on what the
+    agent does. Statistics decay over about 1/(1 - decay) steps, since the
+    reward's scale drifts with the models.
+    """
+
+    def __init__(self, gamma: float, decay: float = 0.999, epsilon: float = 1e-4) -> None:
+        # epsilon (a variance: a spread of 0.01) keeps the first few rewards, and
+        # a reward that hardly varies, from being divided by almost nothing.
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f'gamma must be in [0, 1), got {gamma}')
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f'decay must be in (0, 1), got {decay}')
+        self.gamma, self.decay, self.epsilon = float(gamma), float(decay), float(epsilon)
+        # [count, reward mean, discounted return of centred rewards, its mean square]
+        self.stats = torch.zeros(4, dtype=torch.float64)
+
+    @property
+    def mean(self) -> float:
+        return float(self.stats[1])
+
+    @property
+    def scale(self) -> float:
+        """The standard deviation rewards are divided by (1 before any reward)."""
+        return math.sqrt(float(self.stats[3])) if self.stats[0] > 0 else 1.0
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        """Fold a trajectory's rewards [N] in, in order, and return them normalised (float32)."""
+        count, mean, ret, square = (float(v) for v in self.stats)
+        out = torch.empty(len(rewards), dtype=torch.float64)
+        for i, r in enumerate(rewards.to(torch.float64).tolist()):
+            count += 1.0
+            # An average of everything so far until `decay` forgets faster.
+            rate = max(1.0 / count, 1.0 - self.decay)
+            mean += rate * (r - mean)
+            ret = self.gamma * ret + (r - mean)
+            square += rate * (ret * ret - square)
+            out[i] = (r - mean) / math.sqrt(square + self.epsilon)
+        self.stats = torch.tensor([count, mean, ret, square], dtype=torch.float64)
+        return out.to(torch.float32)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {'stats': self.stats.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        stats = state['stats']
+        if stats.shape != self.stats.shape:
+            raise ValueError(f'reward normaliser state of shape {list(stats.shape)}, '
+                             f'expected {list(self.stats.shape)}')
+        self.stats = stats.to(torch.float64).clone()

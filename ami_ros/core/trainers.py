@@ -34,7 +34,7 @@ from torch.distributions import Normal, kl_divergence
 
 from ami_ros.core.buffers import DynamicsBuffer, ImageBuffer, TrajectoryBuffer, gae
 from ami_ros.core.presets import ACTION_CHOICES, DynamicsTrainingConfig, PPOTrainingConfig, VAETrainingConfig
-from ami_ros.core.reward import ActionRewardBaseline, prediction_nll
+from ami_ros.core.reward import ActionRewardBaseline, ReturnNormalizer, prediction_nll
 
 # A round over a big buffer stays bounded: at most this many minibatches per
 # epoch (with the reference settings, 2048 images / batch 8 = 256: the whole
@@ -566,6 +566,7 @@ class PPOTrainer(_Trainer):
         super().__init__({'policy': policy}, list(policy.parameters()), device, seed)
         self.buffer = TrajectoryBuffer(cfg.steps)
         self.baseline = ActionRewardBaseline(ACTION_CHOICES) if cfg.action_baseline else None
+        self.normalizer = ReturnNormalizer(cfg.gamma) if cfg.normalize_reward else None
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.cfg.lr, fused=True)
@@ -583,9 +584,11 @@ class PPOTrainer(_Trainer):
     def _round(self) -> dict[str, float]:
         cfg = self.cfg
         traj = self.buffer.take()
-        rewards = traj['reward'][1:]
+        raw_rewards = traj['reward'][1:]
+        adjusted = raw_rewards
         if self.baseline is not None:
-            rewards = self.baseline.adjust(traj['action'][:-1], rewards)
+            adjusted = self.baseline.adjust(traj['action'][:-1], raw_rewards)
+        rewards = adjusted if self.normalizer is None else self.normalizer(adjusted)
         advantages, returns = gae(rewards, traj['value'][:-1], traj['value'][-1],
                                   cfg.gamma, cfg.gae_lambda)
         raw_advantage = float(advantages.mean())
@@ -611,21 +614,26 @@ class PPOTrainer(_Trainer):
                 batches += 1
         out = {k: v / max(batches, 1) for k, v in totals.items()}
         out.update(batches=float(batches), samples=float(len(obs)),
-                   reward_mean=float(traj['reward'][1:].mean()), advantage_mean=raw_advantage,
+                   reward_mean=float(raw_rewards.mean()), advantage_mean=raw_advantage,
                    # How much of the reward the action alone explained (0 without the baseline).
-                   reward_action_effect=float((traj['reward'][1:] - rewards).std()),
+                   reward_action_effect=float((raw_rewards - adjusted).std()),
                    return_mean=float(returns.mean()),
                    policy_version_min=float(traj['policy_version'].min()))
+        if self.normalizer is not None:
+            out.update(reward_offset=self.normalizer.mean, reward_scale=self.normalizer.scale)
         return out
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors, info = super().state_dict()
         if self.baseline is not None:
             tensors.update({f'reward_baseline/{k}': v for k, v in self.baseline.state_dict().items()})
+        if self.normalizer is not None:
+            tensors.update({f'reward_normalizer/{k}': v for k, v in self.normalizer.state_dict().items()})
         return tensors, info
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], info: Mapping[str, Any]) -> None:
         super().load_state_dict(tensors, info)
-        saved = {k.split('/', 1)[1]: v for k, v in tensors.items() if k.startswith('reward_baseline/')}
-        if self.baseline is not None and saved:
-            self.baseline.load_state_dict(saved)
+        for prefix, part in (('reward_baseline/', self.baseline), ('reward_normalizer/', self.normalizer)):
+            saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if part is not None and saved:
+                part.load_state_dict(saved)

@@ -29,6 +29,10 @@ overrides the preset's ppo_training.steps (steps per update); and
                    part earns by itself (core/reward.py ActionRewardBaseline),
                    so that turning as such stops paying; false (default): on
                    the reward as the agent sent it. Read at start.
+  normalize_reward true (default): train on the reward less its running mean,
+                   divided by the running spread of its discounted return
+                   (core/reward.py ReturnNormalizer), so the critic's targets
+                   stay near unit scale; false: unscaled. Read at start.
 """
 
 from __future__ import annotations
@@ -65,7 +69,13 @@ class PolicyTrainerNode(ExperienceTrainerNode):
             'action_baseline', preset.ppo_training.action_baseline,
             'Train on the curiosity reward less what each action part earns by itself, so that '
             'turning in place stops paying; false = the raw reward.', read_only=True)
-        cfg = with_overrides(preset, ppo_training={'action_baseline': bool(action_baseline)}).ppo_training
+        normalize_reward = self.declare(
+            'normalize_reward', preset.ppo_training.normalize_reward,
+            'Train on the reward less its running mean, divided by the running spread of its '
+            'discounted return (keeps the critic\'s targets near unit scale); false = unscaled.',
+            read_only=True)
+        cfg = with_overrides(preset, ppo_training={'action_baseline': bool(action_baseline),
+                                                   'normalize_reward': bool(normalize_reward)}).ppo_training
         return PPOTrainer(models['policy'], cfg, device=device, seed=seed)
 
     def add_step(self, step: ExperienceStep, follows: bool) -> None:
