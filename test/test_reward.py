@@ -1,5 +1,6 @@
 """The curiosity reward: Gaussian prediction NLL with fixed std 1/sqrt(2*pi),
-and the baseline that takes what each action earns anywhere out of it."""
+the baseline that takes what each action earns anywhere out of it, and the
+normaliser that puts it on PPO's scale."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ami_ros.core.reward import (
     CuriosityReward,
     NovelCuriosityReward,
     RecentNovelty,
+    ReturnNormalizer,
     make_reward,
     prediction_nll,
 )
@@ -94,6 +96,51 @@ def test_action_baseline_state_round_trip():
         ActionRewardBaseline((3, 3)).load_state_dict(baseline.state_dict())
     with pytest.raises(ValueError, match=r'\[N, 5\]'):
         baseline.expected(actions[:, :2])
+
+
+def _discounted(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    out, running = [], 0.0
+    for r in rewards.tolist():
+        running = gamma * running + r
+        out.append(running)
+    return torch.tensor(out)
+
+
+def test_return_normalizer_centres_the_reward_and_scales_its_return_to_unit_spread():
+    g = torch.Generator().manual_seed(0)
+    # Curiosity-like: a large offset and heavy upward spikes.
+    raw = 40.0 + 5.0 * torch.randn(6000, generator=g).exp()
+    normalizer = ReturnNormalizer(gamma=0.99)
+    out = torch.cat([normalizer(chunk) for chunk in raw.split(64)])  # in rounds, as PPO feeds it
+    settled = out[2000:]
+    assert abs(float(settled.mean())) < 0.05, float(settled.mean())
+    spread = float(_discounted(settled, 0.99)[500:].std())
+    assert 0.6 < spread < 1.6, spread
+    raw_spread = float(_discounted(raw[2000:], 0.99)[500:].std())
+    assert raw_spread > 20 * spread  # it did rescale
+    # The same stream in other units gives the same rewards: only its shape counts.
+    again = ReturnNormalizer(gamma=0.99)
+    torch.testing.assert_close(torch.cat([again(chunk) for chunk in (0.01 * raw).split(64)])[2000:],
+                               settled, atol=1e-3, rtol=1e-3)
+    assert normalizer.mean == pytest.approx(float(raw[-1000:].mean()), rel=0.05)
+
+
+def test_return_normalizer_follows_a_drifting_scale_and_round_trips():
+    g = torch.Generator().manual_seed(1)
+    normalizer = ReturnNormalizer(gamma=0.9)
+    normalizer(2.0 * torch.rand(3000, generator=g))
+    early_scale = normalizer.scale
+    normalizer(0.1 * torch.rand(10000, generator=g))  # the forward model learnt: curiosity fell
+    # It forgets the old scale over a few thousand steps (the mean's lag is the slow part).
+    assert normalizer.scale < 0.2 * early_scale, (normalizer.scale, early_scale)
+    restored = ReturnNormalizer(gamma=0.9)
+    restored.load_state_dict(normalizer.state_dict())
+    more = torch.rand(100, generator=g)
+    torch.testing.assert_close(restored(more), normalizer(more))
+    with pytest.raises(ValueError, match='expected'):
+        restored.load_state_dict({'stats': torch.zeros(3)})
+    with pytest.raises(ValueError, match='gamma'):
+        ReturnNormalizer(gamma=1.0)
 
 
 def test_recent_novelty_is_low_for_views_seen_moments_ago_and_high_for_new_ones():
