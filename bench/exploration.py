@@ -92,14 +92,37 @@ class Run:
                 'still': float(np.mean(np.all(axes[:, :2] == 0, axis=1)))}
 
 
+def parse_overrides(items: list[str], params: dict) -> dict[str, dict[str, object]]:
+    """'node.param=value' items -> {node: {param: value}}; exits with one line on a bad item."""
+    out: dict[str, dict[str, object]] = {}
+    for item in items:
+        target, sep, value = item.partition('=')
+        node_name, dot, name = target.partition('.')
+        if not sep or not dot or not name:
+            raise SystemExit(f'--set {item!r}: write NODE.PARAM=VALUE, '
+                             'e.g. vae_trainer.min_round_interval=30')
+        known = params.get(f'/**/{node_name}', {}).get('ros__parameters')
+        if known is None:
+            raise SystemExit(f'--set {item!r}: no node {node_name!r} in the launch parameters; '
+                             f'choose one of {", ".join(k.removeprefix("/**/") for k in params)}')
+        if name not in known:
+            raise SystemExit(f'--set {item!r}: {node_name} has no parameter {name!r} in the launch '
+                             f'parameters; choose one of {", ".join(known)}')
+        out.setdefault(node_name, {})[name] = yaml.safe_load(value)
+    return out
+
+
 def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: int,
              tmp: Path, start: str = '', reward: str = 'curiosity',
-             action_baseline: bool = False, preset: str = DEFAULT_PRESET) -> Run:
-    """One run of the main job, watched from outside."""
+             action_baseline: bool = False, preset: str = DEFAULT_PRESET,
+             overrides: dict[str, dict[str, object]] | None = None) -> Run:
+    """One run of the main job, watched from outside; `overrides`: node -> parameters."""
     params = yaml.safe_load(default_params_file().read_text())
     params['/**/doom_world']['ros__parameters'].update(time_scale=time_scale, seed=seed, start=start)
     params['/**/agent']['ros__parameters'].update(seed=seed, reward=reward)
     params['/**/policy_trainer']['ros__parameters'].update(action_baseline=action_baseline)
+    for node_name, values in (overrides or {}).items():
+        params[f'/**/{node_name}']['ros__parameters'].update(values)
     params_file = tmp / f'params-{seed}-{train}.yaml'
     params_file.write_text(yaml.safe_dump(params))
     context = rclpy.Context()
@@ -231,6 +254,9 @@ def main() -> None:
                              "small-ensemble: rewarded by the disagreement of its predictors; "
                              "small-aleatoric: by the error beyond the one its dynamics expects); "
                              "the untrained policy of each is uniform")
+    parser.add_argument('--set', action='append', default=[], metavar='NODE.PARAM=VALUE',
+                        help="a node parameter for every run, e.g. vae_trainer.min_round_interval=30 "
+                             "(VALUE read as YAML; repeatable)")
     parser.add_argument('--runs', nargs='+', default=['learning', 'random'],
                         choices=['learning', 'random'],
                         help='which runs to make per seed (random alone gives a baseline to '
@@ -240,10 +266,12 @@ def main() -> None:
                              'to the JSON, and print the prediction error by where the agent was')
     parser.add_argument('--out', default='bench/results/exploration.png')
     args = parser.parse_args()
+    overrides = parse_overrides(args.set, yaml.safe_load(default_params_file().read_text()))
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
           f'{args.minutes:g} min per run at time_scale {args.time_scale:g}, cells {args.cell}, '
           f'start {args.start or "random rooms"}, preset {args.preset}, reward {args.reward}, '
-          f'action_baseline {args.action_baseline}')
+          f'action_baseline {args.action_baseline}'
+          + ''.join(f', {n}.{k}={v}' for n, values in overrides.items() for k, v in values.items()))
     curves: dict[str, list[list[int]]] = {'learning': [], 'random': []}
     per_episode: dict[str, list[int]] = {'learning': [], 'random': []}
     records: list[dict] = []  # every run's episodes and shares, for analysis after the bench
@@ -255,7 +283,7 @@ def main() -> None:
                 t0 = time.monotonic()
                 run = run_once(train, seed, args.minutes * 60, args.time_scale, args.cell,
                                Path(tmp), args.start, args.reward, args.action_baseline,
-                               args.preset)
+                               args.preset, overrides)
                 curves[label].append(run.curve)
                 per_episode[label] += run.episode_cells
                 fifth = max(1, len(run.errors) // 5)
