@@ -439,7 +439,8 @@ def test_ppo_trainer_learns_whatever_the_rewards_offset_only_when_it_normalises(
 def _make(kind: str, seed: int):
     preset = with_overrides(get_preset('small'), vae_training=dict(buffer_size=24),
                             dynamics_training=dict(buffer_size=40),
-                            ppo_training=dict(steps=16, action_baseline=True))  # its state round-trips too
+                            # the reward's baseline and normaliser: their state round-trips too
+                            ppo_training=dict(steps=16, action_baseline=True, normalize_reward=True))
     models = build_models(preset, seed=seed)
     if kind == 'vae':
         return VAETrainer(models['encoder'], models['decoder'], preset.vae_training, seed=seed)

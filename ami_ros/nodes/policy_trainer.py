@@ -29,10 +29,10 @@ overrides the preset's ppo_training.steps (steps per update); and
                    part earns by itself (core/reward.py ActionRewardBaseline),
                    so that turning as such stops paying; false (default): on
                    the reward as the agent sent it. Read at start.
-  normalize_reward true (default): train on the reward less its running mean,
-                   divided by the running spread of its discounted return
+  normalize_reward true: train on the reward less its running mean, divided
+                   by the running spread of its discounted return
                    (core/reward.py ReturnNormalizer), so the critic's targets
-                   stay near unit scale; false: unscaled. Read at start.
+                   stay near unit scale; false (default): unscaled. Read at start.
 """
 
 from __future__ import annotations
