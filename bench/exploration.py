@@ -24,11 +24,12 @@ to the curves it writes every run's cells per episode and action shares as
 JSON (`--out` with .json), for comparisons across benches. `--trace` adds
 every step's place and prediction error to it, and prints where the error
 (the curiosity reward's measure) was high: in cells new to the episode or
-seen before, near the start or away from it.
+seen before, near the start or away from it. `--set node.param=value` sets
+any launch parameter for every run (e.g. policy_trainer.normalize_reward=true).
 
     .venv/bin/python bench/exploration.py [--seeds 0 1] [--minutes 3] [--time-scale 3]
         [--start 240,-176] [--preset small] [--reward novel_curiosity]
-        [--action-baseline] [--trace]
+        [--action-baseline] [--trace] [--set policy_trainer.normalize_reward=true]
         [--runs learning random]
 """
 
