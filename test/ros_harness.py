@@ -16,15 +16,17 @@ from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.02,
-             message: str = 'condition') -> Any:
-    """Poll until `condition()` is truthy; fail the test after `timeout` s."""
+             message: str | Callable[[], str] = 'condition') -> Any:
+    """Poll until `condition()` is truthy; fail the test after `timeout` s.
+    A callable `message` is called only then, so it can show the state at the timeout."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout:.1f}s waiting for {message}')
+            raise AssertionError(f'timed out after {timeout:.1f}s waiting for '
+                                 f'{message() if callable(message) else message}')
         time.sleep(interval)
 
 

@@ -107,7 +107,8 @@ def test_trainers_push_weights_while_the_agent_acts(launch, graph):
         # A round may fit between frames without waiting; the next ones will not
         # all do so (the diagnostics also lag a round), so give it a few seconds.
         wait_for(lambda name=name: watch.value(name, 'quiet_waited_s') > 0, 10,
-                 message=f'{name} waiting for room between the agent\'s steps: {watch.status[f"/{name}"]}')
+                 message=lambda name=name: f'{name} waiting for room between the agent\'s steps: '
+                                           f'{watch.status[f"/{name}"]}')
         print(f'{name}: round {watch.value(name, "seconds"):.2f} s, '
               f'{watch.value(name, "batches"):.0f} batches')
     # Pushing keeps up with training: each round's weights reach the agent
@@ -159,7 +160,7 @@ def test_a_trainer_started_before_the_agent_pushes_once_it_appears(launch, graph
     # in flight, so last_sync is not asserted here).
     wait_for(lambda: watch.value('vae_trainer', 'pushes_ok') >= 1
              and watch.value('vae_trainer', 'pushed_version') >= 1, 15,
-             message=f'an accepted push in the diagnostics: {watch.status.get("/vae_trainer")}')
+             message=lambda: f'an accepted push in the diagnostics: {watch.status.get("/vae_trainer")}')
     assert vae.alive()
 
 
@@ -214,7 +215,7 @@ def test_a_dynamics_with_a_reward_of_its_own_is_trained_and_rewards_the_agent(
         wait_for(lambda: steps and steps[-1].versions['dynamics'] >= 2, 60,
                  message=f'two rounds of the {preset_name} dynamics in the agent')
         wait_for(lambda: all(key in status for key in losses), 10,
-                 message=f'{", ".join(losses)} in the diagnostics: {status}')
+                 message=lambda: f'{", ".join(losses)} in the diagnostics: {status}')
         values = [float(status[key]) for key in (*losses, 'latent_loss')]
         assert all(np.isfinite(v) and 0 <= v < 100 for v in values), status
         rewards = [s.reward for s in steps if s.versions['dynamics'] >= 2 and s.reward is not None]
