@@ -63,6 +63,7 @@ from sensor_msgs.msg import Joy  # noqa: E402
 from std_msgs.msg import Float32, UInt32  # noqa: E402
 
 from ami_ros.core.presets import DEFAULT_PRESET  # noqa: E402
+from ami_ros.core.reward import REWARDS  # noqa: E402
 from ami_ros.core.run_record import ExplorationMap  # noqa: E402
 from ami_ros.graph import default_params_file  # noqa: E402
 
@@ -242,7 +243,7 @@ def main() -> None:
     parser.add_argument('--start', default=FAR_ROOM, metavar='X,Y',
                         help="doom_world's start: every episode begins at this map point "
                              f"(default {FAR_ROOM}; '' = the scenario's random rooms)")
-    parser.add_argument('--reward', default='curiosity', choices=['curiosity', 'novel_curiosity'],
+    parser.add_argument('--reward', default='curiosity', choices=list(REWARDS),
                         help="the agent's reward (learning runs)")
     parser.add_argument('--action-baseline', action='store_true',
                         help="the policy trainer's action_baseline (learning runs)")

@@ -14,10 +14,12 @@ from ami_ros.core.presets import ACTION_CHOICES
 from ami_ros.core.reward import (
     REWARDS,
     ActionRewardBaseline,
+    CountedCuriosityReward,
     CuriosityReward,
     NovelCuriosityReward,
     RecentNovelty,
     ReturnNormalizer,
+    VisitCounts,
     make_reward,
     prediction_nll,
 )
@@ -50,7 +52,7 @@ def test_scale_independent_of_latent_size():
 def test_reward_registry():
     reward = make_reward('curiosity')
     assert isinstance(reward, CuriosityReward)
-    assert set(REWARDS) == {'curiosity', 'novel_curiosity'}
+    assert set(REWARDS) == {'curiosity', 'novel_curiosity', 'counted_curiosity'}
     mu, x = torch.zeros(2, 4), torch.ones(2, 4)
     torch.testing.assert_close(reward(mu, x), torch.full((2,), math.pi))
     with pytest.raises(ValueError, match='curiosity'):
@@ -171,3 +173,65 @@ def test_novel_curiosity_is_curiosity_times_novelty_and_its_memory_round_trips()
         assert float(restored(mu, z)[0]) == float(reward(mu, z)[0])
     with pytest.raises(ValueError, match='window >= neighbours'):
         RecentNovelty(window=5, neighbours=10)
+
+
+def test_visit_counts_pay_for_rare_views_and_forget_old_ones():
+    g = torch.Generator().manual_seed(5)
+    visits = VisitCounts(bits=16, decay=0.999)
+    start_room = torch.randn(5, 32, generator=g)  # seen at the start of every episode
+    for i in range(500):
+        visits.novelty(start_room[i % 5] + 0.01 * torch.randn(32, generator=g))
+    again = visits.novelty(start_room[0])
+    new = visits.novelty(torch.randn(32, generator=g))
+    assert new == 1.0  # a view never seen: its bucket is empty
+    assert again < 0.15  # ~100 visits, decayed a little: 1/sqrt(1 + ~95)
+    # Nearby latents share a bucket; a latent far away does not.
+    assert visits.key(start_room[1]) == visits.key(start_room[1] + 0.01 * torch.randn(32, generator=g))
+    assert visits.key(start_room[1]) != visits.key(-start_room[1])
+    # Away from the room for 3000 steps, its count decays (0.999^3000 ~ 0.05).
+    for _ in range(3000):
+        visits.novelty(torch.randn(32, generator=g))
+    back = visits.novelty(start_room[0])
+    assert again * 2 < back < 1.0, (again, back)
+
+
+def test_visit_counts_round_trip_and_refuse_what_does_not_fit():
+    g = torch.Generator().manual_seed(6)
+    visits = VisitCounts(bits=8)
+    latents = torch.randn(40, 16, generator=g)
+    for z in latents:
+        visits.novelty(z)
+    restored = VisitCounts(bits=8, seed=99)  # the projection comes from the state
+    restored.load_state_dict(visits.state_dict())
+    for z in latents[:10]:
+        assert restored.novelty(z) == visits.novelty(z)
+    with pytest.raises(ValueError, match='size 16'):
+        visits.novelty(torch.randn(8))
+    with pytest.raises(ValueError, match='8 bits'):
+        VisitCounts(bits=12).load_state_dict(visits.state_dict())
+    with pytest.raises(ValueError, match='bits'):
+        VisitCounts(bits=0)
+    with pytest.raises(ValueError, match='decay'):
+        VisitCounts(decay=0.0)
+
+
+def test_counted_curiosity_is_curiosity_over_the_root_of_the_count_and_round_trips():
+    g = torch.Generator().manual_seed(7)
+    reward, twin = CountedCuriosityReward(), VisitCounts()
+    view = torch.randn(1, 8, generator=g)
+    paid = []
+    for _ in range(20):
+        mu = torch.randn(1, 8, generator=g)
+        expected = prediction_nll(mu, view) * twin.novelty(view[0])
+        paid.append(reward(mu, view))
+        torch.testing.assert_close(paid[-1], expected)
+    # The same error pays less each time the same view comes back.
+    mu = torch.zeros(1, 8)
+    assert float(reward(mu, view)[0]) < 0.25 * float(prediction_nll(mu, view)[0])
+    restored = CountedCuriosityReward()
+    restored.load_state_dict(reward.state_dict())
+    for _ in range(5):
+        mu, z = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
+        assert float(restored(mu, z)[0]) == float(reward(mu, z)[0])
+    with pytest.raises(ValueError, match='one step at a time'):
+        reward(torch.zeros(2, 8), torch.zeros(2, 8))

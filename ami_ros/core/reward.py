@@ -129,7 +129,103 @@ class NovelCuriosityReward:
         self.novelty.load_state_dict(state)
 
 
-REWARDS: dict[str, type] = {'curiosity': CuriosityReward, 'novel_curiosity': NovelCuriosityReward}
+class VisitCounts:
+    """How often the agent has seen views like this one over the whole run.
+
+    Count-based novelty after Tang et al. 2017 (#Exploration): a latent's
+    SimHash (the signs of `bits` fixed random projections) names its bucket,
+    and each bucket keeps a count that decays by `decay` per step, so the
+    counts follow an encoder that keeps training. `novelty(z)` is
+    1/sqrt(1 + count) of z's bucket before this visit: 1 for a view never
+    seen, small for one seen at the start of every episode.
+    """
+
+    def __init__(self, bits: int = 16, decay: float = 0.9999, seed: int = 0) -> None:
+        if not 1 <= bits <= 62:
+            raise ValueError(f'bits must be 1..62 (one int64 key), got {bits}')
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f'decay must be in (0, 1], got {decay}')
+        self.bits, self.decay, self.seed = int(bits), float(decay), int(seed)
+        self.projection: Tensor | None = None  # [bits, latent], made at the first latent
+        self.counts: dict[int, tuple[float, int]] = {}  # key -> (count, step it was counted at)
+        self.step = 0
+        self._weights = 2 ** torch.arange(self.bits, dtype=torch.int64)
+
+    def key(self, z: Tensor) -> int:
+        """The bucket of latent z ([latent] or [1, latent])."""
+        z = z.detach().reshape(-1).float().cpu()
+        if self.projection is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            self.projection = torch.randn(self.bits, z.numel(), generator=generator)
+        if self.projection.shape[1] != z.numel():
+            raise ValueError(f'visit counts hash latents of size {self.projection.shape[1]}, '
+                             f'got {z.numel()}')
+        return int(((self.projection @ z > 0).long() * self._weights).sum())
+
+    def count(self, key: int) -> float:
+        """Bucket `key`'s count now, decayed to this step."""
+        count, at = self.counts.get(key, (0.0, self.step))
+        return count * self.decay ** (self.step - at)
+
+    def novelty(self, z: Tensor) -> float:
+        """1/sqrt(1 + how often z's bucket was seen); then count this visit."""
+        key = self.key(z)
+        seen = self.count(key)
+        self.counts[key] = (seen + 1.0, self.step)
+        self.step += 1
+        return 1.0 / math.sqrt(1.0 + seen)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        keys = sorted(self.counts)
+        state = {'step': torch.tensor(self.step, dtype=torch.int64),
+                 'keys': torch.tensor(keys, dtype=torch.int64),
+                 'counts': torch.tensor([self.counts[k][0] for k in keys], dtype=torch.float64),
+                 'counted_at': torch.tensor([self.counts[k][1] for k in keys], dtype=torch.int64)}
+        if self.projection is not None:
+            state['projection'] = self.projection.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        projection = state.get('projection')
+        if projection is not None and projection.shape[0] != self.bits:
+            raise ValueError(f'visit counts of {projection.shape[0]} bits cannot load into '
+                             f'{self.bits}')
+        self.projection = None if projection is None else projection.float().clone()
+        self.step = int(state['step'])
+        self.counts = {int(k): (float(c), int(a)) for k, c, a in
+                       zip(state['keys'].tolist(), state['counts'].tolist(),
+                           state['counted_at'].tolist(), strict=True)}
+
+
+class CountedCuriosityReward:
+    """Curiosity times VisitCounts' novelty: prediction error that pays where
+    the views are rarely seen over the run, and little where they are seen
+    every episode however hard they stay to predict (in my_way_home the far
+    start room stays about twice as hard as the corridor out of it). A
+    lifelong-novelty factor like Never Give Up's (Badia et al. 2020), from
+    counts instead of a second network.
+
+    Stateful: call it once per step, in order, with one latent (the agent does).
+    """
+
+    def __init__(self) -> None:
+        self.visits = VisitCounts()
+
+    def __call__(self, pred_mean: Tensor, observed: Tensor) -> Tensor:
+        if observed.dim() != 2 or observed.shape[0] != 1:
+            raise ValueError(f'counted_curiosity takes one step at a time ([1, latent]), '
+                             f'got {list(observed.shape)}')
+        return prediction_nll(pred_mean, observed) * self.visits.novelty(observed[0])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.visits.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.visits.load_state_dict(state)
+
+
+REWARDS: dict[str, type] = {'curiosity': CuriosityReward, 'novel_curiosity': NovelCuriosityReward,
+                            'counted_curiosity': CountedCuriosityReward}
 
 
 def make_reward(name: str) -> RewardFunction:

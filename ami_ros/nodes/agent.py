@@ -83,8 +83,9 @@ class AgentNode(ManagedNode):
                             low=0, high=2**31 - 1)
         reward = self.declare(
             'reward', 'curiosity', 'Reward function: curiosity (the forward model\'s prediction '
-            'error) or novel_curiosity (that error times how new the view is against the last '
-            '30 s; core/reward.py).', choices=tuple(REWARDS))
+            'error), novel_curiosity (that error times how new the view is against the last '
+            '30 s) or counted_curiosity (that error over the square root of how often such views '
+            'were seen in the run); core/reward.py.', choices=tuple(REWARDS))
         deterministic = self.declare('deterministic', False,
                                      'Act with the most likely action instead of sampling.')
         threads = self.declare('torch_threads', 1, 'Torch intra-op threads of this process.',
