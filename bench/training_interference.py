@@ -13,8 +13,9 @@ three trainers train, and the ratio of the p99s. In both the action leaves
 as soon as the policy has chosen it (`CuriosityAgent.step(on_action=...)`).
 Ours is measured end to end (frame stamp -> the Joy received back here: DDS
 both ways) and agent-side (frame stamp -> action published, which still
-includes the frame's DDS hop); the one-process loop from the frame's due time
-to the action chosen, with no transport at all.
+includes the frame's DDS hop), and the agent's step alone (frame received ->
+action published, as the one-process loop measures it); the one-process loop
+from the frame's due time to the action chosen, with no transport at all.
 
     .venv/bin/python bench/training_interference.py [--presets small ami] [--seconds 60]
 """
@@ -22,6 +23,7 @@ to the action chosen, with no transport at all.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import tempfile
@@ -52,7 +54,9 @@ def _summary(latencies: list[float], frames: int, answered: int, rounds: dict[st
 
 
 def run_processes(preset: str, seconds: float, min_new: int, max_batches: int,
-                  nice: int, cpus: str, quiet_ms: int, guard_ms: int) -> tuple[float, float, str]:
+                  nice: int, cpus: str, quiet_ms: int, guard_ms: int
+                  ) -> tuple[float, float, float, str]:
+    """p99 end to end, agent-side and of the agent's step alone (ms), and a summary."""
     with tempfile.TemporaryDirectory() as tmp:
         params = {'preset': preset, 'min_new': min_new, 'max_batches': max_batches, 'nice': nice,
                   'cpus': cpus, 'quiet_ms': quiet_ms, 'guard_ms': guard_ms}
@@ -67,12 +71,17 @@ def run_processes(preset: str, seconds: float, min_new: int, max_batches: int,
             lat = sorted(chain.latencies)
             rounds = {t: int(chain.diag.get(t, {}).get('rounds', 0)) for t in TRAINERS}
             text = _summary(lat, r['frames'], r['answered'], rounds)
-            agent = chain.agent_diag
-            inside = float(agent.get('latency_p99_ms', 'nan'))
-            text += (f'\n    agent-side (frame stamp -> action published, its last 1000 steps): '
-                     f'p50 {float(agent.get("latency_p50_ms", "nan")):.2f} ms  p99 {inside:.2f} ms  '
-                     f'max {float(agent.get("latency_max_ms", "nan")):.2f} ms')
-            return r['p99'], inside, text
+            agent = {k: float(v) for k, v in chain.agent_diag.items()
+                     if k.startswith(('latency_', 'step_'))}
+            for what, key in (('agent-side (frame stamp -> action published', 'latency'),
+                              ("the agent's step alone (frame received -> action published",
+                               'step')):
+                text += (f'\n    {what}, its last 1000 steps): '
+                         f'p50 {agent.get(key + "_p50_ms", math.nan):.2f} ms  '
+                         f'p99 {agent.get(key + "_p99_ms", math.nan):.2f} ms  '
+                         f'max {agent.get(key + "_max_ms", math.nan):.2f} ms')
+            return (r['p99'], agent.get('latency_p99_ms', math.nan),
+                    agent.get('step_p99_ms', math.nan), text)
         finally:
             chain.close()
 
@@ -179,21 +188,21 @@ def main() -> None:
           f'max_batches {args.max_batches}, nice {args.nice}, cpus {args.trainer_cpus or "all"}, '
           f'quiet_ms {args.quiet_ms}, guard_ms {args.guard_ms}')
     for preset in args.presets:
-        ours, inside, ours_text = run_processes(preset, args.seconds, args.min_new,
+        ours, inside, step, ours_text = run_processes(preset, args.seconds, args.min_new,
                                                 args.max_batches, args.nice, args.trainer_cpus,
                                                 args.quiet_ms, args.guard_ms)
         print(f'[{preset}] ami_ros (processes), frame stamp -> action received back: {ours_text}')
         theirs, theirs_text = run_threads(preset, args.seconds, args.min_new, args.max_batches)
         print(f'[{preset}] one process (threads), frame due -> action chosen: {theirs_text}')
         print(f'[{preset}] p99 ratio ours / one-process: {ours / theirs:.2f} end to end, '
-              f'{inside / theirs:.2f} agent-side')
+              f'{inside / theirs:.2f} agent-side, {step / theirs:.2f} the step alone')
         if args.quiet_ms:
             paced, paced_text = run_threads(preset, args.seconds, args.min_new, args.max_batches,
                                             args.quiet_ms, args.guard_ms)
             print(f'[{preset}] one process, trainer threads paused around the steps like ours: '
                   f'{paced_text}')
             print(f'[{preset}] p99 ratio ours / that: {ours / paced:.2f} end to end, '
-                  f'{inside / paced:.2f} agent-side')
+                  f'{inside / paced:.2f} agent-side, {step / paced:.2f} the step alone')
 
 
 if __name__ == '__main__':

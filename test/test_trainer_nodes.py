@@ -117,6 +117,9 @@ def test_trainers_push_weights_while_the_agent_acts(launch, graph):
                          for n in TRAINERS), 20, message='every trainer\'s newest weights pushed')
     assert 'kl' in watch.status['/vae_trainer']
     assert 'policy_loss' in watch.status['/policy_trainer']
+    # The agent tells its own step apart from the frame's way to it.
+    step, whole = watch.value('agent', 'step_p99_ms'), watch.value('agent', 'latency_p99_ms')
+    assert 0 < step <= whole, watch.status['/agent']
 
 
 def test_a_killed_trainer_leaves_the_agent_acting_and_a_restart_resumes(launch, graph, tmp_path):

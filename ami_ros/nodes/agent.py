@@ -15,7 +15,9 @@ Publishes:
                           (only while someone subscribes)
   experience              std_msgs/UInt8MultiArray, one envelope per step (see
                           ami_ros/core/schemas.py): everything a trainer needs
-  /diagnostics            rate, step latency, steps, model versions
+  /diagnostics            rate, latency (frame stamp -> action out: latency_*,
+                          frame received -> action out: step_*), steps,
+                          model versions
 Serves:
   agent/sync_weights      rcl_interfaces/srv/SetParameters: one Parameter per
                           model ('encoder', 'decoder', 'dynamics', 'policy'),
@@ -108,7 +110,8 @@ class AgentNode(ManagedNode):
         self._prepare_seconds = 0.03  # how long building new models takes (smoothed)
         self._start_sync_service()
         self.rate = RateMeter()
-        self.latency = LatencyWindow(1000)
+        self.latency = LatencyWindow(1000)  # frame stamp -> action out (with the frame's hop)
+        self.step_latency = LatencyWindow(1000)  # frame received -> action out (the step alone)
         self.diagnostics = NodeDiagnostics(self, update=self._update_diagnostics)
         self.diagnostics.set(preset=preset, device=device)
         # Restores weights, versions, hidden state and sampling state before
@@ -132,13 +135,14 @@ class AgentNode(ManagedNode):
     def on_frame(self, msg: Image) -> None:
         if not self.is_active:
             return
+        received = self.get_clock().now().nanoseconds
         self.step_gap.step_started()
         try:
-            self._act(msg)
+            self._act(msg, received)
         finally:
             self.step_gap.step_ended()
 
-    def _act(self, msg: Image) -> None:
+    def _act(self, msg: Image, received: int) -> None:
         rgb = self.observation_from(msg)
         if rgb is None:
             return
@@ -150,8 +154,10 @@ class AgentNode(ManagedNode):
             joy.header.stamp = msg.header.stamp
             joy.header.frame_id = msg.header.frame_id
             self.action_pub.publish(joy)
+            now = self.get_clock().now().nanoseconds
+            self.step_latency.add((now - received) / 1e6)
             if stamp:
-                self.latency.add((self.get_clock().now().nanoseconds - stamp) / 1e6)
+                self.latency.add((now - stamp) / 1e6)
 
         step = self.agent.step(rgb, on_action=publish_action)
         self.rate.tick()
@@ -247,9 +253,11 @@ class AgentNode(ManagedNode):
         self._sync_node.destroy_node()
 
     def _update_diagnostics(self) -> None:
-        lat = self.latency.summary()
+        lat, step = self.latency.summary(), self.step_latency.summary()
         self.diagnostics.set(rate_hz=self.rate.rate(), latency_p50_ms=lat['p50'],
                              latency_p99_ms=lat['p99'], latency_max_ms=lat['max'],
+                             step_p50_ms=step['p50'], step_p99_ms=step['p99'],
+                             step_max_ms=step['max'],
                              steps=self.agent.steps, dropped_frames=self.dropped_frames,
                              syncs_ok=self.syncs_ok, syncs_refused=self.syncs_refused,
                              active=self.is_active,
