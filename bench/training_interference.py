@@ -189,8 +189,9 @@ def main() -> None:
           f'quiet_ms {args.quiet_ms}, guard_ms {args.guard_ms}')
     for preset in args.presets:
         ours, inside, step, ours_text = run_processes(preset, args.seconds, args.min_new,
-                                                args.max_batches, args.nice, args.trainer_cpus,
-                                                args.quiet_ms, args.guard_ms)
+                                                      args.max_batches, args.nice,
+                                                      args.trainer_cpus, args.quiet_ms,
+                                                      args.guard_ms)
         print(f'[{preset}] ami_ros (processes), frame stamp -> action received back: {ours_text}')
         theirs, theirs_text = run_threads(preset, args.seconds, args.min_new, args.max_batches)
         print(f'[{preset}] one process (threads), frame due -> action chosen: {theirs_text}')
