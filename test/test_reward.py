@@ -180,9 +180,9 @@ def test_visit_counts_pay_for_rare_views_and_forget_old_ones():
     visits = VisitCounts(bits=16, decay=0.999)
     start_room = torch.randn(5, 32, generator=g)  # seen at the start of every episode
     for i in range(500):
-        visits.novelty(start_room[i % 5] + 0.01 * torch.randn(32, generator=g))
-    again = visits.novelty(start_room[0])
-    new = visits.novelty(torch.randn(32, generator=g))
+        visits(start_room[i % 5] + 0.01 * torch.randn(32, generator=g))
+    again = visits(start_room[0])
+    new = visits(torch.randn(32, generator=g))
     assert new == 1.0  # a view never seen: its bucket is empty
     assert again < 0.15  # ~100 visits, decayed a little: 1/sqrt(1 + ~95)
     # Nearby latents share a bucket; a latent far away does not.
@@ -190,8 +190,8 @@ def test_visit_counts_pay_for_rare_views_and_forget_old_ones():
     assert visits.key(start_room[1]) != visits.key(-start_room[1])
     # Away from the room for 3000 steps, its count decays (0.999^3000 ~ 0.05).
     for _ in range(3000):
-        visits.novelty(torch.randn(32, generator=g))
-    back = visits.novelty(start_room[0])
+        visits(torch.randn(32, generator=g))
+    back = visits(start_room[0])
     assert again * 2 < back < 1.0, (again, back)
 
 
@@ -200,13 +200,13 @@ def test_visit_counts_round_trip_and_refuse_what_does_not_fit():
     visits = VisitCounts(bits=8)
     latents = torch.randn(40, 16, generator=g)
     for z in latents:
-        visits.novelty(z)
+        visits(z)
     restored = VisitCounts(bits=8, seed=99)  # the projection comes from the state
     restored.load_state_dict(visits.state_dict())
     for z in latents[:10]:
-        assert restored.novelty(z) == visits.novelty(z)
+        assert restored(z) == visits(z)
     with pytest.raises(ValueError, match='size 16'):
-        visits.novelty(torch.randn(8))
+        visits(torch.randn(8))
     with pytest.raises(ValueError, match='8 bits'):
         VisitCounts(bits=12).load_state_dict(visits.state_dict())
     with pytest.raises(ValueError, match='bits'):
@@ -222,7 +222,7 @@ def test_counted_curiosity_is_curiosity_over_the_root_of_the_count_and_round_tri
     paid = []
     for _ in range(20):
         mu = torch.randn(1, 8, generator=g)
-        expected = prediction_nll(mu, view) * twin.novelty(view[0])
+        expected = prediction_nll(mu, view) * twin(view[0])
         paid.append(reward(mu, view))
         torch.testing.assert_close(paid[-1], expected)
     # The same error pays less each time the same view comes back.

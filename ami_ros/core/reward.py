@@ -106,19 +106,21 @@ class RecentNovelty:
             self._remember(z)
 
 
-class NovelCuriosityReward:
-    """Curiosity times RecentNovelty: prediction error that counts where the
-    view is new, and little where the agent keeps seeing what it just saw.
+class NoveltyScaledCuriosity:
+    """Curiosity times a novelty factor that remembers what it has seen.
 
-    Stateful: call it once per step, in order, with one latent (the agent does).
+    Stateful: call it once per step, in order, with one latent (the agent
+    does); the novelty's memory is agent state (saved with the agent).
     """
 
-    def __init__(self) -> None:
-        self.novelty = RecentNovelty()
+    name = 'novelty-scaled curiosity'
+
+    def __init__(self, novelty: RecentNovelty | VisitCounts) -> None:
+        self.novelty = novelty
 
     def __call__(self, pred_mean: Tensor, observed: Tensor) -> Tensor:
         if observed.dim() != 2 or observed.shape[0] != 1:
-            raise ValueError(f'novel_curiosity takes one step at a time ([1, latent]), '
+            raise ValueError(f'{self.name} takes one step at a time ([1, latent]), '
                              f'got {list(observed.shape)}')
         return prediction_nll(pred_mean, observed) * self.novelty(observed[0])
 
@@ -129,15 +131,25 @@ class NovelCuriosityReward:
         self.novelty.load_state_dict(state)
 
 
+class NovelCuriosityReward(NoveltyScaledCuriosity):
+    """Curiosity times RecentNovelty: prediction error that counts where the
+    view is new, and little where the agent keeps seeing what it just saw."""
+
+    name = 'novel_curiosity'
+
+    def __init__(self) -> None:
+        super().__init__(RecentNovelty())
+
+
 class VisitCounts:
     """How often the agent has seen views like this one over the whole run.
 
     Count-based novelty after Tang et al. 2017 (#Exploration): a latent's
     SimHash (the signs of `bits` fixed random projections) names its bucket,
     and each bucket keeps a count that decays by `decay` per step, so the
-    counts follow an encoder that keeps training. `novelty(z)` is
-    1/sqrt(1 + count) of z's bucket before this visit: 1 for a view never
-    seen, small for one seen at the start of every episode.
+    counts follow an encoder that keeps training. Called with z, it gives
+    1/sqrt(1 + count) of z's bucket before this visit (1 for a view never
+    seen, small for one seen at the start of every episode), then counts it.
     """
 
     def __init__(self, bits: int = 16, decay: float = 0.9999, seed: int = 0) -> None:
@@ -167,7 +179,7 @@ class VisitCounts:
         count, at = self.counts.get(key, (0.0, self.step))
         return count * self.decay ** (self.step - at)
 
-    def novelty(self, z: Tensor) -> float:
+    def __call__(self, z: Tensor) -> float:
         """1/sqrt(1 + how often z's bucket was seen); then count this visit."""
         key = self.key(z)
         seen = self.count(key)
@@ -197,31 +209,18 @@ class VisitCounts:
                            state['counted_at'].tolist(), strict=True)}
 
 
-class CountedCuriosityReward:
+class CountedCuriosityReward(NoveltyScaledCuriosity):
     """Curiosity times VisitCounts' novelty: prediction error that pays where
     the views are rarely seen over the run, and little where they are seen
     every episode however hard they stay to predict (in my_way_home the far
     start room stays about twice as hard as the corridor out of it). A
     lifelong-novelty factor like Never Give Up's (Badia et al. 2020), from
-    counts instead of a second network.
+    counts instead of a second network."""
 
-    Stateful: call it once per step, in order, with one latent (the agent does).
-    """
+    name = 'counted_curiosity'
 
     def __init__(self) -> None:
-        self.visits = VisitCounts()
-
-    def __call__(self, pred_mean: Tensor, observed: Tensor) -> Tensor:
-        if observed.dim() != 2 or observed.shape[0] != 1:
-            raise ValueError(f'counted_curiosity takes one step at a time ([1, latent]), '
-                             f'got {list(observed.shape)}')
-        return prediction_nll(pred_mean, observed) * self.visits.novelty(observed[0])
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.visits.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.visits.load_state_dict(state)
+        super().__init__(VisitCounts())
 
 
 REWARDS: dict[str, type] = {'curiosity': CuriosityReward, 'novel_curiosity': NovelCuriosityReward,
