@@ -159,12 +159,15 @@ def test_recent_novelty_is_low_for_views_seen_moments_ago_and_high_for_new_ones(
     assert fresh > 3 * spun, (fresh, spun)
 
 
-def _assert_a_restored_copy_pays_the_same(reward, restored, g: torch.Generator) -> None:
-    """`restored`, loaded from `reward`'s state, pays what `reward` pays for the next steps."""
+def _assert_a_restored_copy_pays_the_same(reward, restored, seen: torch.Tensor,
+                                          g: torch.Generator) -> None:
+    """`restored`, loaded from `reward`'s state, pays what `reward` pays for the
+    next steps: new views and `seen`, a view `reward` remembers."""
     restored.load_state_dict(reward.state_dict())
     for _ in range(5):
-        mu, z = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
-        assert float(restored(mu, z)[0]) == float(reward(mu, z)[0])
+        for z in (torch.randn(1, 8, generator=g), seen):
+            mu = torch.randn(1, 8, generator=g)
+            assert float(restored(mu, z)[0]) == float(reward(mu, z)[0])
 
 
 def test_novel_curiosity_is_curiosity_times_novelty_and_its_memory_round_trips():
@@ -174,7 +177,7 @@ def test_novel_curiosity_is_curiosity_times_novelty_and_its_memory_round_trips()
         mu, z = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
         expected = prediction_nll(mu, z) * twin(z)
         torch.testing.assert_close(reward(mu, z), expected)
-    _assert_a_restored_copy_pays_the_same(reward, NovelCuriosityReward(), g)
+    _assert_a_restored_copy_pays_the_same(reward, NovelCuriosityReward(), z, g)
     with pytest.raises(ValueError, match='window >= neighbours'):
         RecentNovelty(window=5, neighbours=10)
 
@@ -230,6 +233,6 @@ def test_counted_curiosity_is_curiosity_over_the_root_of_the_count_and_round_tri
     # The same error pays less each time the same view comes back.
     mu = torch.zeros(1, 8)
     assert float(reward(mu, view)[0]) < 0.25 * float(prediction_nll(mu, view)[0])
-    _assert_a_restored_copy_pays_the_same(reward, CountedCuriosityReward(), g)
+    _assert_a_restored_copy_pays_the_same(reward, CountedCuriosityReward(), view, g)
     with pytest.raises(ValueError, match='one step at a time'):
         reward(torch.zeros(2, 8), torch.zeros(2, 8))
