@@ -251,7 +251,7 @@ def policy_node():
     rclpy.init(context=context)
     node = PolicyTrainerNode(context=context, parameter_overrides=[
         Parameter('preset', value='small'), Parameter('nice', value=0), Parameter('min_new', value=8),
-        Parameter('max_policy_lag', value=2)])
+        Parameter('learning_rate', value=2e-3), Parameter('max_policy_lag', value=2)])
     yield node  # never activated: its training thread stays idle
     node.on_exit()
     node.destroy_node()
@@ -262,6 +262,10 @@ def test_policy_trainer_drops_stale_steps_and_reports_them(policy_node):
     node = policy_node
     buffer = node.trainer.buffer
     assert buffer.steps == 8  # min_new overrides the PPO steps per update
+    # and learning_rate the preset's rate (3e-4), in the optimiser itself
+    assert node.preset.ppo_training.lr == 2e-3
+    assert {o.param_groups[0]['lr'] for o in node.trainer.optimizer.optimizers} == {2e-3}
+    assert node.diagnostics.values['learning_rate'] == '0.002'
     for version in (1, 1, 2, 3, 3, 4, 3):
         node.add_step(_step(version), follows=True)
     node.trainer.version = 5  # five rounds pushed since: policies < 3 are too old

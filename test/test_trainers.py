@@ -578,3 +578,22 @@ def test_sliced_optimizer_keeps_its_fused_kernels_when_loading_older_state():
     sliced.load_state_dict(old.state_dict())
     assert all(o.param_groups[0]['fused'] for o in sliced.optimizers)
     sliced.step()  # and it steps with the restored moments
+
+
+def test_a_restored_optimizer_keeps_its_moments_and_takes_its_own_learning_rate():
+    """A trainer restarted with another learning_rate parameter trains at that rate
+    from the checkpoint's Adam moments (the checkpoint's rate is not state)."""
+    net = torch.nn.Linear(8, 8)
+    saved = SlicedOptimizer(list(net.parameters()), lambda p: torch.optim.Adam(p, lr=1e-3))
+    net(torch.randn(2, 8)).sum().backward()
+    saved.step()
+    restarted = SlicedOptimizer(list(net.parameters()), lambda p: torch.optim.Adam(p, lr=5e-3),
+                                slice_elements=40)
+    restarted.load_state_dict(saved.state_dict())
+    assert [o.param_groups[0]['lr'] for o in restarted.optimizers] == [5e-3] * len(restarted.optimizers)
+    assert len(restarted.optimizers) > 1  # the rate holds in every slice
+    ours, theirs = restarted.state_dict(), saved.state_dict()
+    assert ours['state'].keys() == theirs['state'].keys()
+    for pid, entry in theirs['state'].items():
+        for key, value in entry.items():
+            assert torch.equal(ours['state'][pid][key], value), (pid, key)

@@ -81,6 +81,9 @@ def _unflatten_optimizer(tensors: Mapping[str, Tensor], info: Mapping[str, Any])
 SLICE_ELEMENTS = 1 << 18
 # Optimiser options that choose kernels, not the maths.
 _IMPLEMENTATION_FLAGS = ('fused', 'foreach', 'capturable', 'differentiable')
+# Options that are configuration (a trainer's learning_rate parameter), not
+# state: a restored optimiser keeps the ones it was built with.
+_CONFIGURED = ('lr',)
 
 
 class SlicedOptimizer:
@@ -166,8 +169,9 @@ class SlicedOptimizer:
         entries = {int(k): v for k, v in state['state'].items()}
         for s, optimizer in zip(self.slices, self.optimizers, strict=True):
             # How it computes (fused, foreach) stays this optimiser's own: a
-            # checkpoint from before fused kernels must not turn them off.
-            own = {k: optimizer.param_groups[0][k] for k in _IMPLEMENTATION_FLAGS
+            # checkpoint from before fused kernels must not turn them off. So
+            # does its learning rate: a restart with another one means it.
+            own = {k: optimizer.param_groups[0][k] for k in _IMPLEMENTATION_FLAGS + _CONFIGURED
                    if k in optimizer.param_groups[0]}
             optimizer.load_state_dict({
                 'state': {i: entries[g] for i, g in enumerate(s) if g in entries},

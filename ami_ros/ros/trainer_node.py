@@ -88,6 +88,9 @@ Parameters (every trainer node):
                        '' = all (default)
   min_new              new samples before a round; 0 = the preset's value
                        (for the policy trainer: PPO steps per update)
+  learning_rate        the optimiser's learning rate; 0 = the preset's
+                       (REFERENCE.md). A restored optimiser keeps its
+                       moments and takes this rate
   min_round_interval   seconds at least between two round starts (0)
   quiet_ms             milliseconds after each frame's capture in which
                        the trainer computes nothing (25; 0 = off, for a
@@ -107,9 +110,10 @@ Parameters (every trainer node):
                        most; 0 = the trainer's default
 
 Diagnostics (/diagnostics, status named after the node, every second):
-  active, rounds, version, buffer (fill "len/capacity"), buffer_len,
-  buffer_capacity, new_count, pushes_ok, pushes_failed, pushed_version (the
-  last version the agent accepted; -1 none yet), pending_version (-1 none),
+  preset, device, learning_rate (the rate it trains at), active, rounds,
+  version, buffer (fill "len/capacity"), buffer_len, buffer_capacity,
+  new_count, pushes_ok, pushes_failed, pushed_version (the last version
+  the agent accepted; -1 none yet), pending_version (-1 none),
   last_sync ('ok' or the last failure's reason), train_errors,
   restored_from (the checkpoint restored at start, '' none), restored_part
   ('trainer': the whole part; 'models': the agent's weights only; 'none':
@@ -330,6 +334,9 @@ class TrainerNode(ManagedNode):
                             'CPU (0 = none).', low=0, high=19)
         min_new = self.declare('min_new', 0, 'New samples before a round; 0 = the preset\'s '
                                'value.', low=0, high=1_000_000)
+        learning_rate = self.declare('learning_rate', 0.0, 'The optimiser\'s learning rate; '
+                                     '0 = the preset\'s. Read at start; a restored optimiser '
+                                     'keeps its moments and takes this rate.', low=0.0, high=1.0)
         max_batches = 0
         if self.caps_batches:
             max_batches = self.declare('max_batches', 0, 'Minibatches per epoch at most, so a '
@@ -372,7 +379,7 @@ class TrainerNode(ManagedNode):
         if cpus:
             pin_cpus(cpus)
         torch.set_num_threads(threads)
-        self.preset = self._with_min_new(get_preset(preset_name), min_new)
+        self.preset = self._with_overrides(get_preset(preset_name), min_new, learning_rate)
         resolve_device(device)  # a clear error for a missing CUDA, before building anything
         self.trainer = self.make_trainer(self.preset, build_models(self.preset, seed=seed),
                                          device, seed, max_batches)
@@ -397,7 +404,8 @@ class TrainerNode(ManagedNode):
         self.create_timer(0.2, self._push_tick)
 
         self.diagnostics = NodeDiagnostics(self, update=self._update_diagnostics)
-        self.diagnostics.set(preset=preset_name, device=device)
+        self.diagnostics.set(preset=preset_name, device=device,
+                             learning_rate=f'{getattr(self.preset, self.min_new_field[0]).lr:g}')
 
         # Restore (checkpoint:=) before training can start and before any data
         # arrives (subclasses subscribe after this constructor), so a restored
@@ -433,11 +441,15 @@ class TrainerNode(ManagedNode):
         return {}
 
     # -- training thread --------------------------------------------------
-    def _with_min_new(self, preset: Preset, min_new: int) -> Preset:
-        if not min_new:
-            return preset
+    def _with_overrides(self, preset: Preset, min_new: int, learning_rate: float) -> Preset:
+        """The preset with this node's min_new and learning_rate, where set (0 = the preset's)."""
         section, name = self.min_new_field
-        return with_overrides(preset, **{section: {name: int(min_new)}})
+        values: dict[str, Any] = {}
+        if min_new:
+            values[name] = int(min_new)
+        if learning_rate:
+            values['lr'] = float(learning_rate)
+        return with_overrides(preset, **{section: values}) if values else preset
 
     def _pause_training(self, site: str) -> None:
         """Between two pieces of a round: give the round up at stop, else keep out of the agent's steps."""
