@@ -19,7 +19,11 @@ the policy learned. `--start X,Y` starts every episode at one map point
 graph's: the policy on the encoder's latent; small: on the frame),
 `--reward` and `--action-baseline` the learning run's reward options,
 `--runs learning` makes the learning runs alone (to compare with random
-runs made before: the random policy does not depend on those options). Next
+runs made before: the random policy does not depend on those options). The
+random run is always the uniformly random policy: it acts with persistence 0
+whatever `--set agent.persistence=` says; `--runs held` adds the untrained
+policy with the learning run's persistence (inputs held like keys, nothing
+learnt), which tells what holding alone gives from what learning adds. Next
 to the curves it writes every run's cells per episode and action shares as
 JSON (`--out` with .json), for comparisons across benches. `--trace` adds
 every step's place and prediction error to it, and prints where the error
@@ -30,7 +34,7 @@ any launch parameter for every run (e.g. policy_trainer.normalize_reward=true).
     .venv/bin/python bench/exploration.py [--seeds 0 1] [--minutes 3] [--time-scale 3]
         [--start 240,-176] [--preset small] [--reward novel_curiosity]
         [--action-baseline] [--trace] [--set policy_trainer.normalize_reward=true]
-        [--runs learning random]
+        [--runs learning held random] [--set agent.persistence=0.8]
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ from ami_ros.core.run_record import ExplorationMap  # noqa: E402
 from ami_ros.graph import default_params_file  # noqa: E402
 
 FAR_ROOM = '240,-176'
+# Run kinds: label -> (train, uniform: persistence forced to 0).
+RUNS = {'learning': (True, False), 'held': (False, False), 'random': (False, True)}
 
 
 def free_udp_port() -> int:
@@ -117,15 +123,18 @@ def parse_overrides(items: list[str], params: dict) -> dict[str, dict[str, objec
 def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: int,
              tmp: Path, start: str = '', reward: str = 'curiosity',
              action_baseline: bool = False, preset: str = DEFAULT_PRESET,
-             overrides: dict[str, dict[str, object]] | None = None) -> Run:
-    """One run of the main job, watched from outside; `overrides`: node -> parameters."""
+             overrides: dict[str, dict[str, object]] | None = None, uniform: bool = False) -> Run:
+    """One run of the main job, watched from outside; `overrides`: node -> parameters;
+    `uniform`: the agent holds nothing (persistence 0), whatever they say."""
     params = yaml.safe_load(default_params_file().read_text())
     params['/**/doom_world']['ros__parameters'].update(time_scale=time_scale, seed=seed, start=start)
     params['/**/agent']['ros__parameters'].update(seed=seed, reward=reward)
     params['/**/policy_trainer']['ros__parameters'].update(action_baseline=action_baseline)
     for node_name, values in (overrides or {}).items():
         params[f'/**/{node_name}']['ros__parameters'].update(values)
-    params_file = tmp / f'params-{seed}-{train}.yaml'
+    if uniform:
+        params['/**/agent']['ros__parameters']['persistence'] = 0.0
+    params_file = tmp / f'params-{seed}-{train}-{uniform}.yaml'
     params_file.write_text(yaml.safe_dump(params))
     context = rclpy.Context()
     rclpy.init(context=context)
@@ -215,7 +224,8 @@ def plot(curves: dict[str, list[list[int]]], path: Path) -> None:
     img = np.full((height, width, 3), 255, np.uint8)
     longest = max(len(c) for runs in curves.values() for c in runs)
     top = max(max(c) for runs in curves.values() for c in runs if c)
-    colours = {'learning': (200, 80, 20), 'random': (40, 40, 200)}
+    colours = {'learning': (200, 80, 20), 'held': (30, 150, 30), 'random': (40, 40, 200)}
+    colours = {k: v for k, v in colours.items() if curves.get(k)}
     cv2.rectangle(img, (margin, margin), (width - margin, height - margin), (0, 0, 0), 1)
     for label, runs in curves.items():
         for curve in runs:
@@ -260,9 +270,11 @@ def main() -> None:
                         help="a node parameter for every run, e.g. vae_trainer.min_round_interval=30 "
                              "(VALUE read as YAML; repeatable)")
     parser.add_argument('--runs', nargs='+', default=['learning', 'random'],
-                        choices=['learning', 'random'],
+                        choices=list(RUNS),
                         help='which runs to make per seed (random alone gives a baseline to '
-                             'reuse; the random policy does not depend on the reward options)')
+                             'reuse: the uniformly random policy does not depend on the reward '
+                             'options nor on persistence; held: the untrained policy with the '
+                             "agent's persistence)")
     parser.add_argument('--trace', action='store_true',
                         help='also write every step (episode, x, y, new cell, prediction error) '
                              'to the JSON, and print the prediction error by where the agent was')
@@ -274,18 +286,18 @@ def main() -> None:
           f'start {args.start or "random rooms"}, preset {args.preset}, reward {args.reward}, '
           f'action_baseline {args.action_baseline}'
           + ''.join(f', {n}.{k}={v}' for n, values in overrides.items() for k, v in values.items()))
-    curves: dict[str, list[list[int]]] = {'learning': [], 'random': []}
-    per_episode: dict[str, list[int]] = {'learning': [], 'random': []}
+    curves: dict[str, list[list[int]]] = {label: [] for label in RUNS}
+    per_episode: dict[str, list[int]] = {label: [] for label in RUNS}
     records: list[dict] = []  # every run's episodes and shares, for analysis after the bench
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            for label, train in (('learning', True), ('random', False)):
+            for label, (train, uniform) in RUNS.items():
                 if label not in args.runs:
                     continue
                 t0 = time.monotonic()
                 run = run_once(train, seed, args.minutes * 60, args.time_scale, args.cell,
                                Path(tmp), args.start, args.reward, args.action_baseline,
-                               args.preset, overrides)
+                               args.preset, overrides, uniform)
                 curves[label].append(run.curve)
                 per_episode[label] += run.episode_cells
                 fifth = max(1, len(run.errors) // 5)
@@ -312,7 +324,7 @@ def main() -> None:
                                 'actions_first_fifth': first, 'actions_last_fifth': final})
                 if args.trace:
                     records[-1]['trace'] = print_trace(run, args.start)
-    ran = [label for label in ('learning', 'random') if curves[label]]
+    ran = [label for label in RUNS if curves[label]]
     # Episodes differ a lot (their start, and chance): the standard error says
     # how far apart two means must be to mean anything.
     episode_mean = {k: float(np.mean(per_episode[k] or [0])) for k in ran}
@@ -321,12 +333,13 @@ def main() -> None:
     print('per whole episode: ' + ', '.join(
         f'{k} {episode_mean[k]:.1f} ± {sem[k]:.1f} cells ({len(per_episode[k])} episodes)'
         for k in ran))
-    if len(ran) == 2:
-        steps = min(len(c) for runs in curves.values() for c in runs)
-        mean = {k: float(np.mean([c[steps - 1] for c in runs])) for k, runs in curves.items()}
-        print(f'after {steps} steps: learning {mean["learning"]:.1f} cells, random '
-              f'{mean["random"]:.1f} cells, ratio {mean["learning"] / max(mean["random"], 1e-9):.2f}; '
-              f'per episode ratio {episode_mean["learning"] / max(episode_mean["random"], 1e-9):.2f}')
+    if 'learning' in ran and len(ran) > 1:
+        steps = min(len(c) for label in ran for c in curves[label])
+        mean = {k: float(np.mean([c[steps - 1] for c in curves[k]])) for k in ran}
+        for other in ran[1:]:
+            print(f'after {steps} steps: learning {mean["learning"]:.1f} cells, {other} '
+                  f'{mean[other]:.1f} cells, ratio {mean["learning"] / max(mean[other], 1e-9):.2f}; '
+                  f'per episode ratio {episode_mean["learning"] / max(episode_mean[other], 1e-9):.2f}')
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(curves, out)

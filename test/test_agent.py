@@ -1,6 +1,7 @@
 """The acting agent's core (no ROS): the action leaves before the rest of the step."""
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.checkpoint import begin_checkpoint, commit_checkpoint
-from ami_ros.core.policy import policy_observation
+from ami_ros.core.observation import to_observation
+from ami_ros.core.policy import policy_observation, with_persistence
+from ami_ros.core.presets import ACTION_CHOICES
 from ami_ros.core.reward import prediction_nll
 
 
@@ -159,6 +162,43 @@ def test_handing_out_the_action_early_changes_nothing_the_step_produces():
         assert torch.equal(x.latent, y.latent) and torch.equal(x.hidden, y.hidden)
         assert (np.isnan(x.reward) and np.isnan(y.reward)) or x.reward == y.reward
     assert torch.equal(a.hidden, b.hidden)
+
+
+def test_an_agent_with_persistence_holds_its_actions_and_reports_the_mixture_it_drew_from(tmp_path):
+    agent = CuriosityAgent('small', seed=3, persistence=0.8)
+    seen = frames(200, seed=5)
+    steps = [agent.step(frame) for frame in seen]
+    assert steps[0].persistence == 0.0 and not steps[0].previous_action.any()  # nothing held yet
+    for before, now in pairwise(steps):
+        assert now.persistence == 0.8 and torch.equal(now.previous_action, before.action)
+    # The fresh policy is near uniform: a head repeats with 0.8 + 0.2 / n
+    # (without persistence: 1 / n).
+    repeats = torch.stack([(b.action == a.action).float() for a, b in pairwise(steps)]).mean(0)
+    expected = torch.tensor([0.8 + 0.2 / n for n in ACTION_CHOICES])
+    torch.testing.assert_close(repeats, expected, atol=0.08, rtol=0)
+    # The log-probabilities are the mixture's, what PPO's ratio compares with.
+    with torch.inference_mode():
+        dist, _ = agent.models['policy'](to_observation(seen[-1]).unsqueeze(0))
+        mixed = with_persistence(dist, steps[-1].previous_action.unsqueeze(0), 0.8)
+        torch.testing.assert_close(mixed.log_prob(steps[-1].action.unsqueeze(0))[0], steps[-1].log_prob)
+
+    # The held action is agent state: a restored agent holds and acts alike.
+    stage = begin_checkpoint(tmp_path)
+    agent.save_checkpoint(stage)
+    restored = CuriosityAgent('small', seed=9, persistence=0.8)
+    restored.load_checkpoint(commit_checkpoint(stage, {'preset': 'small'}))
+    assert torch.equal(restored.previous_action, agent.previous_action)
+    for frame in frames(5, seed=6):
+        x, y = agent.step(frame), restored.step(frame)
+        assert torch.equal(x.action, y.action) and torch.equal(x.log_prob, y.log_prob)
+    # After a pause the bridge has released every input: nothing is held.
+    agent.forget_prediction()
+    assert agent.step(seen[0]).persistence == 0.0
+    # Acting deterministically holds nothing; 1 would leave the policy no say.
+    sure = CuriosityAgent('small', seed=3, persistence=0.8, deterministic=True)
+    assert all(sure.step(frame).persistence == 0.0 for frame in frames(3))
+    with pytest.raises(ValueError, match='persistence 1.0 is outside'):
+        CuriosityAgent('small', persistence=1.0)
 
 
 @pytest.mark.parametrize('reward', ['novel_curiosity', 'counted_curiosity'])

@@ -288,3 +288,17 @@ def test_trajectory_state_round_trip_is_exact():
     empty = TrajectoryBuffer(steps=3)
     empty.load_state_dict(*_through_disk(TrajectoryBuffer(steps=3).state_dict()))
     assert len(empty) == 0
+
+
+def test_a_trajectory_saved_before_persistence_loads_with_nothing_held():
+    buf = TrajectoryBuffer(steps=3)
+    for i in range(4):
+        buf.add(*_entry(i, reward=0.5, value=1.0, version=i), previous_action=torch.ones(5), persistence=0.8)
+    tensors, info = buf.state_dict()
+    assert torch.equal(tensors['persistence'], torch.full((4,), 0.8))
+    old = {k: v for k, v in tensors.items() if k not in ('previous_action', 'persistence')}
+    restored = TrajectoryBuffer(steps=3)
+    restored.load_state_dict(*_through_disk((old, info)))
+    traj = restored.trajectory()
+    assert torch.equal(traj['action'], buf.trajectory()['action'])
+    assert not traj['previous_action'].any() and not traj['persistence'].any()

@@ -81,10 +81,17 @@ def vrchat():
 @pytest.fixture
 def graph(tmp_path, vrchat):
     video = _video(tmp_path / 'obs.avi')
+    # The launch's parameters, but an agent that holds nothing (persistence 0):
+    # its random policy changes several inputs every step, so the OSC stream,
+    # which carries only changes, shows the rate of acting.
+    params = yaml.safe_load((Path(__file__).parent.parent / 'config' / 'ami.yaml').read_text())
+    params['/**/agent']['ros__parameters']['persistence'] = 0.0
+    params_file = tmp_path / 'params.yaml'
+    params_file.write_text(yaml.safe_dump(params))
     log = open(tmp_path / 'launch.log', 'wb')
     proc = subprocess.Popen(
         [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=vrchat', f'camera_source:={video}',
-         f'vrchat_port:={vrchat.port}', 'preset:=small'],
+         f'vrchat_port:={vrchat.port}', 'preset:=small', f'params_file:={params_file}'],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)  # checkpoints/ lands in tmp_path
     proc.log_path = tmp_path / 'launch.log'
     yield proc

@@ -17,7 +17,7 @@ from ami_ros.core.models import (
     count_parameters,
     parameter_counts,
 )
-from ami_ros.core.policy import MultiCategorical, PolicyValue, policy_observation
+from ami_ros.core.policy import MultiCategorical, PolicyValue, policy_observation, with_persistence
 from ami_ros.core.presets import ACTION_CHOICES, IMAGE_SHAPE, DynamicsConfig, PolicyConfig, get_preset
 
 
@@ -365,6 +365,28 @@ def test_multicategorical_sample_follows_each_heads_probabilities():
         torch.testing.assert_close(freq, torch.softmax(lg[0], -1), atol=0.015, rtol=0)
     again = dist.sample(torch.Generator().manual_seed(2))
     assert torch.equal(actions, again)
+
+
+def test_persistence_mixes_the_held_action_into_each_head():
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(4, n, generator=g, requires_grad=True) for n in ACTION_CHOICES]
+    dist = MultiCategorical(logits)
+    previous = torch.tensor([[0, 1, 2, 0, 1]] * 4)
+    rho = torch.tensor([0.0, 0.5, 0.9, 0.3])
+    held = with_persistence(dist, previous, rho)
+    for i, (lg, n) in enumerate(zip(logits, ACTION_CHOICES, strict=True)):
+        expected = (1 - rho[:, None]) * torch.softmax(lg, -1) + rho[:, None] * F.one_hot(previous[:, i], n)
+        torch.testing.assert_close(torch.softmax(held.logits[i], -1), expected)
+    # A row with 0 is the policy itself; one number applies to every row.
+    torch.testing.assert_close(held.log_prob(previous)[0], dist.log_prob(previous)[0])
+    torch.testing.assert_close(with_persistence(dist, previous, 0.5).log_prob(previous)[1],
+                               held.log_prob(previous)[1])
+    # PPO's gradient reaches every head through the mixture, finite where rho is 0.
+    held.log_prob(previous).sum().backward()
+    assert all(torch.isfinite(lg.grad).all() and lg.grad.abs().sum() > 0 for lg in logits)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match='persistence must lie in'):
+            with_persistence(dist, previous, bad)
 
 
 def test_policy_starts_near_uniform(small_models):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -167,26 +168,34 @@ def test_a_trainer_started_before_the_agent_pushes_once_it_appears(launch, graph
     assert vae.alive()
 
 
-@pytest.mark.parametrize('preset_name', ['small-latent', 'small-memory'])
-def test_a_policy_on_the_latent_learns_from_the_agents_latents(launch, test_node, preset_name):
+@pytest.mark.parametrize('preset_name, persistence', [
+    ('small-latent', 0.0), ('small-memory', 0.0), ('small-latent', 0.8)])
+def test_a_policy_on_the_latent_learns_from_the_agents_latents(launch, test_node, preset_name, persistence):
     # Presets small-latent and small-memory: the policy trainer trains on the
     # latents (and hidden states) the agent publishes in `experience` (an
     # image, or a latent alone for small-memory, would not fit its MLP and
     # fail the round), and the agent takes the new weights while it acts on them.
+    # With persistence the experience carries the action held and its chance,
+    # which the trainer's ratio needs.
     preset = get_preset(preset_name)
-    versions: list[int] = []
+    steps: list = []
     test_node.node.create_subscription(
         UInt8MultiArray, 'experience',
-        lambda msg: versions.append(decode_experience(bytes(msg.data), preset).versions['policy']), 200)
+        lambda msg: steps.append(decode_experience(bytes(msg.data), preset)), 200)
     frames = FrameFeeder(test_node, hz=FRAME_HZ)
     try:
-        launch('agent', parameters={'preset': preset_name})
+        launch('agent', parameters={'preset': preset_name, 'persistence': persistence})
         trainer = launch('policy_trainer', parameters={**FAST_POLICY, 'preset': preset_name})
-        wait_for(lambda: versions and versions[-1] >= 2, 60,
+        wait_for(lambda: steps and steps[-1].versions['policy'] >= 2, 60,
                  message='two rounds of the latent policy in the agent')
         assert trainer.alive(), trainer.output()
     finally:
         frames.close()
+    following = [(a, b) for a, b in pairwise(steps) if b.step == a.step + 1 and b.continues]
+    assert len(following) > 20
+    assert all(b.persistence == pytest.approx(persistence) for _, b in following)
+    if persistence:
+        assert all(torch.equal(b.previous_action, a.action) for a, b in following)
 
 
 @pytest.mark.parametrize('preset_name, losses', [
@@ -251,7 +260,8 @@ def policy_node():
     rclpy.init(context=context)
     node = PolicyTrainerNode(context=context, parameter_overrides=[
         Parameter('preset', value='small'), Parameter('nice', value=0), Parameter('min_new', value=8),
-        Parameter('learning_rate', value=2e-3), Parameter('max_policy_lag', value=2)])
+        Parameter('learning_rate', value=2e-3), Parameter('entropy_coef', value=0.02),
+        Parameter('max_policy_lag', value=2)])
     yield node  # never activated: its training thread stays idle
     node.on_exit()
     node.destroy_node()
@@ -266,6 +276,7 @@ def test_policy_trainer_drops_stale_steps_and_reports_them(policy_node):
     assert node.preset.ppo_training.lr == 2e-3
     assert {o.param_groups[0]['lr'] for o in node.trainer.optimizer.optimizers} == {2e-3}
     assert node.diagnostics.values['learning_rate'] == '0.002'
+    assert node.trainer.cfg.entropy_coef == 0.02  # and entropy_coef the preset's 0.001
     for version in (1, 1, 2, 3, 3, 4, 3):
         node.add_step(_step(version), follows=True)
     node.trainer.version = 5  # five rounds pushed since: policies < 3 are too old

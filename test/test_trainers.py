@@ -12,6 +12,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ami_ros.core.models import build_models
+from ami_ros.core.policy import MultiCategorical, with_persistence
 from ami_ros.core.presets import get_preset, with_overrides
 from ami_ros.core.reward import prediction_nll
 from ami_ros.core.trainers import DynamicsTrainer, PPOTrainer, SlicedOptimizer, VAETrainer, ppo_loss
@@ -335,11 +336,32 @@ def test_the_expected_error_takes_out_the_noise_and_leaves_the_new():
     assert new_reward > 3 * quiet_reward, (new_reward, quiet_reward)
 
 
-def _train_bandit(preset, rounds: int, reward_offset: float = 0.0):
+def _act(dist: MultiCategorical, previous: torch.Tensor | None, persistence: float):
+    """Like the agent: actions row after row, each head holding the one before
+    with `persistence`; (actions, log_probs, [(previous action, persistence)])."""
+    if not persistence:
+        actions = dist.sample()
+        return actions, dist.log_prob(actions), [(None, 0.0)] * len(actions)
+    actions, log_probs, held = [], [], []
+    for k in range(dist.logits[0].shape[0]):
+        row = MultiCategorical([lg[k:k + 1] for lg in dist.logits])
+        rho = 0.0 if previous is None else persistence
+        before = torch.zeros(1, len(dist.logits), dtype=torch.int64) if previous is None else previous[None]
+        mixed = with_persistence(row, before, rho)
+        action = mixed.sample()
+        actions.append(action[0])
+        log_probs.append(mixed.log_prob(action)[0])
+        held.append((before[0], rho))
+        previous = action[0]
+    return torch.stack(actions), torch.stack(log_probs), held
+
+
+def _train_bandit(preset, rounds: int, reward_offset: float = 0.0, persistence: float = 0.0):
     """PPO on a bandit: the reward for an action (fraction of heads on a
     target, plus `reward_offset`) arrives with the next entry, as the agent
-    sends it. Returns the target's mean probability per head on fixed probe
-    observations before and after, and the last round's metrics."""
+    sends it; actions are held with `persistence` as the agent holds them.
+    Returns the target's mean probability per head under the policy on fixed
+    probe observations before and after, and the last round's metrics."""
     latent = preset.policy.input != 'image'
     torch.manual_seed(0)
     policy = build_models(preset, seed=0)['policy']
@@ -368,13 +390,13 @@ def _train_bandit(preset, rounds: int, reward_offset: float = 0.0):
             obs = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=gen)
         with torch.no_grad():
             dist, value = trainer.policy(obs if latent else obs.float() / 255)
-            actions = dist.sample()
-            log_prob = dist.log_prob(actions)
+            actions, log_prob, held = _act(dist, previous_action, persistence)
         for k in range(n):
             reward = 0.0 if previous_action is None else \
                 reward_offset + float((previous_action == target).float().mean())
             assert not trainer.ready()
-            trainer.add(obs[k], actions[k], log_prob[k], value[k], reward, trainer.version)
+            trainer.add(obs[k], actions[k], log_prob[k], value[k], reward, trainer.version,
+                        previous_action=held[k][0], persistence=held[k][1])
             previous_action = actions[k]
         assert trainer.ready()
         metrics = trainer.train_round()
@@ -388,9 +410,10 @@ def _learnt(probs: list[float]) -> bool:
     return all(p > 0.6 for p in probs[:3]) and all(p > 0.75 for p in probs[3:])
 
 
-@pytest.mark.parametrize('preset_name, action_baseline', [
-    ('small', False), ('small', True), ('small-latent', False), ('small-memory', False)])
-def test_ppo_trainer_learns_a_bandit_in_every_head(preset_name, action_baseline):
+@pytest.mark.parametrize('preset_name, action_baseline, persistence', [
+    ('small', False, 0.0), ('small', True, 0.0), ('small-latent', False, 0.0),
+    ('small-memory', False, 0.0), ('small-latent', False, 0.8)])
+def test_ppo_trainer_learns_a_bandit_in_every_head(preset_name, action_baseline, persistence):
     # Short credit horizon for a bandit: the reward follows its action at once.
     # A reward that depends on the action alone is exactly what the action
     # baseline takes out: with it, nothing is learned. A policy on the latent
@@ -401,7 +424,9 @@ def test_ppo_trainer_learns_a_bandit_in_every_head(preset_name, action_baseline)
         lr=1e-3, gamma=0.5, gae_lambda=0.5, action_baseline=action_baseline,
         normalize_reward=not action_baseline))
     # The latent's smaller MLP takes more rounds.
-    start, end, metrics = _train_bandit(preset, 20 if preset.policy.input != 'image' else 10)
+    # Held actions (persistence) teach the policy through the mixture.
+    start, end, metrics = _train_bandit(preset, 20 if preset.policy.input != 'image' else 10,
+                                        persistence=persistence)
     assert all(p < 0.55 for p in start), start
     if action_baseline:
         assert metrics['reward_action_effect'] > 0.1, metrics
@@ -409,6 +434,16 @@ def test_ppo_trainer_learns_a_bandit_in_every_head(preset_name, action_baseline)
     else:
         assert metrics['reward_action_effect'] == 0.0
         assert _learnt(end), (start, end)
+
+
+def test_ppos_ratio_starts_at_one_on_actions_held_with_persistence():
+    # One epoch of one minibatch: its ratio compares the policy with the one
+    # that acted, itself, so nothing is clipped and the KL estimate is 0, but
+    # only if the trainer recomputes the mixture the agent drew from (with
+    # the policy's own probabilities, 80 % of held choices would look new).
+    preset = with_overrides(get_preset('small-latent'), ppo_training=dict(epochs=1, batch_size=64, steps=64))
+    _, _, held = _train_bandit(preset, 1, persistence=0.8)
+    assert held['clip_fraction'] == 0.0 and abs(held['approx_kl']) < 1e-5, held
 
 
 def test_ppo_trainer_learns_whatever_the_rewards_offset_only_when_it_normalises():

@@ -28,7 +28,7 @@ from ami_ros.core.checkpoint import read_json, read_tensors, write_json, write_t
 from ami_ros.core.envelope import EnvelopeError, TensorSpec, specs_of
 from ami_ros.core.models import MODEL_NAMES, build_models
 from ami_ros.core.observation import to_observation
-from ami_ros.core.policy import policy_observation
+from ami_ros.core.policy import MAX_PERSISTENCE, policy_observation, with_persistence
 from ami_ros.core.presets import IMAGE_SHAPE, Preset, get_preset
 from ami_ros.core.reward import make_reward
 from ami_ros.core.schemas import decode_weights, weights_schema
@@ -46,6 +46,11 @@ class AgentStep:
     latent: Tensor  # float32 [L], z_t
     hidden: Tensor  # complex64 [depth, dim], the state the dynamics used at this step
     versions: dict[str, int]  # of the weights that produced this step
+    # The action held from the step before and how likely each head kept it
+    # (policy.with_persistence): with log_prob, what PPO needs to recompute it.
+    # Zeros and 0.0 where nothing was held (the first step, after a pause).
+    previous_action: Tensor  # int64 [5]
+    persistence: float
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,7 +69,8 @@ class CuriosityAgent:
     """Acts on frames with the encoder, policy and forward dynamics of one preset."""
 
     def __init__(self, preset: Preset | str = 'small', device: str = 'cpu', seed: int = 0,
-                 reward: str = 'curiosity', deterministic: bool = False) -> None:
+                 reward: str = 'curiosity', deterministic: bool = False,
+                 persistence: float = 0.0) -> None:
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.device = resolve_device(device)
         self.models = {name: m.to(self.device).eval()
@@ -79,6 +85,13 @@ class CuriosityAgent:
             raise ValueError(f'preset {self.preset.name!r} rewards {what}, which reward {reward!r} '
                              f'cannot modify; use reward:=curiosity')
         self.deterministic = deterministic
+        if not 0.0 <= persistence <= MAX_PERSISTENCE:
+            raise ValueError(f'persistence {persistence} is outside 0..{MAX_PERSISTENCE}; '
+                             'it is the chance that each action part repeats the step before')
+        self.persistence = float(persistence)
+        # The last action, held with `persistence`; None before the first step
+        # and after a pause (the bridge released every input).
+        self.previous_action: Tensor | None = None
         self.policy_input = self.preset.policy.input
         self.policy_on_latent = self.policy_input != 'image'
         self.generator = torch.Generator(device='cpu').manual_seed(seed)
@@ -120,6 +133,11 @@ class CuriosityAgent:
         # A policy on the latent acts on z: then the encoder runs before the action leaves.
         z = self.models['encoder'].encode_mean(obs) if self.policy_on_latent else None
         dist, value = self.models['policy'](policy_observation(self.policy_input, obs, z, self.hidden))
+        persistence = 0.0
+        previous = self.previous_action
+        if self.persistence and previous is not None and not self.deterministic:
+            persistence = self.persistence
+            dist = with_persistence(dist, previous.to(self.device).unsqueeze(0), persistence)
         if self.deterministic:
             action = dist.mode()
         else:
@@ -127,6 +145,7 @@ class CuriosityAgent:
             # restorable from a checkpoint, whatever the device.
             action = dist.sample(self.generator)
         action_cpu = action[0].cpu()
+        self.previous_action = action_cpu
         if on_action is not None:
             on_action(action_cpu)
         log_prob = dist.log_prob(action)
@@ -153,7 +172,10 @@ class CuriosityAgent:
         return AgentStep(action=action_cpu, log_prob=log_prob[0].cpu(),
                          value=float(value[0]), reward=reward, prediction_error=error,
                          latent=z[0].cpu(), hidden=hidden_used[0].cpu(),
-                         versions=dict(self.versions))
+                         versions=dict(self.versions),
+                         previous_action=(torch.zeros_like(action_cpu) if previous is None
+                                          else previous),
+                         persistence=persistence)
 
     @torch.inference_mode()
     def predicted_frame(self) -> np.ndarray | None:
@@ -164,8 +186,10 @@ class CuriosityAgent:
         return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
     def forget_prediction(self) -> None:
-        """After a pause the last prediction no longer refers to the next frame."""
+        """After a pause the last prediction no longer refers to the next frame,
+        and no input is held any more (the bridge released them)."""
         self.prediction = self.feature_prediction = self.disagreement = self.expected_error = None
+        self.previous_action = None
 
     # -- weight sync --------------------------------------------------------
     def weight_specs(self, name: str) -> dict[str, TensorSpec]:
@@ -204,7 +228,8 @@ class CuriosityAgent:
     # -- checkpoints --------------------------------------------------------
     # models/<model>.safetensors          weights envelope (schema weights/<model>)
     # interaction/agent/state.safetensors hidden state, sampling generator, prediction(s),
-    #                                     the ensemble's disagreement, the expected error
+    #                                     the ensemble's disagreement, the expected error,
+    #                                     the action held (persistence)
     # interaction/agent/state.json        steps, versions, preset
     def save_checkpoint(self, stage) -> None:
         """Write the agent's part of a checkpoint into a staging directory."""
@@ -223,6 +248,8 @@ class CuriosityAgent:
                 tensors['disagreement'] = self.disagreement.cpu()
             if self.expected_error is not None:
                 tensors['expected_error'] = self.expected_error.cpu()
+            if self.previous_action is not None:
+                tensors['previous_action'] = self.previous_action
             # A reward with memory (novel_curiosity's recent latents) is agent state too.
             if hasattr(self.reward_fn, 'state_dict'):
                 tensors.update({f'reward/{k}': v for k, v in self.reward_fn.state_dict().items()})
@@ -256,6 +283,8 @@ class CuriosityAgent:
             self.disagreement = disagreement.to(self.device) if disagreement is not None else None
             expected = state.tensors.get('expected_error')
             self.expected_error = expected.to(self.device) if expected is not None else None
+            previous = state.tensors.get('previous_action')
+            self.previous_action = previous.long() if previous is not None else None
             self.steps = int(info['steps'])
             # The memory of another reward function means nothing to this one.
             reward_state = {k.split('/', 1)[1]: v for k, v in state.tensors.items()

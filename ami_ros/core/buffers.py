@@ -284,7 +284,8 @@ class DynamicsBuffer(_CountedBuffer):
             self._break_next = bool(info.get('break_next', 1))
 
 
-_TRAJECTORY_FIELDS = ('observation', 'action', 'log_prob', 'value', 'reward', 'policy_version')
+_TRAJECTORY_FIELDS = ('observation', 'action', 'log_prob', 'value', 'reward', 'policy_version',
+                      'previous_action', 'persistence')
 
 
 def gae(rewards: Tensor, values: Tensor, last_value: Tensor | float,
@@ -350,21 +351,28 @@ class TrajectoryBuffer:
             return len(self._entries) >= self.steps + 1
 
     def add(self, observation: Tensor, action: Tensor, log_prob: Tensor, value: float | Tensor,
-            reward: float | Tensor, policy_version: int) -> None:
+            reward: float | Tensor, policy_version: int, previous_action: Tensor | None = None,
+            persistence: float = 0.0) -> None:
         """Append entry t; `reward` rewards the action of entry t-1.
 
         `observation` is what the policy acted on: a uint8 image or a float32
         vector (the latent, or policy.policy_observation's latent and hidden
-        state), the same kind for every entry."""
+        state), the same kind for every entry. `previous_action` and
+        `persistence` are the action the agent held and how likely it kept
+        it (policy.with_persistence; none held: None and 0)."""
         if observation.dtype not in (torch.uint8, torch.float32):
             raise ValueError(f'observation must be a uint8 image or a float32 latent, '
                              f'got {observation.dtype}')
+        action = torch.as_tensor(action, dtype=torch.int64).detach().clone().reshape(-1)
         entry = (observation.detach().clone(),
-                 torch.as_tensor(action, dtype=torch.int64).detach().clone().reshape(-1),
+                 action,
                  torch.as_tensor(log_prob, dtype=torch.float32).detach().clone().reshape(-1),
                  torch.as_tensor(value, dtype=torch.float32).detach().reshape(()).clone(),
                  torch.as_tensor(reward, dtype=torch.float32).detach().reshape(()).clone(),
-                 torch.tensor(int(policy_version), dtype=torch.int64))
+                 torch.tensor(int(policy_version), dtype=torch.int64),
+                 (torch.zeros_like(action) if previous_action is None
+                  else torch.as_tensor(previous_action, dtype=torch.int64).detach().clone().reshape(-1)),
+                 torch.tensor(float(persistence), dtype=torch.float32))
         with self._lock:
             if self._entries:
                 for name, got, have in zip(_TRAJECTORY_FIELDS, entry, self._entries[0], strict=True):
@@ -447,6 +455,9 @@ class TrajectoryBuffer:
             self._entries = []
             if tensors:
                 n = len(tensors['value'])
+                # Checkpoints from before persistence held no action: none held.
+                tensors = {'previous_action': torch.zeros_like(tensors['action']),
+                           'persistence': torch.zeros(n), **tensors}
                 for i in range(max(0, n - self.max_entries), n):
                     self._entries.append(tuple(tensors[name][i].clone() for name in _TRAJECTORY_FIELDS))
             self._dropped = int(info.get('dropped', 0))

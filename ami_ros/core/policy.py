@@ -67,6 +67,35 @@ class MultiCategorical:
         return torch.stack([-(lp.exp() * lp).sum(-1) for lp in self._normalized()], dim=-1)
 
 
+MAX_PERSISTENCE = 0.99  # at 1 the policy would have no say at all
+
+
+def with_persistence(dist: MultiCategorical, previous: Tensor,
+                     persistence: Tensor | float) -> MultiCategorical:
+    """The acting distribution: each head keeps its previous choice with
+    probability `persistence` (rho), else draws from `dist`.
+
+    Per head, p(a) = (1 - rho) pi(a) + rho [a = previous], written as logits
+    so that sampling, log-probabilities and PPO's ratio all see it exactly.
+    A uniformly random policy that acts at 10 Hz jitters in place; held
+    choices walk on and turn in arcs, as people hold keys (README,
+    Performance: exploration). `previous` [B, heads]; `persistence` a float
+    or [B] (rows with 0 are `dist` itself: no previous action).
+    """
+    rho = torch.as_tensor(persistence, dtype=torch.float32, device=dist.logits[0].device)
+    if rho.dim() == 0:
+        rho = rho.expand(previous.shape[0])
+    if bool(((rho < 0) | (rho > MAX_PERSISTENCE)).any()):
+        raise ValueError(f'persistence must lie in 0..{MAX_PERSISTENCE}, got {rho.tolist()}')
+    rho = rho.unsqueeze(-1)
+    keep_policy, keep_previous = torch.log1p(-rho), torch.log(rho)  # log 0 = -inf: no mixing
+    logits = []
+    for i, lp in enumerate(dist._normalized()):
+        held = torch.full_like(lp, -math.inf).scatter(-1, previous[..., i:i + 1], 0.0)
+        logits.append(torch.logaddexp(lp + keep_policy, held + keep_previous))
+    return MultiCategorical(logits)
+
+
 def _orthogonal(layer: nn.Module, gain: float) -> nn.Module:
     nn.init.orthogonal_(layer.weight, gain)
     nn.init.zeros_(layer.bias)

@@ -10,6 +10,9 @@ experience (schema 'experience', one per agent step; std_msgs/UInt8MultiArray)
             hidden complex64 [depth,dim]  h_t, the dynamics state used with z_t
             action int64 [5]              a_t
             log_prob float32 [5]          per head, under the acting policy
+            previous_action int64 [5]     a_{t-1} as the agent held it (zeros if none)
+            persistence float32 []        chance each head kept it (0 if none;
+                                          policy.with_persistence)
             value float32 []              V(o_t)
             reward float32 []             reward of a_{t-1}, known now (0 if none)
             stamp int64 []                frame stamp, ns
@@ -44,6 +47,8 @@ def experience_specs(preset: Preset) -> dict[str, TensorSpec]:
         'hidden': TensorSpec(torch.complex64, (preset.dynamics.depth, preset.dynamics.dim)),
         'action': TensorSpec(torch.int64, (heads,)),
         'log_prob': TensorSpec(torch.float32, (heads,)),
+        'previous_action': TensorSpec(torch.int64, (heads,)),
+        'persistence': TensorSpec(torch.float32, ()),
         'value': TensorSpec(torch.float32, ()),
         'reward': TensorSpec(torch.float32, ()),
         'stamp': TensorSpec(torch.int64, ()),
@@ -66,6 +71,8 @@ class ExperienceStep:
     continues: bool
     versions: dict[str, int] = field(default_factory=dict)
     preset: str = ''
+    previous_action: Tensor | None = None  # None = zeros: nothing held
+    persistence: float = 0.0
 
 
 def encode_experience(step: ExperienceStep) -> bytes:
@@ -75,6 +82,9 @@ def encode_experience(step: ExperienceStep) -> bytes:
         'hidden': step.hidden,
         'action': step.action.long(),
         'log_prob': step.log_prob.float(),
+        'previous_action': (torch.zeros_like(step.action).long() if step.previous_action is None
+                            else step.previous_action.long()),
+        'persistence': torch.tensor(step.persistence, dtype=torch.float32),
         'value': torch.tensor(step.value, dtype=torch.float32),
         'reward': torch.tensor(0.0 if step.reward is None else step.reward, dtype=torch.float32),
         'stamp': torch.tensor(step.stamp_ns, dtype=torch.int64),
@@ -98,6 +108,7 @@ def decode_experience(blob: bytes, preset: Preset) -> ExperienceStep:
     return ExperienceStep(
         observation=t['observation'], latent=t['latent'], hidden=t['hidden'], action=t['action'],
         log_prob=t['log_prob'], value=float(t['value']),
+        previous_action=t['previous_action'], persistence=float(t['persistence']),
         reward=float(t['reward']) if valid else None, stamp_ns=int(t['stamp']),
         step=env.int_meta('step'), continues=bool(env.int_meta('continues')),
         versions={name: env.int_meta(f'version_{name}', 0) for name in MODEL_NAMES},

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from ami_ros.core.buffers import DynamicsBuffer, ImageBuffer, TrajectoryBuffer, gae
+from ami_ros.core.policy import with_persistence
 from ami_ros.core.presets import ACTION_CHOICES, DynamicsTrainingConfig, PPOTrainingConfig, VAETrainingConfig
 from ami_ros.core.reward import ActionRewardBaseline, ReturnNormalizer, prediction_nll
 
@@ -576,11 +577,14 @@ class PPOTrainer(_Trainer):
         return torch.optim.AdamW(params, lr=self.cfg.lr, fused=True)
 
     def add(self, observation: Tensor, action: Tensor, log_prob: Tensor, value: float | Tensor,
-            reward: float | Tensor, policy_version: int) -> None:
+            reward: float | Tensor, policy_version: int, previous_action: Tensor | None = None,
+            persistence: float = 0.0) -> None:
         """Entry t: observation (what the policy acted on, see
         policy.policy_observation: uint8 [3,84,84] or a float32 vector),
-        action [5], log_prob [5], value; `reward` is for the action of entry t-1."""
-        self.buffer.add(observation, action, log_prob, value, reward, policy_version)
+        action [5], log_prob [5], value; `reward` is for the action of entry t-1;
+        the action held and its persistence where the agent held one."""
+        self.buffer.add(observation, action, log_prob, value, reward, policy_version,
+                        previous_action, persistence)
 
     def ready(self) -> bool:
         return self.buffer.full()
@@ -602,6 +606,10 @@ class PPOTrainer(_Trainer):
         obs = traj['observation'][:-1]
         actions, old_log_prob = traj['action'][:-1].to(dev), traj['log_prob'][:-1].to(dev)
         old_value, advantages, returns = traj['value'][:-1].to(dev), advantages.to(dev), returns.to(dev)
+        # The agent acted with the policy mixed with the action it held: the
+        # ratio compares that same mixture (policy.with_persistence).
+        previous, persistence = traj['previous_action'][:-1].to(dev), traj['persistence'][:-1].to(dev)
+        persistent = bool((persistence > 0).any())
         totals: dict[str, float] = {}
         batches = 0
         for _ in range(cfg.epochs):
@@ -609,8 +617,13 @@ class PPOTrainer(_Trainer):
                 x = obs[idx].to(dev)
                 # Images travel as uint8; latents are the policy's input as they are.
                 dist, value = self.policy(_to_float_image(x) if x.dtype == torch.uint8 else x)
+                # The entropy bonus keeps the policy's own choice open; the
+                # persistence is fixed, nothing to learn there.
+                entropy = dist.entropy()
+                if persistent:
+                    dist = with_persistence(dist, previous[idx], persistence[idx])
                 loss, metrics = ppo_loss(dist.log_prob(actions[idx]), old_log_prob[idx], advantages[idx],
-                                         value, old_value[idx], returns[idx], dist.entropy(),
+                                         value, old_value[idx], returns[idx], entropy,
                                          cfg.clip, cfg.value_coef, cfg.entropy_coef)
                 metrics['grad_norm'] = self._step(loss, self.max_grad_norm)
                 for key, v in metrics.items():

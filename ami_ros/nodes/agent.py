@@ -30,7 +30,7 @@ Serves:
 
   agent/save_checkpoint   its part of a checkpoint (models/, interaction/agent/)
 
-Parameters: preset, device, seed, reward, deterministic, torch_threads,
+Parameters: preset, device, seed, reward, deterministic, persistence, torch_threads,
 publish_prediction, checkpoint (see README).
 """
 
@@ -57,6 +57,7 @@ from ami_ros.core.action import action_to_controls
 from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.envelope import EnvelopeError
 from ami_ros.core.observation import to_uint8_chw
+from ami_ros.core.policy import MAX_PERSISTENCE
 from ami_ros.core.presets import DEFAULT_PRESET, PRESETS
 from ami_ros.core.reward import REWARDS
 from ami_ros.core.schemas import ExperienceStep, encode_experience
@@ -90,6 +91,11 @@ class AgentNode(ManagedNode):
             'were seen in the run); core/reward.py.', choices=tuple(REWARDS))
         deterministic = self.declare('deterministic', False,
                                      'Act with the most likely action instead of sampling.')
+        persistence = self.declare(
+            'persistence', 0.0, 'Chance that each action part repeats the step before instead '
+            'of a fresh draw from the policy, so inputs are held like keys (0 = none; part of '
+            'the acting policy PPO trains: the experience carries it). Read at start.',
+            low=0.0, high=MAX_PERSISTENCE, read_only=True)
         threads = self.declare('torch_threads', 1, 'Torch intra-op threads of this process.',
                                low=1, high=64)
         self.publish_prediction = self.declare(
@@ -97,7 +103,7 @@ class AgentNode(ManagedNode):
             '(only while prediction/image_raw has subscribers).')
         torch.set_num_threads(threads)
         self.agent = CuriosityAgent(preset, device=device, seed=seed, reward=reward,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, persistence=persistence)
         self.action_pub = self.create_lifecycle_publisher(Joy, 'action', 10)
         self.reward_pub = self.create_lifecycle_publisher(Float32, 'reward', 10)
         self.error_pub = self.create_lifecycle_publisher(Float32, 'prediction_error', 10)
@@ -176,7 +182,8 @@ class AgentNode(ManagedNode):
             action=step.action, log_prob=step.log_prob, value=step.value,
             reward=None if math.isnan(step.reward) else step.reward, stamp_ns=stamp_ns,
             step=self.agent.steps, continues=self.continues, versions=step.versions,
-            preset=self.agent.preset.name))
+            preset=self.agent.preset.name, previous_action=step.previous_action,
+            persistence=step.persistence))
         self.experience_pub.publish(UInt8MultiArray(data=blob))
         self.continues = True
 

@@ -33,6 +33,8 @@ overrides the preset's ppo_training.steps (steps per update); and
                    by the running spread of its discounted return
                    (core/reward.py ReturnNormalizer), so the critic's targets
                    stay near unit scale; false (default): unscaled. Read at start.
+  entropy_coef     weight of PPO's entropy bonus; 0 (default) = the preset's
+                   (0.001). Read at start.
 """
 
 from __future__ import annotations
@@ -74,8 +76,14 @@ class PolicyTrainerNode(ExperienceTrainerNode):
             'Train on the reward less its running mean, divided by the running spread of its '
             'discounted return (keeps the critic\'s targets near unit scale); false = unscaled.',
             read_only=True)
-        cfg = with_overrides(preset, ppo_training={'action_baseline': bool(action_baseline),
-                                                   'normalize_reward': bool(normalize_reward)}).ppo_training
+        entropy_coef = self.declare(
+            'entropy_coef', 0.0, 'Weight of the entropy bonus in the PPO loss; 0 = the preset\'s '
+            '(REFERENCE.md: 0.001). Larger keeps the policy from settling on one habit.',
+            low=0.0, high=1.0, read_only=True)
+        overrides = {'action_baseline': bool(action_baseline), 'normalize_reward': bool(normalize_reward)}
+        if entropy_coef:
+            overrides['entropy_coef'] = float(entropy_coef)
+        cfg = with_overrides(preset, ppo_training=overrides).ppo_training
         return PPOTrainer(models['policy'], cfg, device=device, seed=seed)
 
     def add_step(self, step: ExperienceStep, follows: bool) -> None:
@@ -87,7 +95,8 @@ class PolicyTrainerNode(ExperienceTrainerNode):
         seen = policy_observation(self.preset.policy.input, step.observation, step.latent, step.hidden)
         self.trainer.add(seen, step.action, step.log_prob, step.value,
                          0.0 if step.reward is None else step.reward,
-                         policy_version=step.versions['policy'])
+                         policy_version=step.versions['policy'],
+                         previous_action=step.previous_action, persistence=step.persistence)
 
     def before_round(self) -> None:
         """Drop entries of a policy too old for PPO's importance ratio."""
