@@ -66,12 +66,13 @@ from rclpy.qos import DurabilityPolicy, QoSProfile  # noqa: E402
 from sensor_msgs.msg import Joy  # noqa: E402
 from std_msgs.msg import Float32, UInt32  # noqa: E402
 
+from ami_ros.core.doom import MY_WAY_HOME_FAR_ROOM  # noqa: E402
 from ami_ros.core.presets import DEFAULT_PRESET  # noqa: E402
 from ami_ros.core.reward import REWARDS  # noqa: E402
 from ami_ros.core.run_record import ExplorationMap  # noqa: E402
 from ami_ros.graph import default_params_file  # noqa: E402
 
-FAR_ROOM = '240,-176'
+FAR_ROOM = '{:g},{:g}'.format(*MY_WAY_HOME_FAR_ROOM)
 # Run kinds: label -> (train, uniform: persistence forced to 0).
 RUNS = {'learning': (True, False), 'held': (False, False), 'random': (False, True)}
 

@@ -32,10 +32,10 @@ from collections.abc import Callable
 import numpy as np
 
 from ami_ros.core.action import AXIS_NAMES, BUTTON_NAMES, action_to_controls
-from ami_ros.core.doom import DoomWorld, VRChatInputState, frame_skip_for
+from ami_ros.core.doom import MY_WAY_HOME_FAR_ROOM, DoomWorld, VRChatInputState, frame_skip_for
 from ami_ros.core.presets import ACTION_CHOICES
+from ami_ros.core.run_record import ExplorationMap
 
-FAR_ROOM = (240.0, -176.0)  # the exploration bench's default start
 CELL = 64
 
 # A policy: (rng, its memory across steps, the current pose) -> action parts.
@@ -89,12 +89,13 @@ def policy_named(name: str) -> Policy:
 
 def cells_per_episode(policy: Policy, episodes: int, seed: int, fps: float = 10.0) -> list[int]:
     rng = np.random.default_rng(seed)
-    world = DoomWorld('my_way_home', frame_skip=frame_skip_for(fps), start=FAR_ROOM, seed=seed)
+    world = DoomWorld('my_way_home', frame_skip=frame_skip_for(fps), start=MY_WAY_HOME_FAR_ROOM,
+                      seed=seed)
     inputs = VRChatInputState()
     counts: list[int] = []
     try:
         state = world.observe()
-        episode, cells, memory = state.episode, set(), {}
+        episode, cells, memory = state.episode, ExplorationMap(CELL), {}
         while len(counts) < episodes:
             axes, buttons = action_to_controls(policy(rng, memory, (state.x, state.y)))
             for name, value in zip(AXIS_NAMES, axes, strict=True):
@@ -103,9 +104,9 @@ def cells_per_episode(policy: Policy, episodes: int, seed: int, fps: float = 10.
                 inputs.handle(f'/input/{name}', int(value))
             state = world.step(inputs.to_buttons())
             if state.episode != episode:
-                counts.append(len(cells))
-                episode, cells, memory = state.episode, set(), {}
-            cells.add((math.floor(state.x / CELL), math.floor(state.y / CELL)))
+                counts.append(cells.cells_visited)
+                episode, cells, memory = state.episode, ExplorationMap(CELL), {}
+            cells.visit(state.x, state.y)
     finally:
         world.close()
     return counts
@@ -119,7 +120,7 @@ def main() -> None:
                         default=['uniform', 'held-0.5', 'held-0.8', 'held-0.9', 'forward',
                                  'forward-held-0.0', 'forward-held-0.8', 'circle', 'wall-follow'])
     args = parser.parse_args()
-    print(f'machine: {platform.node()} {platform.machine()}; my_way_home from {FAR_ROOM}, '
+    print(f'machine: {platform.node()} {platform.machine()}; my_way_home from {MY_WAY_HOME_FAR_ROOM}, '
           f'{CELL}x{CELL} cells, {args.episodes} episodes per policy, seed {args.seed}', flush=True)
     for name in args.policies:
         policy = policy_named(name)

@@ -55,6 +55,9 @@ DOOM_BUTTONS = (vzd.Button.MOVE_FORWARD_BACKWARD_DELTA, vzd.Button.MOVE_LEFT_RIG
 GAME_VARIABLES = (vzd.GameVariable.POSITION_X, vzd.GameVariable.POSITION_Y,
                   vzd.GameVariable.POSITION_Z, vzd.GameVariable.ANGLE)
 RENDER_SIZE = (160, 120)
+# my_way_home's spawn spot farthest from its goal (the green armour at
+# 1040,-352): the exploration benches start every episode here.
+MY_WAY_HOME_FAR_ROOM = (240.0, -176.0)
 
 
 def _clip(value: float) -> float:

@@ -82,13 +82,19 @@ def with_persistence(dist: MultiCategorical, previous: Tensor,
     Performance: exploration). `previous` [B, heads]; `persistence` a float
     or [B] (rows with 0 are `dist` itself: no previous action).
     """
-    rho = torch.as_tensor(persistence, dtype=torch.float32, device=dist.logits[0].device)
-    if rho.dim() == 0:
-        rho = rho.expand(previous.shape[0])
-    if bool(((rho < 0) | (rho > MAX_PERSISTENCE)).any()):
-        raise ValueError(f'persistence must lie in 0..{MAX_PERSISTENCE}, got {rho.tolist()}')
-    rho = rho.unsqueeze(-1)
-    keep_policy, keep_previous = torch.log1p(-rho), torch.log(rho)  # log 0 = -inf: no mixing
+    keep_policy: Tensor | float
+    keep_previous: Tensor | float
+    if isinstance(persistence, Tensor):  # per row: the trainer's minibatches
+        rho = persistence.to(dist.logits[0].device, torch.float32)
+        if bool(((rho < 0) | (rho > MAX_PERSISTENCE)).any()):
+            raise ValueError(f'persistence must lie in 0..{MAX_PERSISTENCE}, got {rho.tolist()}')
+        rho = rho.unsqueeze(-1)
+        keep_policy, keep_previous = torch.log1p(-rho), torch.log(rho)  # log 0 = -inf: no mixing
+    else:  # one number, the agent's step: no tensor work beyond the mixing itself
+        if not 0.0 <= persistence <= MAX_PERSISTENCE:
+            raise ValueError(f'persistence must lie in 0..{MAX_PERSISTENCE}, got {persistence}')
+        keep_policy = math.log1p(-persistence)
+        keep_previous = math.log(persistence) if persistence > 0 else -math.inf
     logits = []
     for i, lp in enumerate(dist._normalized()):
         held = torch.full_like(lp, -math.inf).scatter(-1, previous[..., i:i + 1], 0.0)
