@@ -95,6 +95,34 @@ class TestNode:
         self._rclpy.try_shutdown(context=self.context)
 
 
+class NodeStatus:
+    """The newest /diagnostics status of every node: name (no leading '/') ->
+    key -> value, and its level and message."""
+
+    def __init__(self, test_node: TestNode) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self.status: dict[str, dict[str, str]] = {}
+        self.level: dict[str, int] = {}
+        self.message: dict[str, str] = {}
+        test_node.node.create_subscription(DiagnosticArray, '/diagnostics', self._on, 50)
+
+    def _on(self, msg: Any) -> None:
+        for status in msg.status:
+            name = status.name.lstrip('/')
+            self.status[name] = {kv.key: kv.value for kv in status.values}
+            self.level[name] = int.from_bytes(status.level, 'little') if isinstance(
+                status.level, bytes) else int(status.level)
+            self.message[name] = status.message
+
+    def get(self, node: str, key: str, default: str = '') -> str:
+        return self.status.get(node, {}).get(key, default)
+
+    def number(self, node: str, key: str) -> float:
+        """A value as a number; NaN while the node has not reported it."""
+        return float(self.get(node, key, 'nan'))
+
+
 class FrameFeeder:
     """Random 84x84 camera frames on camera/image_raw at `hz`, from a thread, like a camera."""
 

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
-from ros_harness import wait_for
+from ros_harness import NodeStatus, wait_for
 from sensor_msgs.msg import Image
 
 from ami_ros.nodes.camera import frame_to_rgb, parse_source
@@ -59,6 +59,7 @@ def test_file_frames_rate_colours_pause(launch, test_node, tmp_path):
     frames = test_node.collect(Image, 'camera/image_raw')
     proc = launch('camera', parameters={'source': str(video), 'fps': 10.0})
 
+    status = NodeStatus(test_node)
     wait_for(lambda: frames, 15, message='a first frame')
     first = len(frames) - 1
     # Measure the rate over 2 s of arrivals (12 frames: the file loops too).
@@ -78,6 +79,10 @@ def test_file_frames_rate_colours_pause(launch, test_node, tmp_path):
     # BGR (0, 0, 255) must arrive as RGB red, not blue.
     assert any(near(image_to_rgb(m), (255, 0, 0)) for _, m in got)
     assert any(near(image_to_rgb(m), (0, 0, 255)) for _, m in got)
+    # Its /diagnostics: frames going out, no warning.
+    wait_for(lambda: status.number('camera', 'frames') >= len(got), 5,
+             message=lambda: f'the frames in the diagnostics: {status.status.get("camera")}')
+    assert status.level['camera'] == 0 and status.get('camera', 'target_rate_hz') == '10.000'
 
     change_state(test_node, Transition.TRANSITION_DEACTIVATE)  # pause
     # Observing absence needs a wait: let frames already in flight land first.
@@ -118,7 +123,8 @@ def test_wide_source_is_centre_cropped_and_end_without_loop(launch, test_node, t
     assert len(frames) == 5 and proc.alive()
 
 
-def test_missing_sources_are_reported_and_retried(launch, tmp_path):
+def test_missing_sources_are_reported_and_retried(launch, test_node, tmp_path):
+    status = NodeStatus(test_node)
     # Both at once, to wait for the back-off only once.
     procs = {'/dev/video99': launch('camera', name='cam_device', parameters={'source': '/dev/video99'}),
              'missing.avi': launch('camera', name='cam_file', parameters={'source': 'missing.avi'})}
@@ -131,6 +137,12 @@ def test_missing_sources_are_reported_and_retried(launch, tmp_path):
         assert 'V4L2 devices here: ' in error and 'set source:=' in error and 'Retrying in 1 s' in error
         assert 'still unavailable' in out and proc.alive()
         assert out.count('cannot open camera source') == 1  # retries are one short line each
+    # rqt_robot_monitor shows the outage: a warning saying why, the failed tries counted.
+    for name, source in (('cam_device', '/dev/video99'), ('cam_file', 'missing.avi')):
+        wait_for(lambda n=name: status.number(n, 'source_failures') >= 2, 10,
+                 message=lambda n=name: f'{n} diagnostics: {status.status.get(n)}')
+        assert status.level[name] == 1 and f'cannot open {source}' in status.message[name]
+        assert status.get(name, 'frames') == '0'
 
 
 class MjpegServer:

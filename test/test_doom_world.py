@@ -11,7 +11,7 @@ from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
 from pythonosc.udp_client import SimpleUDPClient
 from rclpy.qos import DurabilityPolicy, QoSProfile
-from ros_harness import wait_for
+from ros_harness import NodeStatus, wait_for
 from sensor_msgs.msg import Image
 from std_msgs.msg import UInt32
 
@@ -109,9 +109,19 @@ def test_frames_pose_and_osc_control(launch, test_node):
 
 
 def test_time_scale_and_lifecycle(launch, test_node):
-    proc, _, images, _ = start_world(launch, test_node, time_scale=3.0)
+    status = NodeStatus(test_node)
+    proc, osc, images, _ = start_world(launch, test_node, time_scale=3.0)
     rate, count = publish_rate(images)
     assert rate == pytest.approx(30.0, rel=0.3), f'{count} frames at {rate:.1f}/s'
+    # Its /diagnostics: the rate asked for and kept, the OSC input taken and not.
+    osc.send_message('/input/Vertical', 0.0)
+    osc.send_message('/input/NotAnInput', 1)
+    wait_for(lambda: (status.get('doom_world', 'osc_messages'),
+                      status.get('doom_world', 'ignored_osc')) == ('1', '1'), 5,
+             message=lambda: f'the OSC counts in the diagnostics: {status.status.get("doom_world")}')
+    assert status.get('doom_world', 'target_rate_hz') == '30.000'
+    assert status.number('doom_world', 'rate_hz') == pytest.approx(30.0, rel=0.3)
+    assert status.number('doom_world', 'steps') >= count
 
     request = ChangeState.Request()
     request.transition.id = Transition.TRANSITION_DEACTIVATE

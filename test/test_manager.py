@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ros_harness import FrameFeeder, wait_for
+from ros_harness import FrameFeeder, NodeStatus, wait_for
 from sensor_msgs.msg import Joy
 from std_msgs.msg import UInt8MultiArray
 
@@ -22,6 +22,7 @@ def ami_ros(*args, timeout=30):
 
 
 def test_pause_resume_status_shutdown(launch, test_node):
+    health = NodeStatus(test_node)
     agent = launch('agent', parameters={'preset': 'small'})
     manager = launch('manager', parameters={'managed_nodes': ['agent']})
     actions = test_node.collect(Joy, 'action')
@@ -36,9 +37,21 @@ def test_pause_resume_status_shutdown(launch, test_node):
         status = ami_ros('status')
         assert status.returncode == 0
         assert status.stdout.strip() == 'paused: agent=inactive'
+        wait_for(lambda: health.get('manager', 'state') == 'paused', 5,
+                 message=lambda: f"the manager's diagnostics: {health.status.get('manager')}")
+        assert health.get('manager', 'checkpoints_saved') == '0'
         count = len(actions)
         time.sleep(1.5)  # frames keep coming for 1.5 s; a paused agent must not answer them
         assert len(actions) <= count + 1  # one frame may have been in flight
+
+        saved_now = ami_ros('save')
+        assert saved_now.returncode == 0, saved_now.stdout + saved_now.stderr
+        # Its /diagnostics count the checkpoint and name it; a save while
+        # paused leaves the graph paused.
+        wait_for(lambda: health.get('manager', 'checkpoints_saved') == '1', 5,
+                 message=lambda: f"the manager's diagnostics: {health.status.get('manager')}")
+        assert health.get('manager', 'last_checkpoint') == saved_now.stdout.strip()
+        assert health.get('manager', 'state') == 'paused' and health.level['manager'] == 0
 
         resumed = ami_ros('resume')
         assert resumed.returncode == 0 and resumed.stdout.strip() == 'running'
@@ -51,7 +64,8 @@ def test_pause_resume_status_shutdown(launch, test_node):
         # A clean shutdown leaves a final checkpoint first.
         words, _, path = done.stdout.strip().partition('; final checkpoint ')
         assert words == 'shut down' and path, done.stdout
-        assert list_checkpoints(Path(path).parent) == [Path(path)]
+        # The one saved on request stays besides the final one.
+        assert Path(path) in list_checkpoints(Path(path).parent)
         wait_for(lambda: not agent.alive() and not manager.alive(), 15, message='processes exit')
         # The graph stayed paused after the final checkpoint: no step acted
         # after it (its state would have been lost).

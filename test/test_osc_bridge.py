@@ -18,7 +18,7 @@ from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
 from pythonosc.dispatcher import Dispatcher
 from pythonosc.osc_server import BlockingOSCUDPServer
-from ros_harness import wait_for
+from ros_harness import NodeStatus, wait_for
 from sensor_msgs.msg import Joy
 
 from ami_ros.nodes.osc_bridge import joy_problem
@@ -140,6 +140,7 @@ def test_actions_pause_resume_and_sigterm(launch, test_node, vrchat):
 
 
 def test_bad_actions_idle_release_and_lifecycle_shutdown(launch, test_node, vrchat):
+    status = NodeStatus(test_node)
     proc = launch('osc_bridge', parameters={'port': vrchat.port, 'release_after': 0.5})
     i = expect_release(vrchat, 0)
     pub = action_publisher(test_node)
@@ -159,6 +160,14 @@ def test_bad_actions_idle_release_and_lifecycle_shutdown(launch, test_node, vrch
     idle = vrchat.records[i - 1][0] - sent_at
     assert 0.45 <= idle <= 2.0, idle
     assert proc.alive()
+    # Its /diagnostics count what happened: one action taken, five ignored,
+    # every datagram the server got, the release at start and the idle one.
+    wait_for(lambda: (status.get('osc_bridge', 'actions'), status.get('osc_bridge', 'ignored_actions'),
+                      status.get('osc_bridge', 'osc_messages'), status.get('osc_bridge', 'releases'))
+             == ('1', '5', str(i), '2'), 5,
+             message=lambda: f'the counts in the diagnostics: {status.status.get("osc_bridge")}')
+    assert status.get('osc_bridge', 'send_errors') == '0'
+    assert status.get('osc_bridge', 'target') == f'127.0.0.1:{vrchat.port}'
 
     change_state(test_node, Transition.TRANSITION_ACTIVE_SHUTDOWN)  # as the manager stops the graph
     i = expect_release(vrchat, i)

@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import rclpy
 import torch
-from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
 from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.msg import ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
-from ros_harness import FrameFeeder, start_node, wait_for
+from ros_harness import FrameFeeder, NodeStatus, start_node, wait_for
 
 from ami_ros.core.checkpoint import (
     CheckpointError,
@@ -44,21 +43,6 @@ FAST = {'preset': 'small', 'min_new': 16, 'max_batches': 4, 'sync_retry': 0.5}
 TRAINERS = ('dynamics_trainer', 'vae_trainer')
 FILES = ('trainers/{}/state.safetensors', 'trainers/{}/state.json',
          'data/{}/buffer.safetensors', 'data/{}/buffer.json')
-
-
-class Status:
-    """The newest diagnostics of every node: node name -> key -> value."""
-
-    def __init__(self, test_node) -> None:
-        self.status: dict[str, dict[str, str]] = {}
-        test_node.node.create_subscription(DiagnosticArray, '/diagnostics', self._on, 50)
-
-    def _on(self, msg: DiagnosticArray) -> None:
-        for status in msg.status:
-            self.status[status.name.lstrip('/')] = {kv.key: kv.value for kv in status.values}
-
-    def get(self, node: str, key: str, default: str = '') -> str:
-        return self.status.get(node, {}).get(key, default)
 
 
 def _transition(test_node, node: str, transition: int) -> None:
@@ -124,7 +108,7 @@ def _assert_core_round_trip(ckpt: Path, node: str) -> None:
 
 
 def test_trainers_save_their_part_and_a_new_process_continues_from_it(launch, test_node, tmp_path):
-    status = Status(test_node)
+    status = NodeStatus(test_node)
     frames = FrameFeeder(test_node, hz=FRAME_HZ)
     restored: list = []
     try:

@@ -3,6 +3,9 @@
 Publishes:
   camera/image_raw   sensor_msgs/Image, rgb8, width x height (default 84x84),
                      header.stamp = capture time (node clock), at `fps`
+  /diagnostics       (1 Hz) frames per second and the rate asked for, frames,
+                     the source and its failed opens/reads; a warning while
+                     the source gives no frames
 
 Parameters:
   source     '' = the V4L2 device named "OBS Virtual Camera" (found by its
@@ -48,6 +51,8 @@ from rclpy.time import Time
 from sensor_msgs.msg import Image
 
 from ami_ros.core.observation import center_crop_resize
+from ami_ros.core.timing import RateMeter
+from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.images import rgb_to_image
 from ami_ros.ros.managed_node import ManagedNode, run
 
@@ -178,6 +183,8 @@ class Grabber(threading.Thread):
         self._cond = threading.Condition()
         self._enabled = False
         self._stopping = False
+        self.failures = 0  # failed opens and reads (an outage counts each retry)
+        self.problem: str | None = None  # why no frames come now; None while they do
         self.cap: cv2.VideoCapture | None = None
 
     # -- control (any thread) ---------------------------------------------
@@ -233,6 +240,8 @@ class Grabber(threading.Thread):
                 try:
                     self.cap = open_source(self.source)
                 except SourceError as exc:
+                    self.failures += 1
+                    self.problem = f'cannot open {self.source.label}: {exc}'
                     self._report_unavailable(str(exc), delay, reported)
                     reported = True
                     self._wait(delay, lambda: False)
@@ -274,11 +283,14 @@ class Grabber(threading.Thread):
                               'stopped delivering frames (unplugged, or the OBS virtual camera stopped?)')
                 self.log.warning(f'camera source {self.source.label} {what}; reopening in '
                                  f'{delay:g} s, doubling to {MAX_RETRY_S:g} s')
+                self.failures += 1
+                self.problem = f'{self.source.label} {what}'
                 lost = True
                 self._wait(delay, lambda: False)
                 delay = min(2 * delay, MAX_RETRY_S)
                 continue
             frames_since_open += 1
+            self.problem = None
             # The back-off starts over only once frames flow: a source that
             # opens but fails every read is retried ever more slowly.
             delay = FIRST_RETRY_S
@@ -336,6 +348,9 @@ class Camera(ManagedNode):
         cv2.setNumThreads(1)  # an 84x84 resize needs no thread pool; the cores are shared
         self.publisher = None
         self.grabber: Grabber | None = None
+        self.rate = RateMeter()
+        self.frames = 0
+        self.diagnostics = NodeDiagnostics(self, update=self._update_diagnostics)
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         source = parse_source(self.source_spec)
@@ -379,6 +394,19 @@ class Camera(ManagedNode):
         # Called from the grabber thread; rclpy publishers are thread-safe.
         if self.is_active and self.publisher is not None:
             self.publisher.publish(rgb_to_image(rgb, stamp.to_msg(), self.frame_id))
+            self.rate.tick()
+            self.frames += 1
+
+    def _update_diagnostics(self) -> None:
+        grabber = self.grabber
+        self.diagnostics.set(rate_hz=self.rate.rate(), target_rate_hz=self.fps, frames=self.frames,
+                             source=grabber.source.label if grabber else self.source_spec,
+                             source_failures=grabber.failures if grabber else 0,
+                             active=self.is_active)
+        if self.is_active and grabber is not None and grabber.problem:
+            self.diagnostics.warn(grabber.problem)
+        else:
+            self.diagnostics.ok()
 
 
 def main(args: Sequence[str] | None = None) -> int:

@@ -14,6 +14,9 @@ Published topics (relative names; lifecycle publishers, nothing while inactive):
                       starts (transient local: a late subscriber gets the current one),
                       before that episode's first pose
 
+Also /diagnostics (1 Hz): steps per second (and the rate asked for), steps,
+episode, OSC messages taken and ignored.
+
 Parameters:
     host, port        OSC input address (127.0.0.1, 9000 like VRChat)
     scenario          ViZDoom scenario name in vizdoom.scenarios_path, or a .cfg path
@@ -56,6 +59,8 @@ from ami_ros.core.doom import (
     frame_skip_for,
     resolve_scenario,
 )
+from ami_ros.core.timing import RateMeter
+from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.images import rgb_to_image
 from ami_ros.ros.managed_node import ManagedNode, run
 
@@ -112,6 +117,14 @@ class DoomWorldNode(ManagedNode):
         self._episode_pub = None
         self._episode_sent: int | None = None
         self._timer = None
+        self.rate = RateMeter()
+        self.steps = 0
+        self.episode = -1  # before the first step
+        self.osc_taken = 0  # counted on the OSC thread
+        self.osc_ignored = 0
+        self.diagnostics = NodeDiagnostics(self, update=self._update_diagnostics)
+        self.diagnostics.set(scenario=self.config_path, osc_input=f'{self.host}:{self.port}',
+                             target_rate_hz=self.fps * self.time_scale)
         self._osc = self._open_osc()
         self._osc_thread = threading.Thread(target=self._osc.serve_forever, kwargs={'poll_interval': 0.5},
                                             name='osc_input', daemon=True)
@@ -136,9 +149,13 @@ class DoomWorldNode(ManagedNode):
         # Runs on the OSC thread; the input state has its own lock. Returns
         # None on purpose: python-osc would send a returned value back.
         try:
-            if not self.inputs.handle(address, *values):
+            if self.inputs.handle(address, *values):
+                self.osc_taken += 1
+            else:
+                self.osc_ignored += 1
                 self.get_logger().debug(f'ignoring OSC {address} {values!r}: not a VRChat input')
         except ValueError as exc:
+            self.osc_ignored += 1
             self.get_logger().warning(f'ignoring OSC message: {exc}', throttle_duration_sec=5.0)
 
     def _close_osc(self) -> None:
@@ -214,12 +231,20 @@ class DoomWorldNode(ManagedNode):
         if not self.is_active or self.world is None:
             return
         snap = self.world.step(self.inputs.to_buttons())
+        self.rate.tick()
+        self.steps += 1
+        self.episode = snap.episode
         stamp = self.get_clock().now().to_msg()
         if snap.episode != self._episode_sent:
             self._episode_pub.publish(UInt32(data=snap.episode))
             self._episode_sent = snap.episode
         self._image_pub.publish(rgb_to_image(snap.frame, stamp, self.camera_frame_id))
         self._pose_pub.publish(self._pose(snap, stamp))
+
+    def _update_diagnostics(self) -> None:
+        self.diagnostics.set(rate_hz=self.rate.rate(), steps=self.steps, episode=self.episode,
+                             osc_messages=self.osc_taken, ignored_osc=self.osc_ignored,
+                             active=self.is_active)
 
     def _pose(self, snap: WorldState, stamp) -> PoseStamped:
         msg = PoseStamped()

@@ -10,8 +10,10 @@ Services (std_srvs/srv/Trigger, relative names):
                 graph was running; answers with the directory in `message`
   ami/shutdown  pause the graph, save a final checkpoint (save_on_shutdown),
                 take every node through its lifecycle shutdown, then exit
-Topic:
+Topics:
   ami/state     std_msgs/String, latched: running | paused | shutting_down
+  /diagnostics  (1 Hz) the state, checkpoints saved and failed, the newest
+                checkpoint; a warning when the last save failed
 
 Parameters:
   managed_nodes        names of the lifecycle nodes, in pause order
@@ -62,6 +64,7 @@ from ami_ros.core.checkpoint import (
     begin_checkpoint,
     commit_checkpoint,
 )
+from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.managed_node import prefer_synchronous_publication, spin_until_finished
 
 _SHUTDOWN_FROM = {
@@ -137,6 +140,10 @@ class Manager(Node):
         self._state_pub = self.create_publisher(String, 'ami/state', latched)
         self.state = 'running'
         self.finished = False
+        self.checkpoints_saved = 0
+        self.checkpoints_failed = 0
+        self.diagnostics = NodeDiagnostics(self, update=self._update_diagnostics)
+        self.diagnostics.set(last_checkpoint='')
         for name, handler in (('pause', self._pause), ('resume', self._resume),
                               ('status', self._status), ('shutdown', self._shutdown),
                               ('save_checkpoint', self._save_checkpoint)):
@@ -146,6 +153,11 @@ class Manager(Node):
 
     def _publish_state(self) -> None:
         self._state_pub.publish(String(data=self.state))
+
+    def _update_diagnostics(self) -> None:
+        self.diagnostics.set(state=self.state, saving=self._saving,
+                             checkpoints_saved=self.checkpoints_saved,
+                             checkpoints_failed=self.checkpoints_failed)
 
     async def _wait(self, timeout: float, future: Future | None = None) -> None:
         """Until `future` is done or `timeout` seconds passed.
@@ -303,7 +315,7 @@ class Manager(Node):
             try:
                 stage = begin_checkpoint(self.checkpoint_dir)
             except (CheckpointError, OSError) as exc:
-                return False, f'cannot create a checkpoint in {self.checkpoint_dir}: {exc}'
+                return self._save_failed(f'cannot create a checkpoint in {self.checkpoint_dir}: {exc}')
             saved, problems = [], []
             for name in self.managed:
                 client = self._save_part[name]
@@ -330,12 +342,15 @@ class Manager(Node):
                 abort_checkpoint(stage)
                 reason = '; '.join(problems) or 'no node holds state to save'
                 self.get_logger().error(f'checkpoint not saved: {reason}')
-                return False, f'checkpoint not saved: {reason}'
+                return self._save_failed(f'checkpoint not saved: {reason}')
             path = commit_checkpoint(stage, {'preset': self.preset, 'nodes': saved,
                                              **({'manual': True} if manual else {})})
             removed = apply_retention(self.checkpoint_dir, self.keep_last)
             self.get_logger().info(f'checkpoint saved: {path} ({", ".join(saved)})'
                                    + (f'; removed {len(removed)} old' if removed else ''))
+            self.checkpoints_saved += 1
+            self.diagnostics.set(last_checkpoint=str(path))
+            self.diagnostics.ok()
             return True, str(path)
         finally:
             if was_running:
@@ -343,6 +358,11 @@ class Manager(Node):
                                   State.PRIMARY_STATE_INACTIVE)
             self._saving = False
             self._save_done.set_result(None)
+
+    def _save_failed(self, reason: str) -> tuple[bool, str]:
+        self.checkpoints_failed += 1
+        self.diagnostics.warn(reason)
+        return False, reason
 
     def _finish(self) -> None:
         self.finished = True

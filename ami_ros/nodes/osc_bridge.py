@@ -18,6 +18,10 @@ when no action arrived for `release_after` seconds, on deactivate (pause), on
 lifecycle shutdown and at process exit (SIGINT/SIGTERM), so the avatar never
 keeps walking on its own. While inactive, incoming actions are ignored.
 
+Publishes /diagnostics (1 Hz): the target, actions per second, actions
+taken and ignored, OSC messages sent, send errors and releases; a warning
+while sends fail.
+
 Parameters:
   host           address VRChat listens on (default 127.0.0.1)
   port           UDP port VRChat listens on, 1..65535 (default 9000)
@@ -40,6 +44,8 @@ from pythonosc.udp_client import SimpleUDPClient
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import Joy
 
+from ami_ros.core.timing import RateMeter
+from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.managed_node import ManagedNode, run
 
 AXES = ('/input/Vertical', '/input/Horizontal', '/input/LookHorizontal')
@@ -103,6 +109,15 @@ class OscBridge(ManagedNode):
         self._subscription = None
         self._timer = None
         self._shutdown_released = False
+        self.rate = RateMeter()
+        self.actions = 0  # taken (valid, while active)
+        self.ignored = 0  # invalid ones
+        self.messages_sent = 0
+        self.send_errors = 0
+        self.releases = 0
+        self.send_error: tuple[float, str] | None = None  # (when, what) of the newest failure
+        self.diagnostics = NodeDiagnostics(self, update=self._update_diagnostics)
+        self.diagnostics.set(target=f'{self.host}:{self.port}')
 
     # -- lifecycle --------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -166,6 +181,7 @@ class OscBridge(ManagedNode):
     def release(self, why: str, logger: Any = None) -> None:
         """Send every input released, whatever was sent before."""
         self.last_action = None
+        self.releases += 1
         self._send(RELEASED, only_changed=False, logger=logger)
         (logger or self.get_logger()).info(f'released every input ({why})')
 
@@ -178,18 +194,22 @@ class OscBridge(ManagedNode):
             try:
                 self.client.send_message(address, value)
             except OSError as exc:  # e.g. no route to host: keep going, the next send retries
+                self.send_errors += 1
+                self.send_error = (time.monotonic(), str(exc))
                 (logger or self.get_logger()).error(
                     f'cannot send OSC to {self.host}:{self.port}: {exc}; check host and port',
                     throttle_duration_sec=5.0)
                 self.sent.pop(address, None)  # unknown on the other side: resend next time
                 continue
             self.sent[address] = value
+            self.messages_sent += 1
 
     def _on_action(self, msg: Joy) -> None:
         if not self.is_active:
             return
         problem = joy_problem(msg)
         if problem is not None:
+            self.ignored += 1
             kind, reason = problem
             # Throttled per kind of fault: a flood of bad actions gives one
             # line every 2 s, and a second kind of fault is not hidden.
@@ -199,7 +219,19 @@ class OscBridge(ManagedNode):
                 'LookHorizontal] in [-1, 1] and buttons [Jump, Run] in {0, 1}', period=2.0)
             return
         self.last_action = time.monotonic()
+        self.actions += 1
+        self.rate.tick(self.last_action)
         self._send(action_to_osc(msg, self.velocity), only_changed=True)
+
+    def _update_diagnostics(self) -> None:
+        self.diagnostics.set(action_rate_hz=self.rate.rate(), actions=self.actions,
+                             ignored_actions=self.ignored, osc_messages=self.messages_sent,
+                             send_errors=self.send_errors, releases=self.releases,
+                             active=self.is_active)
+        if self.send_error is not None and time.monotonic() - self.send_error[0] < 5.0:
+            self.diagnostics.warn(f'cannot send OSC to {self.host}:{self.port}: {self.send_error[1]}')
+        else:
+            self.diagnostics.ok()
 
     def _check_stale(self) -> None:
         if (self.is_active and self.last_action is not None
