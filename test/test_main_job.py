@@ -53,6 +53,14 @@ def test_main_job_learns_while_acting_and_records_it(main_job):
     run = runs[0]
     assert run.info.status == 'FINISHED'
     assert run.data.params['world'] == 'doom' and run.data.params['preset'] == 'small-latent'
+    # Each node's parameters as it ran: the launch's parameters file
+    # (config/ami.yaml) and the launch arguments' overrides.
+    assert run.data.params['agent/persistence'] == '0.8'
+    assert run.data.params['policy_trainer/entropy_coef'] == '0.01'
+    assert run.data.params['doom_world/port'] == run.data.params['osc_bridge/port']
+    for node in ('doom_world', 'agent', 'osc_bridge', 'vae_trainer', 'dynamics_trainer',
+                 'policy_trainer', 'manager'):
+        assert run.data.params.get(f'{node}/use_sim_time') == 'false', node
     metrics = run.data.metrics
     # Every trainer trained at least one round...
     for trainer in ('vae_trainer', 'dynamics_trainer', 'policy_trainer'):
@@ -62,11 +70,21 @@ def test_main_job_learns_while_acting_and_records_it(main_job):
         assert metrics.get(f'agent/version_{model}', 0) >= 1, model
     assert metrics['agent/steps'] > DURATION * 10 * 0.6  # about 10 Hz
     assert 'reward' in metrics and 'prediction_error' in metrics
+    # The world and the bridge report on /diagnostics too: the world stepped
+    # as the agent did (it stops first), the bridge took the agent's actions.
+    assert metrics.get('doom_world/steps', 0) >= 0.8 * metrics['agent/steps']
+    assert metrics.get('osc_bridge/actions', 0) >= 0.8 * metrics['agent/steps']
+    assert metrics.get('osc_bridge/send_errors', -1) == 0
     assert metrics.get('world/cells_visited', 0) >= 1
     history = client.get_metric_history(run.info.run_id, 'reward')
     assert len(history) > 100
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {'exploration_map.png', 'summary.json'} <= artifacts, artifacts
+    assert {'exploration_map.png', 'summary.json', 'parameters.yaml'} <= artifacts, artifacts
+    import yaml
+
+    dumped = yaml.safe_load(open(client.download_artifacts(run.info.run_id, 'parameters.yaml',
+                                                           str(tmp))).read())
+    assert dumped['/agent']['ros__parameters']['preset'] == 'small-latent'
     summary = json.loads(open(client.download_artifacts(run.info.run_id, 'summary.json',
                                                         str(tmp))).read())
     assert summary['steps'] > 0 and summary['cells_visited'] >= 1

@@ -17,6 +17,7 @@ from ros_harness import wait_for
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32, UInt32
 
+from ami_ros.core.run_record import node_params
 from ami_ros.ros.images import rgb_to_image
 
 # cell_size 100: (10,10) and (50,50) share cell (0,0); then (1,0), (-1,-1), (2,2).
@@ -62,6 +63,12 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
         'cell_size': 100, 'image_interval': 2.0, 'map_interval': 1.0, 'flush_interval': 0.5,
         'summary_window': 10})
     node = test_node.node
+    # The probe stands in for a node of the graph: a real node whose
+    # parameters the recorder asks for once its status names it.
+    node.declare_parameter('persistence', 0.8)
+    node.declare_parameter('velocity', [1.0, 2.0])
+    node.declare_parameter('mode', 'held')
+    probe = node.get_fully_qualified_name()
     diagnostics = node.create_publisher(DiagnosticArray, '/diagnostics', 10)
     rewards = node.create_publisher(Float32, 'reward', 50)
     errors = node.create_publisher(Float32, 'prediction_error', 50)
@@ -77,7 +84,7 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
     try:
         diagnostics.publish(DiagnosticArray(status=[
             _status('/agent', steps='100', latency_p99_ms='12.5', preset='small', active='True'),
-            _status('/vae_trainer', rounds='3', loss='0.25'),
+            _status('/vae_trainer', rounds='3', loss='0.25'), _status(probe),
             _status('/elsewhere/agent', steps='999999')]))  # another namespace: not this run's
         time.sleep(0.3)
         for i in range(20):
@@ -116,6 +123,8 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
         assert 1 in feeder.prediction_listeners
         wait_for(lambda: list(artifacts.glob('*/artifacts/exploration/step_*.png')), 5,
                  message='a map snapshot')
+        wait_for(lambda: list(artifacts.glob('*/artifacts/parameters.yaml')), 10,
+                 message="the probe's parameters")
     finally:
         feeder.stop.set()
         feeder.thread.join(2)
@@ -129,7 +138,15 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == 'FINISHED' and run.info.run_name == 'ros_test'
-    assert run.data.params == {'preset': 'small', 'world': 'doom', 'cell_size': '100'}
+    launch_args = {k: v for k, v in run.data.params.items() if '/' not in k}
+    assert launch_args == {'preset': 'small', 'world': 'doom', 'cell_size': '100'}
+    # The probe's parameters as it has them; none for the statuses without a
+    # node behind them (/agent, /vae_trainer here).
+    name = probe.lstrip('/')
+    own = {p: v.value for p, v in node.get_parameters_by_prefix('').items()}  # ROS's own too
+    assert {k: v for k, v in run.data.params.items() if '/' in k} == node_params(name, own)
+    assert (run.data.params[f'{name}/persistence'], run.data.params[f'{name}/velocity'],
+            run.data.params[f'{name}/mode']) == ('0.8', '[1.0, 2.0]', 'held')
 
     def history(key: str) -> list:
         return sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
@@ -146,6 +163,10 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
     assert not any(key.startswith(('agent/preset', 'agent/active', 'elsewhere')) for key in run.data.metrics)
 
     root = artifacts / run.info.run_id / 'artifacts'
+    import yaml
+
+    dumped = yaml.safe_load((root / 'parameters.yaml').read_text())  # a ROS 2 parameters file
+    assert dumped == {probe: {'ros__parameters': own}}
     world_map = cv2.imread(str(root / 'exploration_map.png'))
     assert world_map is not None and world_map.ndim == 3
     frame = cv2.imread(str(sorted((root / 'frames').glob('*.png'))[0]))

@@ -16,6 +16,8 @@ from ami_ros.core.run_record import (
     RecordError,
     RunRecorder,
     RunStats,
+    node_params,
+    parameters_file,
     parse_float,
     parse_params,
     resolve_tracking_uri,
@@ -202,6 +204,31 @@ def test_parameters_and_values():
         parse_params('preset')
     assert [parse_float(v) for v in ('1.5', '3', 'True', 'nan', 'inf', 'small')] == [
         1.5, 3.0, None, None, None, None]
+
+
+def test_node_parameters_as_run_params_and_as_a_parameters_file(store, tmp_path):
+    import yaml
+
+    agent = {'persistence': 0.8, 'preset': 'small-latent', 'deterministic': False, 'seed': 0}
+    bridge = {'velocity': [1.0, 0.5, 1.0], 'host': '127.0.0.1'}
+    params = {**node_params('agent', agent), **node_params('osc_bridge', bridge)}
+    assert params == {'agent/persistence': '0.8', 'agent/preset': 'small-latent',
+                      'agent/deterministic': 'false', 'agent/seed': '0',
+                      'osc_bridge/velocity': '[1.0, 0.5, 1.0]', 'osc_bridge/host': '127.0.0.1'}
+    text = parameters_file({'/osc_bridge': bridge, '/agent': agent})
+    # A ROS 2 parameters file that gives back every value with its type.
+    assert yaml.safe_load(text) == {'/agent': {'ros__parameters': agent},
+                                    '/osc_bridge': {'ros__parameters': bridge}}
+    uri, client = store
+    rec = RunRecorder(uri, EXPERIMENT, params={'world': 'doom'})
+    rec.log_params(params)
+    rec.log_params(params)  # the same values again (a node asked twice) are no conflict
+    rec.log_text('parameters.yaml', 'old\n')
+    rec.log_text('parameters.yaml', text)  # replaces it
+    rec.finish()
+    run = client.get_run(rec.run_id)
+    assert run.data.params == {'world': 'doom', **params}
+    assert (_artifact_dir(rec) / 'parameters.yaml').read_text() == text
 
 
 def test_tracking_uri_resolution(monkeypatch, tmp_path):

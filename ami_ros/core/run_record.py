@@ -6,10 +6,12 @@ tracking store. What is here:
 
 - `resolve_tracking_uri`, `default_artifact_location`, `parse_params`,
   `parse_float`: the recorder's parameters and diagnostic values into MLflow
-  terms.
+  terms; `node_params` and `parameters_file`: the nodes' own parameters as
+  run params and as a ROS 2 parameters file.
 - `RunRecorder`: opens (or creates) the experiment and the run, buffers
   metrics and writes them with one `log_batch` per flush (each single
-  `log_metric` costs ~3 ms of store round trip), logs PNG and JSON artifacts
+  `log_metric` costs ~3 ms of store round trip), logs params, PNG, JSON and
+  text artifacts
   and ends the run. Every store failure becomes a `RecordError` that says
   which URI failed and what to do.
 - `BackgroundRecorder`: a `RunRecorder` on a thread of its own. The caller
@@ -105,6 +107,27 @@ def parse_params(value: str | Sequence[str] | None) -> dict[str, str]:
     return params
 
 
+def param_text(value: Any) -> str:
+    """A parameter value as a run param: strings as they are, the rest as
+    JSON (true, 0.8, [1.0, 1.0]), the way a parameters file would spell them."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def node_params(node: str, parameters: Mapping[str, Any]) -> dict[str, str]:
+    """One node's parameters as run params `<node>/<name>`, like its metrics."""
+    return {f'{node}/{name}': param_text(value) for name, value in parameters.items()}
+
+
+def parameters_file(nodes: Mapping[str, Mapping[str, Any]]) -> str:
+    """A ROS 2 parameters file (YAML) holding each node's parameters, keyed by
+    its fully qualified name (`ros2 param dump`'s layout): what the run ran
+    with, to pass back as `params_file:=`."""
+    import yaml
+
+    return yaml.safe_dump({name: {'ros__parameters': dict(sorted(params.items()))}
+                           for name, params in sorted(nodes.items())}, sort_keys=False)
+
+
 def parse_float(value: str) -> float | None:
     """A diagnostic value as a finite float, or None (text, 'True', nan, inf)."""
     try:
@@ -183,13 +206,15 @@ class RunRecorder:
             self.run_id: str = run.info.run_id
             self.run_name: str = run.info.run_name
             self.artifact_uri: str = run.info.artifact_uri
-            self._log_params(params or {})
+            self.log_params(params or {})
         except RecordError:
             raise
         except Exception as exc:
             raise store_error(tracking_uri, exc) from exc
 
-    def _log_params(self, params: Mapping[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Run params (values as text, cut to MLflow's limit). MLflow keeps a
+        param once: logging it again with another value raises."""
         from mlflow.entities import Param
 
         items = [Param(metric_key(str(k)), str(v)[:MAX_PARAM_VALUE]) for k, v in params.items()]
@@ -262,6 +287,10 @@ class RunRecorder:
         """`obj` as JSON artifact `name` (non-finite floats become null)."""
         text = json.dumps(_json_safe(obj), indent=2, sort_keys=True)
         self._log_file(name, lambda path: path.write_text(text + '\n'))
+
+    def log_text(self, name: str, text: str) -> None:
+        """`text` as artifact `name`; a later call with the same name replaces it."""
+        self._log_file(name, lambda path: path.write_text(text))
 
     def finish(self, summary: Mapping[str, Any] | None = None, status: str = 'FINISHED') -> None:
         """Flush, write `summary.json` (if given) and end the run with `status`."""

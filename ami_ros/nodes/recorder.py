@@ -35,6 +35,13 @@ Metric steps: the agent's step count (its diagnostics' `steps`, advanced by
 one per reward message between two diagnostics), else seconds since start
 until the agent is heard. MLflow also keeps each value's wall time.
 
+Run params: the launch arguments (`log_params`), and every node it hears
+on /diagnostics as `<node>/<parameter>` with the value the node runs with
+(asked once per node through its parameter services, the ones `ros2 param
+dump` uses: defaults, the parameters file and launch overrides alike);
+the same as a ROS 2 parameters file, artifact parameters.yaml, which
+`params_file:=` takes back.
+
 Artifacts: frames/step_<step>.png (camera t | predicted t+1 | camera t+1),
 exploration/step_<step>.png (every `map_interval` s), exploration_map.png and
 exploration/cells.json (at the end), summary.json (at the end: steps,
@@ -76,8 +83,10 @@ import rclpy.logging
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.srv import GetParameters, ListParameters
 from rclpy.impl.rcutils_logger import RcutilsLogger
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import parameter_value_to_python
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32, UInt32
@@ -88,6 +97,8 @@ from ami_ros.core.run_record import (
     RunRecorder,
     RunStats,
     iter_numeric,
+    node_params,
+    parameters_file,
     parse_params,
     resolve_tracking_uri,
     side_by_side,
@@ -103,6 +114,7 @@ SAMPLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5,
 SAMPLE_TIMEOUT = 10.0  # s to wait for a prediction and the frame after it
 SAMPLE_FRAMES = 32  # camera frames kept while sampling, to find the prediction's frame
 CLOSE_TIMEOUT = 8.0  # s for the last flush + artifacts; the launcher kills after 10 s
+PARAMETERS_RETRY = 30.0  # s before asking again a node that did not answer for its parameters
 
 
 def _stamp_ns(msg: Image) -> int:
@@ -175,6 +187,9 @@ class RecorderNode(ManagedNode):
         self._sample: _Sample | None = None
         self._opened = False
         self._exiting = False
+        self._parameters: dict[str, dict] = {}  # node -> its parameters, once it answered
+        self._parameters_asked: dict[str, float] = {}  # node -> when they were asked for
+        self._parameter_clients: dict[str, tuple] = {}  # node -> (list, get) clients
 
         self.create_subscription(Float32, 'reward', self.on_reward, 100)
         self.create_subscription(Float32, 'prediction_error', self.on_prediction_error, 100)
@@ -276,6 +291,7 @@ class RecorderNode(ManagedNode):
             if node is None:
                 continue
             values = iter_numeric((kv.key, kv.value) for kv in status.values)
+            self._ask_parameters(node)
             if node == self.step_node and 'steps' in values:
                 self._agent_steps = int(values['steps'])
                 self._rewards_since_status = 0
@@ -285,6 +301,50 @@ class RecorderNode(ManagedNode):
             step = self._step()
             for key, value in values.items():
                 self.writer.add_metric(f'{node}/{key}', value, step)
+
+    # -- the nodes' parameters ------------------------------------------------
+    def _ask_parameters(self, node: str) -> None:
+        """Ask `node` for its parameters once, without waiting for the answer."""
+        if node in self._parameters or (
+                time.monotonic() - self._parameters_asked.get(node, -math.inf) < PARAMETERS_RETRY):
+            return
+        clients = self._parameter_clients.get(node)
+        if clients is None:
+            clients = (self.create_client(ListParameters, f'{node}/list_parameters'),
+                       self.create_client(GetParameters, f'{node}/get_parameters'))
+            self._parameter_clients[node] = clients
+        lister, getter = clients
+        if not (lister.service_is_ready() and getter.service_is_ready()):
+            return  # not yet discovered (or not a node with parameters): at its next status
+        self._parameters_asked[node] = time.monotonic()
+        lister.call_async(ListParameters.Request()).add_done_callback(
+            lambda future: self._on_parameter_names(node, getter, future))
+
+    def _on_parameter_names(self, node: str, getter, future) -> None:
+        try:
+            names = list(future.result().result.names)
+        except Exception as exc:  # the node went away meanwhile: asked again later
+            self.warn_throttled('parameters', f'could not list the parameters of {node}: {exc}')
+            return
+        getter.call_async(GetParameters.Request(names=names)).add_done_callback(
+            lambda future: self._on_parameter_values(node, names, future))
+
+    def _on_parameter_values(self, node: str, names: list[str], future) -> None:
+        try:
+            values = future.result().values
+            parameters = {name: parameter_value_to_python(value)
+                          for name, value in zip(names, values, strict=True)}
+        except Exception as exc:
+            self.warn_throttled('parameters', f'could not read the parameters of {node}: {exc}')
+            return
+        self._parameters[node] = parameters
+        if self.writer is None:
+            return
+        params = node_params(node, parameters)
+        text = parameters_file({f'{self._prefix}/{n}': p for n, p in self._parameters.items()})
+        self.writer.submit(lambda rec: rec.log_params(params))
+        # The whole file again: every node's answer completes it.
+        self.writer.submit(lambda rec: rec.log_text('parameters.yaml', text))
 
     def on_pose(self, msg: PoseStamped) -> None:
         if not self._recording():
