@@ -50,7 +50,8 @@ class Chain:
     """agent + osc_bridge (+ extra node) processes, an OSC server, and a probe node."""
 
     def __init__(self, preset: str, log_dir: Path,
-                 extra_nodes: tuple[tuple[str, dict], ...] = ()) -> None:
+                 extra_nodes: tuple[tuple[str, dict], ...] = (),
+                 agent_params: dict | None = None) -> None:
         self.osc_messages = 0
         dispatcher = Dispatcher()
         dispatcher.set_default_handler(self._on_osc)
@@ -58,7 +59,8 @@ class Chain:
         self.osc = BlockingOSCUDPServer(('127.0.0.1', port), dispatcher)
         threading.Thread(target=self.osc.serve_forever, daemon=True).start()
         self.procs = []
-        for exe, params in (('agent', {'preset': preset, 'publish_prediction': False}),
+        agent = {'preset': preset, 'publish_prediction': False, **(agent_params or {})}
+        for exe, params in (('agent', agent),
                             ('osc_bridge', {'port': port}), *extra_nodes):
             pfile = write_parameters(log_dir / f'{exe}.yaml', exe, params)
             self.procs.append(NodeProcess(exe, node_command(exe, exe, [pfile]),

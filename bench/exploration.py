@@ -279,8 +279,12 @@ def main() -> None:
     parser.add_argument('--trace', action='store_true',
                         help='also write every step (episode, x, y, new cell, prediction error) '
                              'to the JSON, and print the prediction error by where the agent was')
-    parser.add_argument('--out', default='bench/results/exploration.png')
+    parser.add_argument('--out', default='bench/results/exploration.png',
+                        help='the curves picture (.png); the runs go next to it as .json')
     args = parser.parse_args()
+    out = Path(args.out)
+    if out.suffix != '.png':  # found out only after the runs, it would lose them
+        parser.error(f'--out {args.out} must name a .png file (the runs go next to it as .json)')
     overrides = parse_overrides(args.set, yaml.safe_load(default_params_file().read_text()))
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
           f'{args.minutes:g} min per run at time_scale {args.time_scale:g}, cells {args.cell}, '
@@ -341,11 +345,10 @@ def main() -> None:
             print(f'after {steps} steps: learning {mean["learning"]:.1f} cells, {other} '
                   f'{mean[other]:.1f} cells, ratio {mean["learning"] / max(mean[other], 1e-9):.2f}; '
                   f'per episode ratio {episode_mean["learning"] / max(episode_mean[other], 1e-9):.2f}')
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(curves, out)
     out.with_suffix('.json').write_text(json.dumps(
         {'args': vars(args), 'machine': platform.node(), 'runs': records}, indent=1))
+    plot(curves, out)
     print(f'curves: {out}, runs: {out.with_suffix(".json")}')
 
 

@@ -60,7 +60,11 @@ def run_processes(preset: str, seconds: float, min_new: int, max_batches: int,
     with tempfile.TemporaryDirectory() as tmp:
         params = {'preset': preset, 'min_new': min_new, 'max_batches': max_batches, 'nice': nice,
                   'cpus': cpus, 'quiet_ms': quiet_ms, 'guard_ms': guard_ms}
-        chain = Chain(preset, Path(tmp), extra_nodes=tuple((t, dict(params)) for t in TRAINERS))
+        # The agent's latency percentiles over exactly the measured steps,
+        # like the one-process loop's (not the warm-up's, trainers starting).
+        measured = int(round(seconds * 10))
+        chain = Chain(preset, Path(tmp), extra_nodes=tuple((t, dict(params)) for t in TRAINERS),
+                      agent_params={'latency_window': measured})
         try:
             chain.wait_ready()
             # Warm up at the measured rate: the trainers fill their first
@@ -76,7 +80,7 @@ def run_processes(preset: str, seconds: float, min_new: int, max_batches: int,
             for what, key in (('agent-side (frame stamp -> action published', 'latency'),
                               ("the agent's step alone (frame received -> action published",
                                'step')):
-                text += (f'\n    {what}, its last 1000 steps): '
+                text += (f'\n    {what}, the {measured} measured steps): '
                          f'p50 {agent.get(key + "_p50_ms", math.nan):.2f} ms  '
                          f'p99 {agent.get(key + "_p99_ms", math.nan):.2f} ms  '
                          f'max {agent.get(key + "_max_ms", math.nan):.2f} ms')

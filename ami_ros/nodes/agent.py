@@ -98,6 +98,9 @@ class AgentNode(ManagedNode):
             low=0.0, high=MAX_PERSISTENCE, read_only=True)
         threads = self.declare('torch_threads', 1, 'Torch intra-op threads of this process.',
                                low=1, high=64)
+        window = self.declare('latency_window', 1000, 'Steps over which /diagnostics gives the '
+                              'latency percentiles (the newest ones). Read at start.',
+                              low=10, high=100000, read_only=True)
         self.publish_prediction = self.declare(
             'publish_prediction', True, 'Decode and publish the predicted next frame '
             '(only while prediction/image_raw has subscribers).')
@@ -116,8 +119,8 @@ class AgentNode(ManagedNode):
         self._prepare_seconds = 0.03  # how long building new models takes (smoothed)
         self._start_sync_service()
         self.rate = RateMeter()
-        self.latency = LatencyWindow(1000)  # frame stamp -> action out (with the frame's hop)
-        self.step_latency = LatencyWindow(1000)  # frame received -> action out (the step alone)
+        self.latency = LatencyWindow(window)  # frame stamp -> action out (with the frame's hop)
+        self.step_latency = LatencyWindow(window)  # frame received -> action out (the step alone)
         self.diagnostics = NodeDiagnostics(self, update=self._update_diagnostics)
         self.diagnostics.set(preset=preset, device=device)
         # Restores weights, versions, hidden state and sampling state before
