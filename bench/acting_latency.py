@@ -163,17 +163,21 @@ def main() -> None:
         for preset in args.presets:
             log_dir = Path(tmp) / preset
             log_dir.mkdir()
-            chain = Chain(preset, log_dir)
+            # The agent's own percentiles over exactly the measured steps.
+            chain = Chain(preset, log_dir, agent_params={'latency_window': int(round(args.seconds * 10))})
             try:
                 chain.wait_ready()
                 time.sleep(1.0)  # let start-up work (imports, first steps) settle
                 r = chain.run(10.0, args.seconds)
+                time.sleep(1.5)  # the agent's /diagnostics after the run (1 Hz)
                 agent = chain.agent_diag
                 print(f'[{preset}] 10 Hz for {args.seconds:g}s: rate {r["rate"]:.2f} Hz, '
                       f'missed {r["missed"]}/{r["frames"]}, frame->action received '
                       f'p50 {r["p50"]:.2f} ms p99 {r["p99"]:.2f} ms max {r["max"]:.2f} ms; '
                       f'agent-side p50 {agent.get("latency_p50_ms", "?")} ms '
-                      f'p99 {agent.get("latency_p99_ms", "?")} ms; OSC messages {chain.osc_messages}')
+                      f'p99 {agent.get("latency_p99_ms", "?")} ms; the step alone '
+                      f'p50 {agent.get("step_p50_ms", "?")} ms p99 {agent.get("step_p99_ms", "?")} ms; '
+                      f'OSC messages {chain.osc_messages}')
                 best = 10.0
                 for fps in args.sweep:
                     s = chain.run(fps, args.sweep_seconds)
