@@ -206,7 +206,7 @@ def test_parameters_and_values():
         1.5, 3.0, None, None, None, None]
 
 
-def test_node_parameters_as_run_params_and_as_a_parameters_file(store, tmp_path):
+def test_node_parameters_as_run_params_and_as_a_parameters_file(store):
     import yaml
 
     agent = {'persistence': 0.8, 'preset': 'small-latent', 'deterministic': False, 'seed': 0}
