@@ -187,9 +187,9 @@ class RecorderNode(ManagedNode):
         self._sample: _Sample | None = None
         self._opened = False
         self._exiting = False
-        self._parameters: dict[str, dict] = {}  # node -> its parameters, once it answered
-        self._parameters_asked: dict[str, float] = {}  # node -> when they were asked for
-        self._parameter_clients: dict[str, tuple] = {}  # node -> (list, get) clients
+        self._node_parameters: dict[str, dict] = {}  # node -> its parameters, once it answered
+        self._node_parameters_asked: dict[str, float] = {}  # node -> when they were asked for
+        self._node_parameter_clients: dict[str, tuple] = {}  # node -> (list, get) clients
 
         self.create_subscription(Float32, 'reward', self.on_reward, 100)
         self.create_subscription(Float32, 'prediction_error', self.on_prediction_error, 100)
@@ -305,18 +305,18 @@ class RecorderNode(ManagedNode):
     # -- the nodes' parameters ------------------------------------------------
     def _ask_parameters(self, node: str) -> None:
         """Ask `node` for its parameters once, without waiting for the answer."""
-        if node in self._parameters or (
-                time.monotonic() - self._parameters_asked.get(node, -math.inf) < PARAMETERS_RETRY):
+        if node in self._node_parameters or (
+                time.monotonic() - self._node_parameters_asked.get(node, -math.inf) < PARAMETERS_RETRY):
             return
-        clients = self._parameter_clients.get(node)
+        clients = self._node_parameter_clients.get(node)
         if clients is None:
             clients = (self.create_client(ListParameters, f'{node}/list_parameters'),
                        self.create_client(GetParameters, f'{node}/get_parameters'))
-            self._parameter_clients[node] = clients
+            self._node_parameter_clients[node] = clients
         lister, getter = clients
         if not (lister.service_is_ready() and getter.service_is_ready()):
             return  # not yet discovered (or not a node with parameters): at its next status
-        self._parameters_asked[node] = time.monotonic()
+        self._node_parameters_asked[node] = time.monotonic()
         lister.call_async(ListParameters.Request()).add_done_callback(
             lambda future: self._on_parameter_names(node, getter, future))
 
@@ -337,11 +337,11 @@ class RecorderNode(ManagedNode):
         except Exception as exc:
             self.warn_throttled('parameters', f'could not read the parameters of {node}: {exc}')
             return
-        self._parameters[node] = parameters
+        self._node_parameters[node] = parameters
         if self.writer is None:
             return
         params = node_params(node, parameters)
-        text = parameters_file({f'{self._prefix}/{n}': p for n, p in self._parameters.items()})
+        text = parameters_file({f'{self._prefix}/{n}': p for n, p in self._node_parameters.items()})
         self.writer.submit(lambda rec: rec.log_params(params))
         # The whole file again: every node's answer completes it.
         self.writer.submit(lambda rec: rec.log_text('parameters.yaml', text))
