@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import rclpy
 import torch
-from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.parameter import Parameter
-from ros_harness import FrameFeeder, start_node, wait_for
+from ros_harness import FrameFeeder, NodeStatus, start_node, wait_for
 from sensor_msgs.msg import Joy
 from std_msgs.msg import UInt8MultiArray
 
@@ -40,23 +39,18 @@ class Watch:
     def __init__(self, test_node) -> None:
         self.actions = test_node.collect(Joy, 'action')
         self.versions: list[tuple[float, dict[str, int]]] = []  # (receive time, versions) per step
-        self.status: dict[str, dict[str, str]] = {}  # diagnostics: node name -> key -> value
+        self.health = NodeStatus(test_node)  # the newest /diagnostics of every node
         test_node.node.create_subscription(UInt8MultiArray, 'experience', self._on_experience, 200)
-        test_node.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 50)
 
     def _on_experience(self, msg: UInt8MultiArray) -> None:
         step = decode_experience(bytes(msg.data), PRESET)
         self.versions.append((time.monotonic(), step.versions))
 
-    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
-        for status in msg.status:
-            self.status[status.name] = {kv.key: kv.value for kv in status.values}
-
     def version(self, model: str) -> int:
         return self.versions[-1][1][model] if self.versions else 0
 
     def value(self, node: str, key: str, default: float = 0.0) -> float:
-        return float(self.status.get(f'/{node}', {}).get(key, default))
+        return float(self.health.get(node, key, str(default)))
 
     def actions_since(self, t: float) -> int:
         return sum(1 for at, _ in self.actions if at >= t)
@@ -100,7 +94,7 @@ def test_trainers_push_weights_while_the_agent_acts(launch, graph):
         assert proc.alive(), proc.output()
         assert watch.value(name, 'rounds') >= 1
         assert watch.value(name, 'pushed_version') >= 1
-        assert watch.value(name, 'pushes_failed') == 0, watch.status[f'/{name}']
+        assert watch.value(name, 'pushes_failed') == 0, watch.health.status[name]
         assert np.isfinite(watch.value(name, 'loss', float('nan')))
         # Each trainer follows the frames' rhythm (from the frames or the
         # experience stamps) and kept its training out of the agent's steps.
@@ -109,18 +103,18 @@ def test_trainers_push_weights_while_the_agent_acts(launch, graph):
         # all do so (the diagnostics also lag a round), so give it a few seconds.
         wait_for(lambda name=name: watch.value(name, 'quiet_waited_s') > 0, 10,
                  message=lambda name=name: f'{name} waiting for room between the agent\'s steps: '
-                                           f'{watch.status[f"/{name}"]}')
+                                           f'{watch.health.status[name]}')
         print(f'{name}: round {watch.value(name, "seconds"):.2f} s, '
               f'{watch.value(name, "batches"):.0f} batches')
     # Pushing keeps up with training: each round's weights reach the agent
     # (pushes must not starve in step with the frames' rhythm).
     wait_for(lambda: all(watch.value(n, 'pushed_version') >= watch.value(n, 'version') - 1 >= 1
                          for n in TRAINERS), 20, message='every trainer\'s newest weights pushed')
-    assert 'kl' in watch.status['/vae_trainer']
-    assert 'policy_loss' in watch.status['/policy_trainer']
+    assert 'kl' in watch.health.status['vae_trainer']
+    assert 'policy_loss' in watch.health.status['policy_trainer']
     # The agent tells its own step apart from the frame's way to it.
     step, whole = watch.value('agent', 'step_p99_ms'), watch.value('agent', 'latency_p99_ms')
-    assert 0 < step <= whole, watch.status['/agent']
+    assert 0 < step <= whole, watch.health.status['agent']
 
 
 def test_a_killed_trainer_leaves_the_agent_acting_and_a_restart_resumes(launch, graph, tmp_path):
@@ -156,7 +150,7 @@ def test_a_trainer_started_before_the_agent_pushes_once_it_appears(launch, graph
     wait_for(lambda: watch.value('vae_trainer', 'rounds') >= 1
              and watch.value('vae_trainer', 'pushes_failed') >= 2, 60,
              message='a VAE round and failing pushes')
-    assert 'not available' in watch.status['/vae_trainer']['last_sync']
+    assert 'not available' in watch.health.status['vae_trainer']['last_sync']
     launch('agent', parameters={'preset': 'small'})
     wait_for(lambda: watch.version('encoder') >= 1, 60, message='the VAE weights in the agent')
     assert watch.version('decoder') == watch.version('encoder')
@@ -164,7 +158,7 @@ def test_a_trainer_started_before_the_agent_pushes_once_it_appears(launch, graph
     # in flight, so last_sync is not asserted here).
     wait_for(lambda: watch.value('vae_trainer', 'pushes_ok') >= 1
              and watch.value('vae_trainer', 'pushed_version') >= 1, 15,
-             message=lambda: f'an accepted push in the diagnostics: {watch.status.get("/vae_trainer")}')
+             message=lambda: f'an accepted push in the diagnostics: {watch.health.status.get("vae_trainer")}')
     assert vae.alive()
 
 
@@ -215,21 +209,18 @@ def test_a_dynamics_with_a_reward_of_its_own_is_trained_and_rewards_the_agent(
     test_node.node.create_subscription(
         UInt8MultiArray, 'experience',
         lambda msg: steps.append(decode_experience(bytes(msg.data), preset)), 200)
-    status: dict[str, str] = {}  # the dynamics trainer's diagnostics (Watch decodes `small` experience)
-    test_node.node.create_subscription(
-        DiagnosticArray, '/diagnostics',
-        lambda msg: status.update({kv.key: kv.value for st in msg.status
-                                   if st.name == '/dynamics_trainer' for kv in st.values}), 50)
+    health = NodeStatus(test_node)  # not Watch: it decodes `small` experience
     frames = FrameFeeder(test_node, hz=FRAME_HZ)
     try:
         launch('agent', parameters={'preset': preset_name})
         trainer = launch('dynamics_trainer', parameters={**FAST, 'preset': preset_name})
         wait_for(lambda: steps and steps[-1].versions['dynamics'] >= 2, 60,
                  message=f'two rounds of the {preset_name} dynamics in the agent')
-        wait_for(lambda: all(key in status for key in losses), 10,
-                 message=lambda: f'{", ".join(losses)} in the diagnostics: {status}')
-        values = [float(status[key]) for key in (*losses, 'latent_loss')]
-        assert all(np.isfinite(v) and 0 <= v < 100 for v in values), status
+        status = health.status
+        wait_for(lambda: all(key in status.get('dynamics_trainer', {}) for key in losses), 10,
+                 message=lambda: f'{", ".join(losses)} in the diagnostics: {status.get("dynamics_trainer")}')
+        values = [float(status['dynamics_trainer'][key]) for key in (*losses, 'latent_loss')]
+        assert all(np.isfinite(v) and 0 <= v < 100 for v in values), status['dynamics_trainer']
         rewards = [s.reward for s in steps if s.versions['dynamics'] >= 2 and s.reward is not None]
         assert rewards and all(np.isfinite(r) for r in rewards), rewards[:5]
         if not preset.dynamics.expected_error:  # the error beyond the expected may be < 0

@@ -119,7 +119,6 @@ class DoomWorldNode(ManagedNode):
         self._timer = None
         self.rate = RateMeter()
         self.steps = 0
-        self.episode = -1  # before the first step
         self.osc_taken = 0  # counted on the OSC thread
         self.osc_ignored = 0
         self.diagnostics = NodeDiagnostics(self, update=self._update_diagnostics)
@@ -233,7 +232,6 @@ class DoomWorldNode(ManagedNode):
         snap = self.world.step(self.inputs.to_buttons())
         self.rate.tick()
         self.steps += 1
-        self.episode = snap.episode
         stamp = self.get_clock().now().to_msg()
         if snap.episode != self._episode_sent:
             self._episode_pub.publish(UInt32(data=snap.episode))
@@ -242,7 +240,8 @@ class DoomWorldNode(ManagedNode):
         self._pose_pub.publish(self._pose(snap, stamp))
 
     def _update_diagnostics(self) -> None:
-        self.diagnostics.set(rate_hz=self.rate.rate(), steps=self.steps, episode=self.episode,
+        episode = -1 if self._episode_sent is None else self._episode_sent  # -1: no step yet
+        self.diagnostics.set(rate_hz=self.rate.rate(), steps=self.steps, episode=episode,
                              osc_messages=self.osc_taken, ignored_osc=self.osc_ignored,
                              active=self.is_active)
 
