@@ -100,6 +100,11 @@ def test_main_job_learns_while_acting_and_records_it(main_job):
     saved_rounds = {t: read_json(final, f'trainers/{t}/state.json')['rounds']
                     for t in ('vae_trainer', 'dynamics_trainer', 'policy_trainer')}
     assert summary['rounds'] == saved_rounds, (summary['rounds'], saved_rounds)
+    # The run's metrics end there too: what the nodes reported while paused
+    # for the final save is logged once more at the end (the save counted).
+    assert metrics['manager/checkpoints_saved'] == 1, metrics.get('manager/checkpoints_saved')
+    assert metrics['agent/steps'] == summary['steps']
+    assert {t: metrics[f'{t}/rounds'] for t in saved_rounds} == saved_rounds
 
 
 def test_ctrl_c_checkpoint_lets_the_main_job_continue(main_job):

@@ -12,8 +12,9 @@ Services (std_srvs/srv/Trigger, relative names):
                 take every node through its lifecycle shutdown, then exit
 Topics:
   ami/state     std_msgs/String, latched: running | paused | shutting_down
-  /diagnostics  (1 Hz) the state, checkpoints saved and failed, the newest
-                checkpoint; a warning when the last save failed
+  /diagnostics  (1 Hz, and at once after each save) the state, checkpoints
+                saved and failed, the newest checkpoint; a warning when the
+                last save failed
 
 Parameters:
   managed_nodes        names of the lifecycle nodes, in pause order
@@ -358,6 +359,9 @@ class Manager(Node):
                                   State.PRIMARY_STATE_INACTIVE)
             self._saving = False
             self._save_done.set_result(None)
+            # Now, not at the next tick: after the final save the graph stops
+            # within a second, and the run's record should end with this save.
+            self.diagnostics.report()
 
     def _save_failed(self, reason: str) -> tuple[bool, str]:
         self.checkpoints_failed += 1

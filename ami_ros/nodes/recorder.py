@@ -33,7 +33,10 @@ Publishes:
 
 Metric steps: the agent's step count (its diagnostics' `steps`, advanced by
 one per reward message between two diagnostics), else seconds since start
-until the agent is heard. MLflow also keeps each value's wall time.
+until the agent is heard. MLflow also keeps each value's wall time. A
+diagnostic value that changed while the recorder was paused (the counters of
+a final checkpoint, saved with the graph paused) is logged once more at the
+end, so the run's metrics end where its summary does.
 
 Run params: the launch arguments (`log_params`), and every node it hears
 on /diagnostics as `<node>/<parameter>` with the value the node runs with
@@ -174,6 +177,7 @@ class RecorderNode(ManagedNode):
 
         self.map = ExplorationMap(self.cell_size)
         self.stats = RunStats(window, self.step_node)
+        self._logged: dict[str, float] = {}  # '<node>/<key>' -> the value last logged
         self.writer: BackgroundRecorder | None = None
         self._t0 = time.monotonic()
         self._agent_steps: int | None = None
@@ -301,6 +305,7 @@ class RecorderNode(ManagedNode):
             step = self._step()
             for key, value in values.items():
                 self.writer.add_metric(f'{node}/{key}', value, step)
+                self._logged[f'{node}/{key}'] = value
 
     # -- the nodes' parameters ------------------------------------------------
     def _ask_parameters(self, node: str) -> None:
@@ -369,6 +374,15 @@ class RecorderNode(ManagedNode):
         if self._cells_dirty and self.writer is not None:
             self.writer.add_metric('world/cells_visited', self.map.cells_visited, self._step())
             self._cells_dirty = False
+
+    def _log_changed_while_paused(self) -> None:
+        step = self._step()
+        for node, values in self.stats.latest.items():
+            for key, value in values.items():
+                name = f'{node}/{key}'
+                if name in self._logged and self._logged[name] != value:
+                    self.writer.add_metric(name, value, step)
+                    self._logged[name] = value
 
     def _tick(self) -> None:
         if self._recording():
@@ -486,6 +500,7 @@ class RecorderNode(ManagedNode):
         if writer.failed:
             return
         self._log_cells()
+        self._log_changed_while_paused()
         extra = {'cells_visited': self.map.cells_visited if self._poses else None,
                  'cell_size': self.cell_size, 'images_logged': self.images_logged,
                  'tracking_uri': self.tracking_uri, 'experiment': self.experiment}
