@@ -107,7 +107,10 @@ def graph(tmp_path, vrchat):
 def _declared_parameters(test_node, node_name):
     from rcl_interfaces.srv import ListParameters
 
-    return set(test_node.call(ListParameters, f'{node_name}/list_parameters').result.names)
+    # Trainers run at SCHED_IDLE: on a busy 2-core machine their parameter
+    # services answer only when a core is free (one CI run took over 10 s).
+    return set(test_node.call(ListParameters, f'{node_name}/list_parameters',
+                              timeout=30.0).result.names)
 
 
 def test_full_chain_pause_resume_shutdown(graph, vrchat, test_node):
