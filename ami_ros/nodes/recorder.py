@@ -177,7 +177,7 @@ class RecorderNode(ManagedNode):
 
         self.map = ExplorationMap(self.cell_size)
         self.stats = RunStats(window, self.step_node)
-        self._logged: dict[str, float] = {}  # '<node>/<key>' -> the value last logged
+        self._last_logged: dict[str, float] = {}  # '<node>/<key>' -> the value last logged
         self.writer: BackgroundRecorder | None = None
         self._t0 = time.monotonic()
         self._agent_steps: int | None = None
@@ -304,8 +304,9 @@ class RecorderNode(ManagedNode):
                 continue
             step = self._step()
             for key, value in values.items():
-                self.writer.add_metric(f'{node}/{key}', value, step)
-                self._logged[f'{node}/{key}'] = value
+                name = f'{node}/{key}'
+                self.writer.add_metric(name, value, step)
+                self._last_logged[name] = value
 
     # -- the nodes' parameters ------------------------------------------------
     def _ask_parameters(self, node: str) -> None:
@@ -380,9 +381,9 @@ class RecorderNode(ManagedNode):
         for node, values in self.stats.latest.items():
             for key, value in values.items():
                 name = f'{node}/{key}'
-                if name in self._logged and self._logged[name] != value:
+                if name in self._last_logged and self._last_logged[name] != value:
                     self.writer.add_metric(name, value, step)
-                    self._logged[name] = value
+                    self._last_logged[name] = value
 
     def _tick(self) -> None:
         if self._recording():
