@@ -194,6 +194,20 @@ def test_a_fixed_start_holds_for_every_episode():
         world.close()
 
 
+def test_closing_leaves_the_working_directory_as_it_was(tmp_path, monkeypatch):
+    # ViZDoom makes an empty _vizdoom/ in the working directory at init.
+    monkeypatch.chdir(tmp_path)
+    world = DoomWorld('my_way_home', frame_skip=4, seed=1)
+    assert (tmp_path / '_vizdoom').is_dir()
+    world.close()
+    assert list(tmp_path.iterdir()) == []
+    # One that was there before is the user's, and stays.
+    (tmp_path / '_vizdoom').mkdir()
+    world = DoomWorld('my_way_home', frame_skip=4, seed=1)
+    world.close()
+    assert (tmp_path / '_vizdoom').is_dir()
+
+
 def test_a_start_outside_the_map_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r'start 5000,5000 is outside every sector .* choose a point'):
         DoomWorld('my_way_home', start=(5000.0, 5000.0))

@@ -191,6 +191,10 @@ class DoomWorld:
         self.episode = 0
         # ViZDoom writes its _vizdoom.ini into the working directory unless told otherwise.
         self._ini_dir = tempfile.mkdtemp(prefix='ami_ros_vizdoom_')
+        # It also makes an empty _vizdoom/ there at init, which nothing here
+        # uses: removed at close unless it was there before.
+        runtime_dir = os.path.abspath('_vizdoom')
+        self._runtime_dir = None if os.path.exists(runtime_dir) else runtime_dir
         game = vzd.DoomGame()
         self.game = game
         try:
@@ -255,3 +259,9 @@ class DoomWorld:
             self.game.close()
             self.game = None
         shutil.rmtree(self._ini_dir, ignore_errors=True)
+        if self._runtime_dir is not None:
+            try:
+                os.rmdir(self._runtime_dir)  # only while empty: another game may be using it
+            except OSError:
+                pass
+            self._runtime_dir = None
