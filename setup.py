@@ -6,8 +6,8 @@ from setuptools import find_packages, setup
 
 package_name = 'ami_ros'
 
-# One executable per node (ros2 run ami_ros <node>); keep in step with
-# ami_ros/graph.py's NODE_EXECUTABLES, which a test checks against this list.
+# One executable per node (ros2 run ami_ros <node>); every executable that
+# ami_ros/graph.py starts must be here (test_launch_description checks).
 NODES = [
     'camera',
     'agent',

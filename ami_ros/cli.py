@@ -3,6 +3,7 @@
     ami-ros run NODE [--ros-args ...]   start one node (like `ros2 run ami_ros NODE`)
     ami-ros launch [ARG:=VALUE ...]     start the whole graph (like `ros2 launch`)
     ami-ros status|pause|resume|save|shutdown   call the manager's ami/* services
+    ami-ros parameters [NODE ...] [--markdown]  every node's parameters (docs/parameters.md)
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         description='Start the whole graph: ami-ros launch [ARG:=VALUE ...]',
         epilog=_launch_epilog())
     launch.add_argument('arguments', nargs='*', metavar='ARG:=VALUE')
+    parameters = sub.add_parser('parameters', help="print every node's parameters",
+                                description="Print the nodes' parameters, read from their declarations.")
+    parameters.add_argument('nodes', nargs='*', metavar='NODE', help='only these nodes (default: all)')
+    parameters.add_argument('--markdown', action='store_true',
+                            help='print docs/parameters.md (Markdown tables)')
     for command, text in CONTROL_COMMANDS.items():
         control = sub.add_parser(command, help=text, description=text)
         control.add_argument('--namespace', default='', help='namespace of the graph')
@@ -103,6 +109,23 @@ def launch_graph(items: Sequence[str]) -> int:
         return 2
 
 
+def print_parameters(nodes: Sequence[str], markdown: bool) -> int:
+    from ami_ros.parameter_docs import collect, render_markdown, render_text
+
+    unknown = sorted(set(nodes) - set(available_nodes()))
+    if unknown:
+        print(f'ami-ros parameters: no node {", ".join(unknown)}; nodes: {", ".join(available_nodes())}',
+              file=sys.stderr)
+        return 2
+    try:
+        docs = collect(nodes or available_nodes())
+    except RuntimeError as exc:  # a node that cannot be constructed: say which, in one line
+        print(f'ami-ros parameters: {exc}', file=sys.stderr)
+        return 1
+    print(render_markdown(docs) if markdown else render_text(docs), end='', flush=True)
+    return 0
+
+
 def control(command: str, namespace: str, timeout: float) -> int:
     """Call ami/<command> on the graph's manager and print its answer."""
     import rclpy
@@ -147,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_node(args.node, args.ros_args)
     if args.command == 'launch':
         return launch_graph(args.arguments)
+    if args.command == 'parameters':
+        return print_parameters(args.nodes, args.markdown)
     code = control(args.command, args.namespace, args.timeout)
     # Everything is said and rclpy is shut down (or given up on): exit now
     # rather than risk DDS finalisers at interpreter exit.

@@ -2,19 +2,31 @@
 
 It does what `ros2 launch ami_ros ami.launch.py` does on a ROS 2 install,
 for pip installs without launch_ros: one process per node with the same
-parameters file and arguments, node output prefixed with the node's name, a
-live status line, SIGINT/SIGTERM forwarded to every node in order (world or
-camera first, the bridge, which releases every input, after the agent), and a
-non-zero exit when a node died.
+parameters file and arguments, node output prefixed with the node's name, and
+a status line (`StatusPrinter`: kept at the bottom of a terminal, a plain line
+every 10 s in a pipe).
+
+On SIGINT/SIGTERM or at `duration:=` it stops the graph through the
+manager's ami/shutdown: the manager pauses the nodes in graph order (world or
+camera first, the agent, the bridge, which releases every input, then the
+trainers and the recorder), saves a final checkpoint, and takes them through
+their lifecycle shutdown in the same order. Nodes still running then get
+SIGINT, in the same order. It exits 0 when every node stopped cleanly, 1 when
+one died or stopped with an error.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import signal
+import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -24,6 +36,11 @@ from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters
 
 STOP_TIMEOUT = 10.0
 SHUTDOWN_TIMEOUT = 180.0  # a final checkpoint of full ami buffers takes a while
+STATUS_WIDTH = 120  # the status line never wraps: a wrapped line cannot be erased in place
+ERASE_LINE = '\r\x1b[K'  # carriage return, then ANSI "erase to the end of the line"
+NODE_LOG_FORMAT = '{severity} {message}'
+REWARD_WINDOW = 100
+TRAINER_LABELS = {'vae_trainer': 'vae', 'dynamics_trainer': 'dyn', 'policy_trainer': 'ppo'}
 
 
 def parse_launch_arguments(items: list[str]) -> dict[str, str]:
@@ -37,37 +54,124 @@ def parse_launch_arguments(items: list[str]) -> dict[str, str]:
     return args
 
 
-class _Printer:
-    """Node output lines and one status line on the same terminal."""
+@dataclass
+class GraphStatus:
+    """What the status line says: the graph's state, how it acts, how it learns."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    state: str = 'starting'
+    uptime: float = 0.0  # seconds
+    frames_hz: float = 0.0
+    actions_hz: float = 0.0
+    latency_ms: float = math.nan  # frame -> action, p50
+    reward: float = math.nan  # mean of the last REWARD_WINDOW steps: one step's is noise
+    steps: str = ''  # as the agent reports it; '' until it does
+    losses: dict[str, str] = field(default_factory=dict)  # trainer ('vae', 'dyn', 'ppo') -> loss
+
+    def fields(self) -> list[tuple[int, str]]:
+        """(drop rank, text) in display order; when the line is too long the
+        highest rank goes first, so what tells whether it runs stays longest."""
+        up = int(self.uptime)
+        fields = [(0, f'{self.state} {up // 3600}:{up // 60 % 60:02d}:{up % 60:02d}'),
+                  (1, f'{self.frames_hz:.1f} fps'),
+                  (1, f'{self.actions_hz:.1f} actions/s'
+                      + (f' in {self.latency_ms:.1f} ms' if math.isfinite(self.latency_ms) else '')),
+                  (4, f'reward {_short_number(self.reward)}')]
+        if self.steps:
+            fields.append((5, f'step {self.steps}'))
+        if self.losses:
+            fields.append((3, 'loss ' + ' '.join(f'{name} {_short_number(loss)}'
+                                                 for name, loss in self.losses.items())))
+        return fields
+
+    def render(self, width: int = STATUS_WIDTH) -> str:
+        """One line of at most `width` characters: whole fields dropped, never cut, but the first."""
+        fields = self.fields()
+        while True:
+            text = ' | '.join(t for _, t in fields)
+            if len(text) <= width or len(fields) == 1:
+                return text[:width]
+            highest = max(rank for rank, _ in fields)
+            drop = max(i for i, (rank, _) in enumerate(fields) if rank == highest)
+            fields.pop(drop)
+
+
+def _short_number(value: float | str, spec: str = '.3g') -> str:
+    """`value` (a float or a diagnostic's string) in `spec`; '-' while unknown."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return '-'
+    return '-' if math.isnan(number) else format(number, spec)
+
+
+class StatusPrinter:
+    """Node output lines and the graph's status on one stream.
+
+    On a terminal the status is one line that stays at the bottom: a node's
+    line erases it, is printed, and the status is drawn again below it.
+    Elsewhere (a pipe, a file) escape codes would be noise: the status is an
+    ordinary `[status] ...` line every `plain_interval` seconds, and once more
+    at the end.
+    """
+
+    def __init__(self, stream: IO[str], plain_interval: float = 10.0) -> None:
         self.stream = stream
-        self.tty = stream.isatty()
+        # A dumb terminal (an editor's shell) shows escape codes as text.
+        self.tty = stream.isatty() and os.environ.get('TERM') != 'dumb'
+        self.plain_interval = plain_interval
         self.lock = threading.Lock()
-        self.status = ''
+        self.shown = ''  # the status line on the terminal now
+        self.latest: GraphStatus | None = None
+        self.latest_printed = True
+        self.last_plain = time.monotonic()
+
+    def width(self) -> int:
+        """Columns the status may take: STATUS_WIDTH, less on a narrower terminal."""
+        if not self.tty:
+            return STATUS_WIDTH
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError):  # not a real terminal after all
+            return STATUS_WIDTH
+        # One column spare: some terminals wrap as soon as the last one is written.
+        return max(20, min(STATUS_WIDTH, columns - 1))
 
     def line(self, text: str) -> None:
         with self.lock:
-            if self.tty and self.status:
-                self.stream.write('\r\x1b[K')
+            if self.shown:
+                self.stream.write(ERASE_LINE)
             self.stream.write(text + '\n')
-            if self.tty and self.status:
-                self.stream.write(self.status)
+            if self.shown:
+                self.stream.write(self.shown)
             self.stream.flush()
 
-    def set_status(self, text: str) -> None:
+    def status(self, status: GraphStatus, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         with self.lock:
-            self.status = text
+            self.latest, self.latest_printed = status, False
             if self.tty:
-                self.stream.write('\r\x1b[K' + text)
+                self.shown = status.render(self.width())
+                self.stream.write(ERASE_LINE + self.shown)
                 self.stream.flush()
+            elif now - self.last_plain >= self.plain_interval:
+                self._print_plain(now)
+
+    def _print_plain(self, now: float) -> None:
+        assert self.latest is not None
+        prefix = '[status] '
+        self.stream.write(prefix + self.latest.render(STATUS_WIDTH - len(prefix)) + '\n')
+        self.stream.flush()
+        self.latest_printed, self.last_plain = True, now
 
     def close(self) -> None:
+        """Leave the last status in the output, as an ordinary line."""
         with self.lock:
-            if self.tty and self.status:
+            if self.shown:
                 self.stream.write('\n')
                 self.stream.flush()
-            self.status = ''
+                self.shown = ''
+            elif not self.tty and self.latest is not None and not self.latest_printed:
+                self._print_plain(time.monotonic())
 
 
 class StatusMonitor:
@@ -90,7 +194,7 @@ class StatusMonitor:
         self.frames = RateMeter()
         self.actions = RateMeter()
         self.latency = LatencyWindow(100)
-        self.reward = float('nan')
+        self.rewards: deque[float] = deque(maxlen=REWARD_WINDOW)
         self.state = 'starting'
         self.health: dict[str, dict[str, str]] = {}  # node name -> its latest diagnostic values
         self.node.create_subscription(Image, 'camera/image_raw',
@@ -121,34 +225,23 @@ class StatusMonitor:
             self.latency.add((now - stamp) / 1e6)
 
     def _on_reward(self, msg) -> None:
-        self.reward = msg.data
+        self.rewards.append(msg.data)
 
     def _on_diagnostics(self, msg) -> None:
         for status in msg.status:
             self.health[status.name.rsplit('/', 1)[-1]] = {kv.key: kv.value for kv in status.values}
 
-    def _learning(self) -> str:
-        """Steps, weight versions and each trainer's rounds and loss, where known."""
-        parts = []
+    def snapshot(self, started: float) -> GraphStatus:
+        """The graph now, as the status line shows it."""
+        losses = {label: self.health[trainer].get('loss', '')
+                  for trainer, label in TRAINER_LABELS.items() if trainer in self.health}
         agent = self.health.get('agent', {})
-        if agent:
-            versions = '/'.join(agent.get(f'version_{m}', '?') for m in ('encoder', 'dynamics', 'policy'))
-            parts.append(f'steps {agent.get("steps", "?")} | weights e/d/p v{versions}')
-        for trainer, short in (('vae_trainer', 'vae'), ('dynamics_trainer', 'dyn'),
-                               ('policy_trainer', 'ppo')):
-            values = self.health.get(trainer)
-            if values:
-                parts.append(f'{short} r{values.get("rounds", "?")} loss {values.get("loss", "-")}')
-        return ' | '.join(parts)
-
-    def line(self, started: float) -> str:
-        p50 = self.latency.summary()['p50']
-        up = int(time.monotonic() - started)
-        learning = self._learning()
-        return (f'ami_ros {self.state} | frames {self.frames.rate():4.1f} Hz | '
-                f'actions {self.actions.rate():4.1f} Hz | frame->action p50 {p50:.1f} ms | '
-                f'reward {self.reward:.3f} | ' + (learning + ' | ' if learning else '')
-                + f'up {up // 3600:02d}:{up // 60 % 60:02d}:{up % 60:02d}')
+        rewards = self.rewards.copy()  # copying is atomic; the spinning thread appends
+        return GraphStatus(state=self.state, uptime=time.monotonic() - started,
+                           frames_hz=self.frames.rate(), actions_hz=self.actions.rate(),
+                           latency_ms=self.latency.summary()['p50'],
+                           reward=statistics.fmean(rewards) if rewards else math.nan,
+                           steps=agent.get('steps', ''), losses=losses)
 
     def shutdown_graph(self, timeout: float) -> str:
         """Call ami/shutdown; the manager's answer or why there is none."""
@@ -184,7 +277,12 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
     args = resolve_arguments(given)
     specs = describe(args)
     params = params_file(args)
-    printer = _Printer(sys.stdout)
+    printer = StatusPrinter(sys.stdout)
+    # The launcher names each line's node already, and the status line tells
+    # the time: a node's line says its level and message (unless the user
+    # chose a format).
+    log_format = {'RCUTILS_CONSOLE_OUTPUT_FORMAT':
+                  os.environ.get('RCUTILS_CONSOLE_OUTPUT_FORMAT', NODE_LOG_FORMAT)}
     stop_requested = threading.Event()
 
     def on_signal(signum, _frame) -> None:
@@ -201,11 +299,11 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                                              spec.parameters)
                 cmd = node_command(spec.executable, spec.name, [params, overrides],
                                    namespace=args['namespace'])
-                procs.append(NodeProcess(spec.name, cmd,
+                procs.append(NodeProcess(spec.name, cmd, env=log_format,
                                          on_line=lambda text, n=spec.name: printer.line(f'[{n}] {text}')))
-            printer.line(f'[launch] started {", ".join(p.name for p in procs)} '
-                         f'(world:={args["world"]} preset:={args["preset"]} device:={args["device"]}); '
-                         'Ctrl-C stops')
+            printer.line(f'[launch] started {", ".join(p.name for p in procs)}')
+            printer.line(f'[launch] world:={args["world"]} preset:={args["preset"]} '
+                         f'device:={args["device"]}; Ctrl-C stops')
             monitor = StatusMonitor(args['namespace'])
             started = time.monotonic()
             last_status = 0.0
@@ -227,10 +325,9 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                     printer.line(f'[launch] duration {duration:g}s reached, stopping')
                     break
                 now = time.monotonic()
-                if now - last_status >= (status_interval if printer.tty else 10.0):
+                if now - last_status >= status_interval:
                     last_status = now
-                    text = monitor.line(started)
-                    printer.set_status(text) if printer.tty else printer.line(f'[status] {text}')
+                    printer.status(monitor.snapshot(started), now)
                 stop_requested.wait(0.1)
         finally:
             printer.close()
@@ -243,7 +340,9 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                 deadline = time.monotonic() + STOP_TIMEOUT
                 while any(p.alive() for p in procs) and time.monotonic() < deadline:
                     time.sleep(0.1)
-            for p in procs:  # in graph order: frames stop first, the bridge releases last
+            # In graph order: frames stop first, then the agent, then the
+            # bridge, which releases every input.
+            for p in procs:
                 code = p.stop(signal.SIGINT, STOP_TIMEOUT)
                 if code != 0 and p.name not in failed:
                     failed.append(p.name)

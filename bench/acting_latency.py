@@ -8,7 +8,7 @@ includes DDS both ways), the agent's own figure (frame stamp -> action
 published, from its /diagnostics), the achieved rate, missed steps (frames
 without an action), and the highest camera rate the agent keeps up with.
 
-    .venv/bin/python bench/acting_latency.py [--presets small ami] [--seconds 30]
+    .venv/bin/python bench/acting_latency.py [--presets cpu ami] [--seconds 30]
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class Chain:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--presets', nargs='+', default=['small', 'ami'])
+    parser.add_argument('--presets', nargs='+', default=['cpu', 'ami'])
     parser.add_argument('--seconds', type=float, default=30.0, help='length of the 10 Hz run')
     parser.add_argument('--sweep', nargs='+', type=float, default=[20, 30, 45, 60],
                         help='camera rates to try for the highest sustainable rate')

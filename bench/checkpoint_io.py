@@ -8,7 +8,7 @@ load_manifest with hash verification plus loading every part. In the running
 graph the manager pauses it for the save, so no agent step happens during
 one: the save time is how long acting stops.
 
-    .venv/bin/python bench/checkpoint_io.py [--presets small ami]
+    .venv/bin/python bench/checkpoint_io.py [--presets cpu ami]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def full_trainers(preset_name: str) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--presets', nargs='+', default=['small', 'ami'])
+    parser.add_argument('--presets', nargs='+', default=['cpu', 'ami'])
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores')

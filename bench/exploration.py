@@ -15,11 +15,11 @@ mostly with respawns; the cells per episode (episodes as doom_world announces
 them on world/episode) measure how far the agent itself gets. The shares of
 forward, back, turning and standing-still actions, early and late, show what
 the policy learned. `--start X,Y` starts every episode at one map point
-(doom_world's `start`), `--preset` the models (default small-latent, the
-graph's: the policy on the encoder's latent; small: on the frame),
-`--reward` and `--action-baseline` the learning run's reward options,
+(doom_world's `start`), `--preset` the models (default cpu, the
+graph's: the policy on the encoder's latent; ami: on the frame),
+`--reward` the learning run's reward (core/rewards/),
 `--runs learning` makes the learning runs alone (to compare with random
-runs made before: the random policy does not depend on those options). The
+runs made before: the random policy does not depend on the reward). The
 random run is always the uniformly random policy: it acts with persistence 0
 whatever `--set agent.persistence=` says; `--runs held` adds the untrained
 policy with the learning run's persistence (inputs held like keys, nothing
@@ -29,11 +29,11 @@ JSON (`--out` with .json), for comparisons across benches. `--trace` adds
 every step's place and prediction error to it, and prints where the error
 (the curiosity reward's measure) was high: in cells new to the episode or
 seen before, near the start or away from it. `--set node.param=value` sets
-any launch parameter for every run (e.g. policy_trainer.normalize_reward=true).
+any launch parameter for every run (e.g. policy_trainer.entropy_coef=0.01).
 
     .venv/bin/python bench/exploration.py [--seeds 0 1] [--minutes 3] [--time-scale 3]
-        [--start 240,-176] [--preset small] [--reward novel_curiosity]
-        [--action-baseline] [--trace] [--set policy_trainer.normalize_reward=true]
+        [--start 240,-176] [--preset ami] [--reward curiosity]
+        [--trace] [--set policy_trainer.entropy_coef=0.01]
         [--runs learning held random] [--set agent.persistence=0.8]
 """
 
@@ -66,11 +66,11 @@ from rclpy.qos import DurabilityPolicy, QoSProfile  # noqa: E402
 from sensor_msgs.msg import Joy  # noqa: E402
 from std_msgs.msg import Float32, UInt32  # noqa: E402
 
-from ami_ros.core.doom import MY_WAY_HOME_FAR_ROOM  # noqa: E402
-from ami_ros.core.presets import DEFAULT_PRESET  # noqa: E402
-from ami_ros.core.reward import REWARDS  # noqa: E402
-from ami_ros.core.run_record import ExplorationMap  # noqa: E402
+from ami_ros.core.presets import DEFAULT_PRESET, PRESETS  # noqa: E402
+from ami_ros.core.rewards import reward_names  # noqa: E402
 from ami_ros.graph import default_params_file  # noqa: E402
+from ami_ros.record.pictures import ExplorationMap  # noqa: E402
+from ami_ros.worlds.doom import MY_WAY_HOME_FAR_ROOM  # noqa: E402
 
 FAR_ROOM = '{:g},{:g}'.format(*MY_WAY_HOME_FAR_ROOM)
 # Run kinds: label -> (train, uniform: persistence forced to 0).
@@ -122,15 +122,13 @@ def parse_overrides(items: list[str], params: dict) -> dict[str, dict[str, objec
 
 
 def run_once(train: bool, seed: int, seconds: float, time_scale: float, cell: int,
-             tmp: Path, start: str = '', reward: str = 'curiosity',
-             action_baseline: bool = False, preset: str = DEFAULT_PRESET,
+             tmp: Path, start: str = '', reward: str = 'curiosity', preset: str = DEFAULT_PRESET,
              overrides: dict[str, dict[str, object]] | None = None, uniform: bool = False) -> Run:
     """One run of the main job, watched from outside; `overrides`: node -> parameters;
     `uniform`: the agent holds nothing (persistence 0), whatever they say."""
     params = yaml.safe_load(default_params_file().read_text())
     params['/**/doom_world']['ros__parameters'].update(time_scale=time_scale, seed=seed, start=start)
     params['/**/agent']['ros__parameters'].update(seed=seed, reward=reward)
-    params['/**/policy_trainer']['ros__parameters'].update(action_baseline=action_baseline)
     for node_name, values in (overrides or {}).items():
         params[f'/**/{node_name}']['ros__parameters'].update(values)
     if uniform:
@@ -254,18 +252,11 @@ def main() -> None:
     parser.add_argument('--start', default=FAR_ROOM, metavar='X,Y',
                         help="doom_world's start: every episode begins at this map point "
                              f"(default {FAR_ROOM}; '' = the scenario's random rooms)")
-    parser.add_argument('--reward', default='curiosity', choices=list(REWARDS),
+    parser.add_argument('--reward', default='curiosity', choices=reward_names(),
                         help="the agent's reward (learning runs)")
-    parser.add_argument('--action-baseline', action='store_true',
-                        help="the policy trainer's action_baseline (learning runs)")
-    parser.add_argument('--preset', default=DEFAULT_PRESET,
-                        choices=['small', 'small-latent', 'small-icm', 'small-memory',
-                                 'small-ensemble', 'small-aleatoric'],
-                        help="the graph's preset (small-latent, the default: the policy acts on "
-                             "the encoder's latent; small-icm: and is rewarded in inverse-dynamics "
-                             "features; small-memory: and also sees the dynamics' hidden state; "
-                             "small-ensemble: rewarded by the disagreement of its predictors; "
-                             "small-aleatoric: by the error beyond the one its dynamics expects); "
+    parser.add_argument('--preset', default=DEFAULT_PRESET, choices=list(PRESETS),
+                        help="the graph's preset (cpu, the default: the policy acts on "
+                             "the encoder's latent; ami and large: on the frame); "
                              "the untrained policy of each is uniform")
     parser.add_argument('--set', action='append', default=[], metavar='NODE.PARAM=VALUE',
                         help="a node parameter for every run, e.g. vae_trainer.min_round_interval=30 "
@@ -288,8 +279,7 @@ def main() -> None:
     overrides = parse_overrides(args.set, yaml.safe_load(default_params_file().read_text()))
     print(f'machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; '
           f'{args.minutes:g} min per run at time_scale {args.time_scale:g}, cells {args.cell}, '
-          f'start {args.start or "random rooms"}, preset {args.preset}, reward {args.reward}, '
-          f'action_baseline {args.action_baseline}'
+          f'start {args.start or "random rooms"}, preset {args.preset}, reward {args.reward}'
           + ''.join(f', {n}.{k}={v}' for n, values in overrides.items() for k, v in values.items()))
     curves: dict[str, list[list[int]]] = {label: [] for label in RUNS}
     per_episode: dict[str, list[int]] = {label: [] for label in RUNS}
@@ -301,8 +291,7 @@ def main() -> None:
                     continue
                 t0 = time.monotonic()
                 run = run_once(train, seed, args.minutes * 60, args.time_scale, args.cell,
-                               Path(tmp), args.start, args.reward, args.action_baseline,
-                               args.preset, overrides, uniform)
+                               Path(tmp), args.start, args.reward, args.preset, overrides, uniform)
                 curves[label].append(run.curve)
                 per_episode[label] += run.episode_cells
                 fifth = max(1, len(run.errors) // 5)

@@ -4,7 +4,7 @@ The exploration bench compares the learning agent with the uniformly random
 policy. This one asks what a policy that learnt nothing but a habit would
 get, so its figures say how much room there is above random and what kind
 of behaviour fills it. It steps the embedded world's ViZDoom wrapper
-(core/doom.py) directly, as fast as it goes (no ROS, no real time), with the
+(worlds/doom.py) directly, as fast as it goes (no ROS, no real time), with the
 five-part action turned into VRChat input exactly as doom_world does, every
 episode from the exploration bench's far room, and prints the distinct
 64x64 cells each policy visits per episode (mean ± standard error).
@@ -32,9 +32,9 @@ from collections.abc import Callable
 import numpy as np
 
 from ami_ros.core.action import AXIS_NAMES, BUTTON_NAMES, action_to_controls
-from ami_ros.core.doom import MY_WAY_HOME_FAR_ROOM, DoomWorld, VRChatInputState, frame_skip_for
 from ami_ros.core.presets import ACTION_CHOICES
-from ami_ros.core.run_record import ExplorationMap
+from ami_ros.record.pictures import ExplorationMap
+from ami_ros.worlds.doom import MY_WAY_HOME_FAR_ROOM, DoomWorld, VRChatInputState, frame_skip_for
 
 CELL = 64
 

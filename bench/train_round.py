@@ -1,6 +1,6 @@
 """Time one `train_round()` of each trainer with full default buffers.
 
-    python bench/train_round.py [--presets small ami] [--device cpu] [--threads 1]
+    python bench/train_round.py [--presets cpu ami] [--device cpu] [--threads 1]
 
 Buffers are filled to the preset's capacity with random data (content does
 not change the cost), then one round runs per trainer; prints a table.
@@ -41,7 +41,7 @@ def _fill(preset_name: str, device: str) -> list[tuple[str, object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--presets', nargs='+', default=['small', 'ami'])
+    parser.add_argument('--presets', nargs='+', default=['cpu', 'ami'])
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=1)
     args = parser.parse_args()

@@ -5,9 +5,11 @@
     10 Hz from this script; the trainers train continuously (small min_new).
 (2) The reference design: the same agent loop and the same three trainers as
     threads of ONE process, sharing its interpreter.
-(3) With quiet_ms (the trainer nodes' default), design (2) once more with its
-    trainer threads paused around the agent's steps the way ours are
-    (FrameRhythm): the process layout's own share of the difference.
+(3) Design (2) once more with its trainer threads paused around the agent's
+    steps the way ours are (ros/pacing.py): the process layout's own share
+    of the difference.
+With `--pacing on off`, design (1) runs once with the trainer nodes' pacing
+on (their default on a CPU) and once with it off, back to back.
 All print the agent's step latency p50/p99/max and missed steps while all
 three trainers train, and the ratio of the p99s. In both the action leaves
 as soon as the policy has chosen it (`CuriosityAgent.step(on_action=...)`).
@@ -17,7 +19,7 @@ includes the frame's DDS hop), and the agent's step alone (frame received ->
 action published, as the one-process loop measures it); the one-process loop
 from the frame's due time to the action chosen, with no transport at all.
 
-    .venv/bin/python bench/training_interference.py [--presets small ami] [--seconds 60]
+    .venv/bin/python bench/training_interference.py [--presets cpu ami] [--seconds 60] [--pacing on off]
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.models import build_models
 from ami_ros.core.observation import to_uint8_chw
 from ami_ros.core.presets import get_preset, with_overrides
-from ami_ros.core.timing import FrameRhythm, percentile
+from ami_ros.core.timing import percentile
 from ami_ros.core.trainers import DynamicsTrainer, PPOTrainer, VAETrainer
-from ami_ros.ros.trainer_node import DEFAULT_GUARD_MS, DEFAULT_QUIET_MS
+from ami_ros.ros.pacing import DEFAULT_GUARD_MS, DEFAULT_QUIET_MS, FrameRhythm, TrainerPacing
 
 TRAINERS = ('vae_trainer', 'dynamics_trainer', 'policy_trainer')
 
@@ -54,12 +56,13 @@ def _summary(latencies: list[float], frames: int, answered: int, rounds: dict[st
 
 
 def run_processes(preset: str, seconds: float, min_new: int, max_batches: int,
-                  nice: int, cpus: str, quiet_ms: int, guard_ms: int
+                  nice: int, cpus: str, quiet_ms: int, guard_ms: int, pacing: str
                   ) -> tuple[float, float, float, str]:
     """p99 end to end, agent-side and of the agent's step alone (ms), and a summary."""
     with tempfile.TemporaryDirectory() as tmp:
         params = {'preset': preset, 'min_new': min_new, 'max_batches': max_batches, 'nice': nice,
-                  'cpus': cpus, 'quiet_ms': quiet_ms, 'guard_ms': guard_ms}
+                  'cpus': cpus, 'quiet_ms': quiet_ms, 'guard_ms': guard_ms,
+                  'pacing': pacing}
         # The agent's latency percentiles over exactly the measured steps,
         # like the one-process loop's (not the warm-up's, trainers starting).
         measured = int(round(seconds * 10))
@@ -91,11 +94,12 @@ def run_processes(preset: str, seconds: float, min_new: int, max_batches: int,
 
 
 def run_threads(preset_name: str, seconds: float, min_new: int, max_batches: int,
-                quiet_ms: int = 0, guard_ms: int = DEFAULT_GUARD_MS) -> tuple[float, str]:
+                paced: bool = False, quiet_ms: int = DEFAULT_QUIET_MS,
+                guard_ms: int = DEFAULT_GUARD_MS) -> tuple[float, str]:
     """The reference system's design: agent and trainers as threads of one process.
 
-    With `quiet_ms`, the trainer threads pause around the agent's steps as
-    ami_ros's trainer nodes do (the same FrameRhythm, fed the frames' due times).
+    `paced`: the trainer threads pause around the agent's steps as ami_ros's
+    trainer nodes do (the same pacing, fed the frames' due times).
     """
     torch.set_num_threads(1)
     preset = get_preset(preset_name)
@@ -110,11 +114,12 @@ def run_threads(preset_name: str, seconds: float, min_new: int, max_batches: int
         'policy_trainer': PPOTrainer(models['policy'], preset.ppo_training),
     }
     rhythm = FrameRhythm(quiet_ms / 1000.0, guard_ms / 1000.0, clock=time.perf_counter)
+    pacing = TrainerPacing(rhythm if paced else None)
     for trainer in trainers.values():
         if hasattr(trainer, 'max_batches'):
             trainer.max_batches = max_batches
-        if quiet_ms:
-            trainer.pause_with(rhythm.pause)
+        if paced:
+            pacing.attach(trainer, lambda _site: None)
     stop = threading.Event()
     rounds = dict.fromkeys(trainers, 0)
 
@@ -175,13 +180,17 @@ def run_threads(preset_name: str, seconds: float, min_new: int, max_batches: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--presets', nargs='+', default=['small', 'ami'])
+    parser.add_argument('--presets', nargs='+', default=['cpu', 'ami'])
     parser.add_argument('--seconds', type=float, default=60.0)
     parser.add_argument('--min-new', type=int, default=32, help='new samples per round')
     parser.add_argument('--max-batches', type=int, default=16, help='minibatches per epoch')
     parser.add_argument('--nice', type=int, default=19, help="the trainer nodes' nice parameter")
+    parser.add_argument('--pacing', nargs='+', default=['on'], choices=['on', 'off'],
+                        help="the trainer nodes' pacing, one run of design (1) each")
+    parser.add_argument('--one-process', default='yes', choices=['yes', 'no'],
+                        help='also run designs (2) and (3)')
     parser.add_argument('--quiet-ms', type=int, default=DEFAULT_QUIET_MS,
-                        help="the trainer nodes' quiet_ms parameter (0: train through the agent's steps)")
+                        help="the trainer nodes' quiet_ms parameter")
     parser.add_argument('--guard-ms', type=int, default=DEFAULT_GUARD_MS,
                         help="the trainer nodes' guard_ms parameter")
     parser.add_argument('--trainer-cpus', default='',
@@ -192,22 +201,25 @@ def main() -> None:
           f'max_batches {args.max_batches}, nice {args.nice}, cpus {args.trainer_cpus or "all"}, '
           f'quiet_ms {args.quiet_ms}, guard_ms {args.guard_ms}')
     for preset in args.presets:
-        ours, inside, step, ours_text = run_processes(preset, args.seconds, args.min_new,
-                                                      args.max_batches, args.nice,
-                                                      args.trainer_cpus, args.quiet_ms,
-                                                      args.guard_ms)
-        print(f'[{preset}] ami_ros (processes), frame stamp -> action received back: {ours_text}')
+        ours = {}
+        for pacing in args.pacing:
+            ours[pacing] = run_processes(preset, args.seconds, args.min_new, args.max_batches, args.nice,
+                                         args.trainer_cpus, args.quiet_ms, args.guard_ms, pacing)
+            print(f'[{preset}] ami_ros (processes), pacing {pacing}, frame stamp -> action received '
+                  f'back: {ours[pacing][3]}', flush=True)
+        if args.one_process == 'no':
+            continue
         theirs, theirs_text = run_threads(preset, args.seconds, args.min_new, args.max_batches)
         print(f'[{preset}] one process (threads), frame due -> action chosen: {theirs_text}')
-        print(f'[{preset}] p99 ratio ours / one-process: {ours / theirs:.2f} end to end, '
-              f'{inside / theirs:.2f} agent-side, {step / theirs:.2f} the step alone')
-        if args.quiet_ms:
-            paced, paced_text = run_threads(preset, args.seconds, args.min_new, args.max_batches,
-                                            args.quiet_ms, args.guard_ms)
-            print(f'[{preset}] one process, trainer threads paused around the steps like ours: '
-                  f'{paced_text}')
-            print(f'[{preset}] p99 ratio ours / that: {ours / paced:.2f} end to end, '
-                  f'{inside / paced:.2f} agent-side, {step / paced:.2f} the step alone')
+        paced, paced_text = run_threads(preset, args.seconds, args.min_new, args.max_batches, True,
+                                        args.quiet_ms, args.guard_ms)
+        print(f'[{preset}] one process, trainer threads paused around the steps like ours: '
+              f'{paced_text}')
+        for pacing, (end_to_end, inside, step, _) in ours.items():
+            print(f'[{preset}] p99 ratio ours (pacing {pacing}) / one process: '
+                  f'{end_to_end / theirs:.2f} end to end, {inside / theirs:.2f} agent-side, '
+                  f'{step / theirs:.2f} the step alone; / paced one process: '
+                  f'{end_to_end / paced:.2f}, {inside / paced:.2f}, {step / paced:.2f}', flush=True)
 
 
 if __name__ == '__main__':

@@ -6,8 +6,12 @@ discovery on localhost only and a ROS_DOMAIN_ID of this test run alone.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.0
     A callable `message` is called only then, so it can show the state at the timeout."""
     deadline = time.monotonic() + timeout
     while True:
+        TestNode.raise_callback_errors()  # a broken callback fails the wait, not only teardown
         value = condition()
         if value:
             return value
@@ -28,6 +33,34 @@ def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.0
             raise AssertionError(f'timed out after {timeout:.1f}s waiting for '
                                  f'{message() if callable(message) else message}')
         time.sleep(interval)
+
+
+def ami_ros(*args: str, timeout: float = 60.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the `ami-ros` command (`python -m ami_ros.cli`) to its end, output captured."""
+    return subprocess.run([sys.executable, '-m', 'ami_ros.cli', *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def start_graph(cwd: Path, *arguments: str) -> subprocess.Popen:
+    """`ami-ros launch <arguments>` in `cwd` (its checkpoints/ land there), its
+    output in `proc.log_path`; `stop_graph` ends it."""
+    log_path = cwd / 'launch.log'
+    with open(log_path, 'wb') as log:
+        proc = subprocess.Popen([sys.executable, '-m', 'ami_ros.cli', 'launch', *arguments],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    proc.log_path = log_path
+    return proc
+
+
+def stop_graph(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop a graph still running as Ctrl-C does (the launcher stops its nodes); kill one that hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def start_node(node: str, log_dir: Path, parameters: dict[str, Any] | None = None,
@@ -45,8 +78,20 @@ def start_node(node: str, log_dir: Path, parameters: dict[str, Any] | None = Non
     return NodeProcess(name, cmd, log_path=log_dir / f'{name}.log', env=env, cwd=log_dir)
 
 
+class CallbackError(AssertionError):
+    """A callback of the test's own node raised: what it was collecting cannot be trusted."""
+
+
 class TestNode:
-    """An rclpy node in the test process, spun by a background thread."""
+    """An rclpy node in the test process, spun by a background thread.
+
+    An exception in one of its callbacks (a subscription, a timer) is
+    recorded and raised in the test's thread by the next `wait_for` and at
+    teardown (`close`): swallowed, it would stop the callback's collecting
+    and pass every "nothing arrives" check.
+    """
+
+    _live: list[TestNode] = []  # open nodes, whose callback errors wait_for raises
 
     def __init__(self, name: str = 'test_probe') -> None:
         import rclpy
@@ -60,14 +105,31 @@ class TestNode:
         # which the nodes under test need on this 2-core machine.
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
+        self.callback_errors: list[str] = []  # formatted tracebacks, oldest first
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
+        TestNode._live.append(self)
 
     def _spin(self) -> None:
-        try:
-            self.executor.spin()
-        except Exception:  # context shut down under us at teardown
-            pass
+        from rclpy.executors import ExternalShutdownException, ShutdownException
+
+        while not self._closing.is_set() and self.context.ok():
+            try:
+                self.executor.spin_once(timeout_sec=0.1)
+            except (ExternalShutdownException, ShutdownException):
+                break
+            except Exception:
+                if self._closing.is_set():  # handles torn down under us at teardown
+                    break
+                self.callback_errors.append(traceback.format_exc())
+
+    @classmethod
+    def raise_callback_errors(cls) -> None:
+        """Raise CallbackError for the first callback exception of any open node."""
+        for node in cls._live:
+            if node.callback_errors:
+                raise CallbackError('a callback of the test node raised:\n' + node.callback_errors[0])
 
     def collect(self, msg_type: type, topic: str, qos: int = 50) -> list:
         """Subscribe and return a list that fills with (receive_time, msg)."""
@@ -88,11 +150,16 @@ class TestNode:
             self.node.destroy_client(client)
 
     def close(self) -> None:
+        """Stop spinning and leave rclpy; CallbackError if a callback raised meanwhile."""
         # The spinning thread leaves rclpy before the node and context go.
+        self._closing.set()
         self.executor.shutdown(timeout_sec=5)
         self._thread.join(timeout=5)
         self.node.destroy_node()
         self._rclpy.try_shutdown(context=self.context)
+        TestNode._live.remove(self)
+        if self.callback_errors:
+            raise CallbackError('a callback of the test node raised:\n' + self.callback_errors[0])
 
 
 class NodeStatus:
@@ -124,15 +191,22 @@ class NodeStatus:
 
 
 class FrameFeeder:
-    """Random 84x84 camera frames on camera/image_raw at `hz`, from a thread, like a camera."""
+    """Random 84x84 camera frames on camera/image_raw at `hz`, from a thread, like a camera.
 
-    def __init__(self, test_node: TestNode, hz: float = 10.0, seed: int = 0) -> None:
+    With `keep_frames` every frame sent is kept too: `frames[i]` was sent with stamp `published[i]`.
+    With `still` every frame is the first one again: a view a trainer can learn.
+    """
+
+    def __init__(self, test_node: TestNode, hz: float = 10.0, seed: int = 0,
+                 keep_frames: bool = False, still: bool = False) -> None:
         from sensor_msgs.msg import Image
 
         self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
         self.clock = test_node.node.get_clock()
         self.hz, self.seed = hz, seed
         self.published: list[int] = []  # header stamps (ns) of every frame sent
+        self.keep_frames, self.still = keep_frames, still
+        self.frames: list[Any] = []  # HxWx3 uint8 RGB, with keep_frames
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -143,12 +217,33 @@ class FrameFeeder:
         from ami_ros.ros.images import rgb_to_image
 
         rng = np.random.default_rng(self.seed)
+        rgb = None
         while not self.stop.wait(1.0 / self.hz):
-            rgb = rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)
+            if rgb is None or not self.still:
+                rgb = rng.integers(0, 255, (84, 84, 3), dtype=np.uint8)
             stamp = self.clock.now()
             self.pub.publish(rgb_to_image(rgb, stamp.to_msg()))
+            if self.keep_frames:
+                self.frames.append(rgb)
             self.published.append(stamp.nanoseconds)
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=2)
+
+
+def weights_parameter(model: str, blob: bytes | None = None, value: Any = None) -> Any:
+    """One Parameter of an agent/sync_weights request: a weights envelope as bytes, or `value`."""
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+
+    if value is None:
+        value = ParameterValue(type=ParameterType.PARAMETER_BYTE_ARRAY, byte_array_value=blob)
+    return Parameter(name=model, value=value)
+
+
+def sync_weights(test_node: TestNode, *parameters: Any, service: str = 'agent/sync_weights') -> list:
+    """Push weights to the agent as a trainer does; the SetParametersResult of each model."""
+    from rcl_interfaces.srv import SetParameters
+
+    request = SetParameters.Request(parameters=list(parameters))
+    return test_node.call(SetParameters, service, request).results

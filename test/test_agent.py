@@ -1,6 +1,7 @@
 """The acting agent's core (no ROS): the action leaves before the rest of the step."""
 
 import math
+from dataclasses import replace
 from itertools import pairwise
 
 import numpy as np
@@ -10,9 +11,14 @@ import torch
 from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.checkpoint import begin_checkpoint, commit_checkpoint
 from ami_ros.core.observation import to_observation
-from ami_ros.core.policy import policy_observation, with_persistence
-from ami_ros.core.presets import ACTION_CHOICES
-from ami_ros.core.reward import prediction_nll
+from ami_ros.core.policy import with_persistence
+from ami_ros.core.presets import ACTION_CHOICES, get_preset
+from ami_ros.core.rewards.curiosity import prediction_nll
+
+# The cpu preset's small sizes with the policy on the frame through its own
+# conv trunk, as ami's and large's policies act.
+ON_FRAME = replace(get_preset('cpu'), name='cpu-on-frame',
+                   policy=replace(get_preset('cpu').policy, input='image'))
 
 
 def frames(n, seed=0):
@@ -25,7 +31,7 @@ def restored_copy(agent: CuriosityAgent, tmp_path) -> CuriosityAgent:
     stage = begin_checkpoint(tmp_path)
     agent.save_checkpoint(stage)
     path = commit_checkpoint(stage, {'preset': agent.preset.name})
-    restored = CuriosityAgent(agent.preset.name, seed=9)
+    restored = CuriosityAgent(agent.preset, seed=9)
     restored.load_checkpoint(path)
     return restored
 
@@ -36,22 +42,28 @@ def assert_acting_and_rewarded_alike(a: CuriosityAgent, b: CuriosityAgent) -> No
         assert x.reward == y.reward and torch.equal(x.action, y.action)
 
 
-def assert_owed_reward_restored_and_forgotten(agent: CuriosityAgent, attribute: str, tmp_path) -> None:
-    """For a preset whose reward uses what the dynamics said with its last
-    prediction (`attribute` of the agent): a restored agent holds it and acts
-    and is rewarded alike, a pause forgets it, and no other reward can be
-    combined with it."""
+def test_a_restored_agent_holds_its_last_prediction_and_acts_and_is_rewarded_alike(tmp_path):
+    agent = CuriosityAgent('cpu', seed=4)
+    for frame in frames(4, seed=2):
+        predicted = agent.prediction
+        step = agent.step(frame)
+        if predicted is None:
+            assert np.isnan(step.reward)
+        else:  # curiosity: the error of the prediction made at the step before
+            error = float(prediction_nll(predicted, step.latent[None])[0])
+            assert step.reward == pytest.approx(error, rel=1e-5) and step.reward > 0
+            assert step.prediction_error == pytest.approx(error / math.pi, rel=1e-5)
     restored = restored_copy(agent, tmp_path)
-    assert torch.equal(getattr(restored, attribute), getattr(agent, attribute))
+    assert torch.equal(restored.prediction, agent.prediction)
+    assert torch.equal(restored.hidden, agent.hidden) and restored.steps == agent.steps == 4
     assert_acting_and_rewarded_alike(agent, restored)
+    # After a pause the prediction no longer refers to the next frame: no reward for it.
     agent.forget_prediction()
-    assert getattr(agent, attribute) is None
-    with pytest.raises(ValueError, match='use reward:=curiosity'):
-        CuriosityAgent(agent.preset.name, reward='novel_curiosity')
+    assert agent.prediction is None and np.isnan(agent.step(frames(1)[0]).reward)
 
 
 def test_action_is_handed_out_before_the_encoder_and_dynamics_run():
-    agent = CuriosityAgent('small', seed=3)
+    agent = CuriosityAgent(ON_FRAME, seed=3)
     calls = []
 
     def on_action(action):
@@ -87,7 +99,7 @@ def test_action_is_handed_out_before_the_encoder_and_dynamics_run():
 
 
 def test_a_policy_on_the_latent_acts_on_the_encoders_z_of_this_frame():
-    agent = CuriosityAgent('small-latent', seed=3)
+    agent = CuriosityAgent('cpu', seed=3)
     policy, encoder = agent.models['policy'], agent.models['encoder']
     seen, order = [], []
     real_policy, real_encode = policy.forward, encoder.encode_mean
@@ -110,51 +122,8 @@ def test_a_policy_on_the_latent_acts_on_the_encoders_z_of_this_frame():
     assert order == ['encoder', 'policy', 'action'] * 3
 
 
-def test_an_ensemble_agent_is_paid_the_disagreement_of_its_last_prediction(tmp_path):
-    # small-ensemble: the reward for an action is how much the dynamics'
-    # members disagreed on what it would bring, computed with the prediction
-    # and paid with the next frame; a restored agent pays the same.
-    agent = CuriosityAgent('small-ensemble', seed=4)
-    dynamics = agent.models['dynamics']
-    previous = None
-    for frame in frames(4, seed=8):
-        owed = agent.disagreement
-        step = agent.step(frame)
-        if previous is None:
-            assert owed is None and np.isnan(step.reward)
-        else:
-            assert step.reward == pytest.approx(float(owed[0]), rel=1e-6)
-            # The members' variance for the previous step's z, state and action.
-            with torch.no_grad():
-                recomputed = dynamics.step_with_extras(
-                    previous.latent[None], previous.hidden[None], previous.action[None]).disagreement
-            assert step.reward == pytest.approx(float(recomputed[0]), rel=1e-5)
-            # Not the prediction's error, which the latent's metric still reports.
-            assert step.reward != pytest.approx(step.prediction_error * math.pi, rel=1e-2)
-        previous = step
-    assert_owed_reward_restored_and_forgotten(agent, 'disagreement', tmp_path)
-
-
-def test_a_policy_on_the_hidden_state_acts_on_what_the_step_records():
-    # small-memory: the policy trainer rebuilds each step's input from the
-    # experience (z and the hidden state the step used); PPO's importance
-    # ratio is only right if that is exactly what the agent acted on.
-    agent = CuriosityAgent('small-memory', seed=3)
-    policy = agent.models['policy']
-    hiddens = set()
-    for frame in frames(4, seed=5):
-        step = agent.step(frame)
-        with torch.no_grad():
-            rebuilt = policy_observation('latent-hidden', None, step.latent, step.hidden)
-            dist, value = policy(rebuilt[None])
-        assert torch.allclose(dist.log_prob(step.action[None])[0], step.log_prob, atol=1e-6)
-        assert float(value[0]) == pytest.approx(step.value, abs=1e-6)
-        hiddens.add(step.hidden.abs().sum().item())
-    assert len(hiddens) == 4  # a new state every step: the input is not constant
-
-
 def test_handing_out_the_action_early_changes_nothing_the_step_produces():
-    a, b = CuriosityAgent('small', seed=5), CuriosityAgent('small', seed=5)
+    a, b = CuriosityAgent(ON_FRAME, seed=5), CuriosityAgent(ON_FRAME, seed=5)
     for frame in frames(5, seed=1):
         x = a.step(frame)
         y = b.step(frame, on_action=lambda action: None)
@@ -165,7 +134,7 @@ def test_handing_out_the_action_early_changes_nothing_the_step_produces():
 
 
 def test_an_agent_with_persistence_holds_its_actions_and_reports_the_mixture_it_drew_from(tmp_path):
-    agent = CuriosityAgent('small', seed=3, persistence=0.8)
+    agent = CuriosityAgent(ON_FRAME, seed=3, persistence=0.8)
     seen = frames(200, seed=5)
     steps = [agent.step(frame) for frame in seen]
     assert steps[0].persistence == 0.0 and not steps[0].previous_action.any()  # nothing held yet
@@ -185,8 +154,8 @@ def test_an_agent_with_persistence_holds_its_actions_and_reports_the_mixture_it_
     # The held action is agent state: a restored agent holds and acts alike.
     stage = begin_checkpoint(tmp_path)
     agent.save_checkpoint(stage)
-    restored = CuriosityAgent('small', seed=9, persistence=0.8)
-    restored.load_checkpoint(commit_checkpoint(stage, {'preset': 'small'}))
+    restored = CuriosityAgent(ON_FRAME, seed=9, persistence=0.8)
+    restored.load_checkpoint(commit_checkpoint(stage, {'preset': ON_FRAME.name}))
     assert torch.equal(restored.previous_action, agent.previous_action)
     for frame in frames(5, seed=6):
         x, y = agent.step(frame), restored.step(frame)
@@ -195,83 +164,7 @@ def test_an_agent_with_persistence_holds_its_actions_and_reports_the_mixture_it_
     agent.forget_prediction()
     assert agent.step(seen[0]).persistence == 0.0
     # Acting deterministically holds nothing; 1 would leave the policy no say.
-    sure = CuriosityAgent('small', seed=3, persistence=0.8, deterministic=True)
+    sure = CuriosityAgent(ON_FRAME, seed=3, persistence=0.8, deterministic=True)
     assert all(sure.step(frame).persistence == 0.0 for frame in frames(3))
     with pytest.raises(ValueError, match='persistence 1.0 is outside'):
-        CuriosityAgent('small', persistence=1.0)
-
-
-@pytest.mark.parametrize('reward', ['novel_curiosity', 'counted_curiosity'])
-def test_a_reward_with_memory_is_saved_and_restored_with_the_agent(tmp_path, reward):
-    # novel_curiosity remembers recent latents, counted_curiosity how often
-    # it saw each kind; a restored agent must reward the next frames exactly
-    # as the original does.
-    original = CuriosityAgent('small', seed=2, reward=reward)
-    for frame in frames(15, seed=3):
-        original.step(frame)
-    stage = begin_checkpoint(tmp_path)
-    original.save_checkpoint(stage)
-    path = commit_checkpoint(stage, {'preset': 'small'})
-    restored = CuriosityAgent('small', seed=9, reward=reward)
-    restored.load_checkpoint(path)
-    memory = original.reward_fn.state_dict()
-    assert memory and memory.keys() == restored.reward_fn.state_dict().keys()
-    for frame in frames(5, seed=4):
-        x, y = original.step(frame), restored.step(frame)
-        assert x.reward == y.reward and torch.equal(x.action, y.action)
-    # The memory of one reward function is not forced on another.
-    plain = CuriosityAgent('small', seed=2)
-    plain.load_checkpoint(path)
-    assert plain.step(frames(1)[0]).reward > 0
-
-
-def test_an_icm_agent_is_rewarded_by_the_error_of_its_feature_prediction(tmp_path):
-    agent = CuriosityAgent('small-icm', seed=4)
-    dynamics = agent.models['dynamics']
-    for i, frame in enumerate(frames(4, seed=6)):
-        predicted_latent, predicted_features = agent.prediction, agent.feature_prediction
-        step = agent.step(frame)
-        if i == 0:
-            assert predicted_features is None and np.isnan(step.reward)
-            continue
-        with torch.no_grad():
-            z = step.latent[None]
-            in_features = float(prediction_nll(predicted_features, dynamics.features(z))[0])
-            in_latent = float(prediction_nll(predicted_latent, z)[0])
-        assert step.reward == pytest.approx(in_features, rel=1e-5)
-        assert step.reward != pytest.approx(in_latent, rel=1e-2)
-        # prediction_error stays the error in the latent, the one predicted frames show.
-        assert step.prediction_error == pytest.approx(in_latent / math.pi, rel=1e-5)
-    # A restored agent predicts the same features, so it is rewarded the same.
-    restored = restored_copy(agent, tmp_path)
-    assert torch.equal(restored.feature_prediction, agent.feature_prediction)
-    assert_acting_and_rewarded_alike(agent, restored)
-    agent.forget_prediction()
-    assert agent.prediction is None and agent.feature_prediction is None
-
-
-def test_an_aleatoric_agent_is_paid_the_error_beyond_the_one_it_expected(tmp_path):
-    # small-aleatoric: the dynamics' head guesses, from the recurrent features
-    # a prediction is made from and the action, how large its error will be;
-    # the reward is the error less that guess, computed with the next frame.
-    agent = CuriosityAgent('small-aleatoric', seed=4)
-    dynamics = agent.models['dynamics']
-    previous = None
-    for frame in frames(4, seed=9):
-        predicted, expected = agent.prediction, agent.expected_error
-        step = agent.step(frame)
-        if previous is None:
-            assert expected is None and np.isnan(step.reward)
-        else:
-            error = float(prediction_nll(predicted, step.latent[None])[0])
-            # The guess for the previous step's z, state and action, recomputed.
-            with torch.no_grad():
-                guess = float(dynamics.step_with_extras(
-                    previous.latent[None], previous.hidden[None], previous.action[None]).expected_error[0])
-            assert float(expected[0]) == pytest.approx(guess, rel=1e-5)
-            assert step.reward == pytest.approx(error - guess, rel=1e-5, abs=1e-6)
-            assert abs(guess) > 1e-4  # an untrained head guesses something: the test can tell
-            assert step.prediction_error == pytest.approx(error / math.pi, rel=1e-5)
-        previous = step
-    assert_owed_reward_restored_and_forgotten(agent, 'expected_error', tmp_path)
-    assert CuriosityAgent('small-latent').expected_error is None
+        CuriosityAgent('cpu', persistence=1.0)

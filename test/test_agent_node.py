@@ -3,12 +3,17 @@
 import os
 import time
 
+import cv2
 import numpy as np
 from ros_harness import wait_for
 from sensor_msgs.msg import Image, Joy
-from std_msgs.msg import Float32
+from std_msgs.msg import Float32, UInt8MultiArray
 
-from ami_ros.ros.images import rgb_to_image
+from ami_ros.core.presets import get_preset
+from ami_ros.core.schemas import decode_experience
+from ami_ros.ros.images import SUPPORTED_ENCODINGS, rgb_to_image
+
+PRESET = get_preset('cpu')
 
 
 def _publisher(test_node):
@@ -33,7 +38,7 @@ def _feed_until(test_node, pub, make_frame, condition, timeout=30.0, period=0.1)
 
 
 def test_agent_answers_each_frame_with_a_stamped_joy(launch, test_node):
-    agent = launch('agent', parameters={'preset': 'small'})
+    agent = launch('agent', parameters={'preset': 'cpu'})
     actions = test_node.collect(Joy, 'action')
     rewards = test_node.collect(Float32, 'reward')
     pub = _publisher(test_node)
@@ -60,25 +65,87 @@ def test_agent_answers_each_frame_with_a_stamped_joy(launch, test_node):
     assert len(distinct) > 1
 
 
+def _coloured(height, width):
+    """An RGB frame whose channels differ everywhere: red grows left to right, green top
+    to bottom, blue along the other diagonal; a crop, a squash or a channel swap shows."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    red = 255 * x / (width - 1)
+    green = 255 * y / (height - 1)
+    blue = 255 * (1 - (x / (width - 1) + y / (height - 1)) / 2)
+    return np.stack([red, green, blue], axis=2).round().astype(np.uint8)
+
+
+def _expected_observation(rgb):
+    """What the models should see of `rgb`, worked out here: the largest centred square
+    (the observation is square), shrunk to 84x84 by area averaging."""
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = np.ascontiguousarray(rgb[top:top + side, left:left + side])
+    return cv2.resize(square, (84, 84), interpolation=cv2.INTER_AREA)
+
+
+# encoding, height, width, padding bytes at the end of each row
+CONVERSIONS = [('rgb8', 120, 160, 0), ('bgr8', 120, 160, 0), ('rgba8', 160, 100, 0),
+               ('bgra8', 90, 200, 8), ('mono8', 120, 160, 0)]
+
+
+def _image_message(rgb, encoding, padding, stamp):
+    """`rgb` laid out as `encoding` says, each row padded by `padding` bytes."""
+    if encoding == 'mono8':
+        grey = rgb[:, :, :2].mean(axis=2, keepdims=True).round().astype(np.uint8)  # red and green ramps
+        pixels, expected = grey, np.repeat(grey, 3, axis=2)
+    else:
+        pixels = rgb[:, :, ::-1] if encoding.startswith('bgr') else rgb
+        if encoding.endswith('a8'):  # an opaque alpha channel the agent must not take for colour
+            pixels = np.concatenate([pixels, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=2)
+        expected = rgb
+    height, width, channels = pixels.shape
+    rows = np.zeros((height, width * channels + padding), np.uint8)
+    rows[:, :width * channels] = pixels.reshape(height, -1)
+    msg = Image(height=height, width=width, encoding=encoding, step=rows.shape[1], data=rows.tobytes())
+    msg.header.stamp = stamp
+    return msg, expected
+
+
 def test_agent_converts_other_sizes_and_encodings(launch, test_node):
-    launch('agent', parameters={'preset': 'small'})
+    # Non-square frames in every supported encoding: the observation each
+    # step carries in `experience` is the centred crop of the frame, resized
+    # to 84x84, in RGB order.
+    launch('agent', parameters={'preset': 'cpu'})
     actions = test_node.collect(Joy, 'action')
+    experience = test_node.collect(UInt8MultiArray, 'experience', qos=100)
     pub = _publisher(test_node)
     wait_for(lambda: pub.get_subscription_count() > 0, 15, message='agent subscription')
-    for encoding, channels in (('bgr8', 3), ('rgba8', 4), ('mono8', 1), ('rgb8', 3)):
+    expected: dict[int, tuple[str, np.ndarray]] = {}  # stamp (ns) -> (encoding, observation)
+    assert set(SUPPORTED_ENCODINGS) == {c[0] for c in CONVERSIONS}
+    for encoding, height, width, padding in CONVERSIONS:
+        rgb = _coloured(height, width)
         before = len(actions)
 
-        def make(i, encoding=encoding, channels=channels):
-            msg = Image(height=120, width=160, encoding=encoding, step=160 * channels)
-            msg.data = np.full(120 * 160 * channels, i % 255, np.uint8).tobytes()
-            msg.header.stamp = test_node.node.get_clock().now().to_msg()
+        def make(i, rgb=rgb, encoding=encoding, padding=padding):
+            now = test_node.node.get_clock().now()
+            msg, source = _image_message(rgb, encoding, padding, now.to_msg())
+            expected[now.nanoseconds] = (encoding, _expected_observation(source))
             return msg
 
         _feed_until(test_node, pub, make, lambda before=before: len(actions) >= before + 3)
+    wait_for(lambda: len(experience) >= len(actions), 5, message='experience of every action')
+    checked: dict[str, int] = {}
+    for _, msg in experience:
+        step = decode_experience(bytes(msg.data), PRESET)
+        encoding, want = expected[step.stamp_ns]
+        got = step.observation.permute(1, 2, 0).numpy().astype(np.int16)
+        # Some slack for the interpolation, far less than a crop off by a few
+        # pixels or a channel swap would make.
+        diff = np.abs(got - want.astype(np.int16))
+        assert diff.max() <= 3 and diff.mean() <= 1.0, (encoding, diff.max(), diff.mean())
+        checked[encoding] = checked.get(encoding, 0) + 1
+    assert all(checked.get(c[0], 0) >= 3 for c in CONVERSIONS), checked
 
 
 def test_agent_drops_garbage_and_keeps_acting(launch, test_node):
-    agent = launch('agent', parameters={'preset': 'small'})
+    agent = launch('agent', parameters={'preset': 'cpu'})
     actions = test_node.collect(Joy, 'action')
     pub = _publisher(test_node)
     _feed_until(test_node, pub, lambda i: _frame(test_node, seed=i), lambda: len(actions) >= 3)

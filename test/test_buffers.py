@@ -148,23 +148,6 @@ def test_dynamics_chunks_never_span_a_break_and_follow_the_ring():
     assert buf.new_count == 0
 
 
-def test_dynamics_chunks_mark_the_transitions_no_round_has_trained_on():
-    buf = DynamicsBuffer(capacity=12)
-    for i in range(10):
-        buf.add(*_step(i))
-    *_, new = buf.chunks(3, mark_trained=True, new_mask=True)
-    assert new.all()  # nothing trained yet
-    for i in range(10, 14):  # wraps the ring: steps 2..13 stay, 10..13 are new
-        buf.add(*_step(i))
-    z, _, _, _, new = buf.chunks(3, new_mask=True)
-    assert new.shape == z.shape[:2]
-    assert new.tolist() == [[int(z[n, t, 0]) >= 10 for t in range(2)] for n in range(len(z))]
-    assert new.any() and not new.all()
-    assert len(buf.chunks(3)) == 4  # without the mask, as before
-    buf.chunks(3, mark_trained=True)
-    assert not buf.chunks(3, new_mask=True)[4].any()  # a round has taken them all
-
-
 def test_dynamics_state_round_trip_is_exact():
     buf = DynamicsBuffer(capacity=8)
     for i in range(11):

@@ -22,7 +22,7 @@ from ros_harness import NodeStatus, wait_for
 from sensor_msgs.msg import Image
 
 from ami_ros.nodes.camera import frame_to_rgb, parse_source
-from ami_ros.ros.images import image_to_rgb
+from ami_ros.ros.images import FrameReader, image_to_rgb
 
 # BGR, as OpenCV writes them, and the RGB the topic must carry.
 COLOURS_BGR = [(0, 0, 255), (0, 255, 0), (255, 0, 0), (0, 255, 255)]
@@ -217,3 +217,27 @@ def test_frame_conversion_and_source_parsing():
     assert parse_source('/dev/video2').kind == 'device'
     assert parse_source('rtsp://cam/stream').kind == 'stream'
     assert parse_source('clip.mp4').kind == 'file'
+
+
+def test_frame_reader_gives_the_models_frame_and_counts_what_it_drops():
+    # 120x60 BGR: the centre square (columns 30-90) is red | blue under a white
+    # top band; the green outside it must be cropped away.
+    bgr = np.zeros((60, 120, 3), np.uint8)
+    bgr[:, :30] = bgr[:, 90:] = (0, 255, 0)
+    bgr[:, 30:60] = (0, 0, 255)
+    bgr[:, 60:90] = (255, 0, 0)
+    bgr[:10, 30:90] = (255, 255, 255)
+    msg = Image(height=60, width=120, encoding='bgr8', step=360, data=bgr.tobytes())
+    warnings = []
+    frames = FrameReader(lambda kind, text: warnings.append(kind))
+    rgb = frames.observation(msg)
+    assert rgb.shape == (84, 84, 3) and rgb.dtype == np.uint8
+    assert near(rgb[0], (255, 255, 255)) and not near(rgb[-1], (255, 255, 255))  # not upside down
+    assert near(rgb[20:, :40], (255, 0, 0)) and near(rgb[20:, 44:], (0, 0, 255))
+    assert not ((rgb[..., 1] > 128) & (rgb[..., 0] < 128)).any()  # no green: cropped away
+    assert frames.dropped == 0 and warnings == []
+
+    too_short = Image(height=84, width=84, encoding='rgb8', step=252, data=b'\x00' * 100)
+    other = Image(height=84, width=84, encoding='yuv422', step=168, data=b'\x00' * 84 * 168)
+    assert frames.observation(too_short) is None and frames.observation(other) is None
+    assert frames.dropped == 2 and warnings == ['frame-data', 'frame-unsupported']

@@ -35,7 +35,7 @@ def _assert_bit_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Te
         assert _bits(got[name]) == _bits(t), name
 
 
-def _save(root: Path, now: datetime, name: str | None = None, preset: str = 'small',
+def _save(root: Path, now: datetime, name: str | None = None, preset: str = 'cpu',
           manifest: dict | None = None) -> Path:
     """A small complete checkpoint with one tensor part and one JSON part."""
     stage = ck.begin_checkpoint(root, name=name, now=now)
@@ -71,7 +71,7 @@ def test_round_trip_is_bit_identical_and_manifest_lists_files(tmp_path):
     ck.write_tensors(stage, 'trainers/vae/state.safetensors', tensors, 'trainer/vae', {'version': 4})
     ck.write_json(stage, 'trainers/vae/state.json', info)
     ck.write_json(stage, 'interaction/environment/camera.json', {'fps': 10})
-    path = ck.commit_checkpoint(stage, {'preset': 'small', 'parameters': {'agent': {'rate': 10.0}}},
+    path = ck.commit_checkpoint(stage, {'preset': 'cpu', 'parameters': {'agent': {'rate': 10.0}}},
                                 require=['trainers/vae/state.json', 'trainers/vae/state.safetensors'])
 
     assert path == tmp_path / '2024-05-01_12-00-00'
@@ -87,8 +87,8 @@ def test_round_trip_is_bit_identical_and_manifest_lists_files(tmp_path):
     assert env.int_meta('version') == 4
     assert ck.read_json(path, 'trainers/vae/state.json') == info
 
-    manifest = ck.load_manifest(path, expected_preset='small', verify=True)
-    assert manifest['preset'] == 'small'
+    manifest = ck.load_manifest(path, expected_preset='cpu', verify=True)
+    assert manifest['preset'] == 'cpu'
     assert manifest['parameters'] == {'agent': {'rate': 10.0}}
     assert manifest['manual'] is False
     assert manifest['name'] == path.name
@@ -115,7 +115,7 @@ def test_module_weights_load_back_on_cpu_bit_identical(tmp_path, device):
     state = module.state_dict()
     stage = ck.begin_checkpoint(tmp_path, now=T0)
     ck.write_tensors(stage, 'models/policy.safetensors', state, 'weights/policy')
-    path = ck.commit_checkpoint(stage, {'preset': 'small'})
+    path = ck.commit_checkpoint(stage, {'preset': 'cpu'})
 
     env = ck.read_tensors(path, 'models/policy.safetensors', 'weights/policy', specs_of(state))
     _assert_bit_identical(env.tensors, state)
@@ -140,7 +140,7 @@ ck.write_json(stage, 'trainers/vae/state.json', {'rounds': 99})
 
 _KILL_BEFORE_COMMIT = """
 os.kill(os.getpid(), signal.SIGKILL)
-ck.commit_checkpoint(stage, {'preset': 'small'})  # never reached
+ck.commit_checkpoint(stage, {'preset': 'cpu'})  # never reached
 """
 
 # Dies half-way through writing a large tensor file: half its bytes are on disk.
@@ -167,19 +167,41 @@ def dying_open(path, mode='r', *args, **kwargs):
 ck.open = dying_open  # module globals shadow the builtin for checkpoint.py only
 images = torch.zeros(256, 3, 84, 84, dtype=torch.uint8)
 ck.write_tensors(stage, 'data/vae/buffer.safetensors', {'images': images}, 'buffer/vae')
-ck.commit_checkpoint(stage, {'preset': 'small'})  # never reached
+ck.commit_checkpoint(stage, {'preset': 'cpu'})  # never reached
 """
 
+# Dies inside the commit: manifest.json is written, the stage not yet renamed to its name.
+_KILL_BEFORE_RENAME = """
+class DieAtRename:  # the os module as checkpoint.py sees it, but renaming the stage kills
+    def __getattr__(self, name):
+        return getattr(os, name)
+    def rename(self, src, dst):
+        if str(src).endswith(ck.PARTIAL_SUFFIX):
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.rename(src, dst)
 
-@pytest.mark.parametrize('ending', ['before_commit', 'mid_write'])
-def test_sigkill_during_save_leaves_previous_checkpoint_latest(tmp_path, ending):
-    previous = _save(tmp_path, T0)
-    script = _CHILD_PRELUDE + (_KILL_BEFORE_COMMIT if ending == 'before_commit' else _KILL_MID_WRITE)
+ck.os = DieAtRename()  # module globals: checkpoint.py alone sees it
+ck.commit_checkpoint(stage, {'preset': 'cpu'})  # dies inside
+"""
+
+_ENDINGS = {'before_commit': _KILL_BEFORE_COMMIT, 'mid_write': _KILL_MID_WRITE,
+            'manifest_written': _KILL_BEFORE_RENAME}
+
+
+def _run_killed_child(script: str, root: Path) -> subprocess.CompletedProcess:
+    """Run `script` with `root` as its argument; it must end by SIGKILL."""
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')]))
     env = {**os.environ, 'PYTHONPATH': pythonpath}
-    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(script), str(tmp_path)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(script), str(root)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return proc
+
+
+@pytest.mark.parametrize('ending', list(_ENDINGS))
+def test_sigkill_during_save_leaves_previous_checkpoint_latest(tmp_path, ending):
+    previous = _save(tmp_path, T0)
+    proc = _run_killed_child(_CHILD_PRELUDE + _ENDINGS[ending], tmp_path)
     stage = Path(proc.stdout.strip())
     assert stage.is_dir() and stage.name.endswith('.partial')
     assert (stage / 'trainers/vae/state.json').is_file()  # the child did get to write parts
@@ -187,11 +209,14 @@ def test_sigkill_during_save_leaves_previous_checkpoint_latest(tmp_path, ending)
         leftovers = list((stage / 'data/vae').glob('.buffer.safetensors.*.tmp'))
         assert len(leftovers) == 1 and 0 < leftovers[0].stat().st_size < 256 * 3 * 84 * 84
         assert not (stage / 'data/vae/buffer.safetensors').exists()
+    if ending == 'manifest_written':  # whole but for its name: still an unfinished save
+        manifest = ck.load_manifest(stage, expected_preset='cpu', verify=True)
+        assert manifest['name'] == stage.name[1:-len(ck.PARTIAL_SUFFIX)]
 
     assert ck.list_checkpoints(tmp_path) == [previous]
     assert ck.latest_checkpoint(tmp_path) == previous
     assert ck.resolve_checkpoint('latest', tmp_path) == previous
-    ck.load_manifest(previous, expected_preset='small', verify=True)
+    ck.load_manifest(previous, expected_preset='cpu', verify=True)
     env_prev = ck.read_tensors(previous, 'models/encoder.safetensors', 'weights/encoder')
     assert torch.equal(env_prev.tensors['w'], torch.arange(6.0).reshape(2, 3))
     assert ck.read_json(previous, 'trainers/vae/state.json') == {'rounds': 7}
@@ -205,15 +230,61 @@ def test_sigkill_during_save_leaves_previous_checkpoint_latest(tmp_path, ending)
     assert ck.list_checkpoints(tmp_path) == [previous]
 
 
+# Dies while retention removes a checkpoint: hidden, one file gone, manifest.json still there.
+_KILL_MID_RETENTION = """
+import os, shutil, signal, sys
+from pathlib import Path
+from ami_ros.core import checkpoint as ck
+
+class DieMidRemoval:  # shutil as checkpoint.py sees it, but removing a tree kills half-way
+    def __getattr__(self, name):
+        return getattr(shutil, name)
+    def rmtree(self, path, ignore_errors=False):
+        print(path, flush=True)
+        (Path(path) / 'models' / 'encoder.safetensors').unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ck.shutil = DieMidRemoval()  # module globals: checkpoint.py alone sees it
+ck.apply_retention(sys.argv[1], keep_last=1)
+"""
+
+
+def test_sigkill_during_retention_leaves_every_other_checkpoint_whole(tmp_path):
+    automatic = [_save(tmp_path, T0 + timedelta(minutes=i)) for i in range(3)]
+    manual = _save(tmp_path, T0 + timedelta(minutes=3), name='by-hand')
+    proc = _run_killed_child(_KILL_MID_RETENTION, tmp_path)
+    removing = Path(proc.stdout.strip())
+    # The oldest was being removed: hidden first, so its manifest, still
+    # there beside a missing part, never makes it look complete.
+    assert removing.parent == tmp_path and removing.name.startswith(f'.{automatic[0].name}.')
+    assert removing.name.endswith(ck.DELETING_SUFFIX)
+    assert (removing / ck.MANIFEST).is_file() and not (removing / 'models/encoder.safetensors').exists()
+    assert not automatic[0].exists()
+    with pytest.raises(ck.CheckpointError, match='deleted'):
+        ck.resolve_checkpoint(str(removing), tmp_path)
+    # Every other checkpoint, the next doomed one included, is whole.
+    assert ck.list_checkpoints(tmp_path) == [*automatic[1:], manual]
+    assert ck.latest_checkpoint(tmp_path) == manual
+    for path in (*automatic[1:], manual):
+        ck.load_manifest(path, expected_preset='cpu', verify=True)
+        env = ck.read_tensors(path, 'models/encoder.safetensors', 'weights/encoder')
+        assert torch.equal(env.tensors['w'], torch.arange(6.0).reshape(2, 3))
+        assert ck.read_json(path, 'trainers/vae/state.json') == {'rounds': 7}
+    # The next retention finishes the job; cleaning takes the half-removed one.
+    assert ck.apply_retention(tmp_path, keep_last=1) == [automatic[1]]
+    assert ck.clean_partials(tmp_path, older_than_s=0) == [removing]
+    assert ck.list_checkpoints(tmp_path) == [automatic[2], manual]
+
+
 def test_commit_refuses_missing_required_part_and_late_writes(tmp_path):
     stage = ck.begin_checkpoint(tmp_path, now=T0)
     ck.write_json(stage, 'trainers/vae/state.json', {})
     with pytest.raises(ck.CheckpointError, match='missing trainers/ppo/state.json'):
-        ck.commit_checkpoint(stage, {'preset': 'small'}, require=['trainers/ppo/state.json'])
+        ck.commit_checkpoint(stage, {'preset': 'cpu'}, require=['trainers/ppo/state.json'])
     assert stage.is_dir() and ck.list_checkpoints(tmp_path) == []
     with pytest.raises(ValueError, match='files'):
         ck.commit_checkpoint(stage, {'files': {}})
-    path = ck.commit_checkpoint(stage, {'preset': 'small'})
+    path = ck.commit_checkpoint(stage, {'preset': 'cpu'})
     with pytest.raises(ck.CheckpointError, match='gone'):
         ck.write_json(stage, 'trainers/ppo/state.json', {})
     assert not stage.exists()  # the late writer did not recreate the stage
@@ -229,10 +300,10 @@ def test_same_second_saves_get_distinct_names(tmp_path):
     a = ck.begin_checkpoint(tmp_path, now=T0)
     b = ck.begin_checkpoint(tmp_path, now=T0)  # while a is still open
     assert a != b
-    pa = ck.commit_checkpoint(a, {'preset': 'small'})
+    pa = ck.commit_checkpoint(a, {'preset': 'cpu'})
     c = ck.begin_checkpoint(tmp_path, now=T0)  # after a was committed
-    pb = ck.commit_checkpoint(b, {'preset': 'small'})
-    pc = ck.commit_checkpoint(c, {'preset': 'small'})
+    pb = ck.commit_checkpoint(b, {'preset': 'cpu'})
+    pc = ck.commit_checkpoint(c, {'preset': 'cpu'})
     assert [p.name for p in (pa, pb, pc)] == ['2024-05-01_12-00-00', '2024-05-01_12-00-00-1',
                                               '2024-05-01_12-00-00-2']
     assert ck.list_checkpoints(tmp_path) == [pa, pb, pc]
@@ -293,8 +364,8 @@ def test_damaged_bytes_of_same_size_are_caught_by_verify(tmp_path):
 def test_manifest_from_another_preset_is_refused(tmp_path):
     path = _save(tmp_path, T0, preset='ami')
     with pytest.raises(ck.CheckpointError) as info:
-        ck.load_manifest(path, expected_preset='small')
-    assert str(info.value) == (f"checkpoint {path} was saved with preset 'ami', this graph runs 'small'; "
+        ck.load_manifest(path, expected_preset='cpu')
+    assert str(info.value) == (f"checkpoint {path} was saved with preset 'ami', this graph runs 'cpu'; "
                                'start with preset:=ami or another checkpoint')
     assert ck.load_manifest(path, expected_preset='ami')['preset'] == 'ami'
 
@@ -318,7 +389,7 @@ def test_corrupt_manifest_is_named(tmp_path):
     path = _save(tmp_path, T0)
     (path / 'manifest.json').write_text('{"format": "ami_ros-checkpoint", "files": {\n')
     with pytest.raises(ck.CheckpointError) as info:
-        ck.load_manifest(path, expected_preset='small')
+        ck.load_manifest(path, expected_preset='cpu')
     _one_line_naming(info.value, 'manifest.json')
     assert 'damaged' in str(info.value)
     # It still counts as complete (listing does not parse it), so `latest` leads to this clear error.

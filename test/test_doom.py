@@ -1,4 +1,4 @@
-"""ami_ros.core.doom without ROS: the held VRChat input and the real ViZDoom world."""
+"""ami_ros.worlds.doom without ROS: the held VRChat input and the real ViZDoom world."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ami_ros.core.doom import (
+from ami_ros.worlds.doom import (
     RUN_FORWARD,
     WALK_FORWARD,
     WALK_SIDE,

@@ -17,22 +17,25 @@ import numpy as np
 import pytest
 import yaml
 from pythonosc.dispatcher import Dispatcher
-from pythonosc.osc_server import ThreadingOSCUDPServer
-from ros_harness import wait_for
+from pythonosc.osc_server import BlockingOSCUDPServer
+from ros_harness import ami_ros, start_graph, stop_graph, wait_for
 
 AXES = {'/input/Vertical', '/input/Horizontal', '/input/LookHorizontal'}
 BUTTONS = {'/input/Jump', '/input/Run'}
 
 
 class FakeVRChat:
-    """Records (time, address, value) of every OSC message, as VRChat would receive them."""
+    """Records (time, address, args) of every OSC message, as VRChat would receive them.
+
+    One thread takes the datagrams in the order they arrive, so `messages` is in arrival order.
+    """
 
     def __init__(self):
         self.messages = []
         self.lock = threading.Lock()
         dispatcher = Dispatcher()
         dispatcher.set_default_handler(self._on_message)
-        self.server = ThreadingOSCUDPServer(('127.0.0.1', 0), dispatcher)
+        self.server = BlockingOSCUDPServer(('127.0.0.1', 0), dispatcher)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -58,17 +61,14 @@ def _video(path, frames=40):
     return path
 
 
-def ami_ros(*args, timeout=30):
-    return subprocess.run([sys.executable, '-m', 'ami_ros.cli', *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _released(messages):
-    """True when the messages include a full release: 3 axes 0.0 and 2 buttons 0."""
-    last = {}
-    for _, address, args in messages:
-        last[address] = args[0]
-    return all(last.get(a) == 0.0 for a in AXES) and all(last.get(b) == 0 for b in BUTTONS)
+def _ends_released(messages):
+    """True when the last messages are a full release, one each: 3 axes 0.0 (floats) and
+    2 buttons 0 (ints), with nothing after them."""
+    tail = messages[-len(AXES | BUTTONS):]
+    values = {address: args for _, address, args in tail}
+    return (len(tail) == len(values) == len(AXES | BUTTONS)
+            and all(values.get(a) == (0.0,) and type(values[a][0]) is float for a in AXES)
+            and all(values.get(b) == (0,) and type(values[b][0]) is int for b in BUTTONS))
 
 
 @pytest.fixture
@@ -88,20 +88,10 @@ def graph(tmp_path, vrchat):
     params['/**/agent']['ros__parameters']['persistence'] = 0.0
     params_file = tmp_path / 'params.yaml'
     params_file.write_text(yaml.safe_dump(params))
-    log = open(tmp_path / 'launch.log', 'wb')
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=vrchat', f'camera_source:={video}',
-         f'vrchat_port:={vrchat.port}', 'preset:=small', f'params_file:={params_file}'],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)  # checkpoints/ lands in tmp_path
-    proc.log_path = tmp_path / 'launch.log'
+    proc = start_graph(tmp_path, 'world:=vrchat', f'camera_source:={video}', f'vrchat_port:={vrchat.port}',
+                       'preset:=cpu', f'params_file:={params_file}')
     yield proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    log.close()
+    stop_graph(proc)
 
 
 def _declared_parameters(test_node, node_name):
@@ -143,25 +133,29 @@ def test_full_chain_pause_resume_shutdown(graph, vrchat, test_node):
     slots = {int((t - t0) * 10) for t, _, _ in window}
     assert len(slots) >= 20, len(slots)
 
+    # The release must come after the pause was asked for, and be the last
+    # thing VRChat hears: timed from before the request, since the bridge may
+    # release before the command returns.
+    t_pause = time.monotonic()
     paused = ami_ros('pause')
     assert paused.returncode == 0, paused.stdout + paused.stderr
-    t_pause = time.monotonic()
-    wait_for(lambda: _released(vrchat.since(t_pause - 1.0)), 5, message='release on pause')
+    wait_for(lambda: _ends_released(vrchat.since(t_pause)), 5, message='release on pause')
     time.sleep(0.5)  # let any in-flight message land before counting silence
     quiet_from = time.monotonic()
     time.sleep(2.0)  # two seconds of pause: nothing may arrive
     assert vrchat.since(quiet_from) == []
+    assert _ends_released(vrchat.since(t_pause))
     assert ami_ros('status').stdout.startswith('paused:')
 
     assert ami_ros('resume').returncode == 0
     t_resume = time.monotonic()
     wait_for(lambda: len(vrchat.since(t_resume)) > 10, 15, message='OSC after resume')
 
+    t_down = time.monotonic()
     done = ami_ros('shutdown')
     assert done.returncode == 0, done.stdout + done.stderr
-    t_down = time.monotonic()
     assert graph.wait(30) == 0, graph.log_path.read_text()
-    assert _released(vrchat.since(t_down - 1.0))
+    assert _ends_released(vrchat.since(t_down))
     out = graph.log_path.read_text()
     assert '[launch] all nodes stopped cleanly' in out
 
@@ -171,7 +165,7 @@ def test_sigint_stops_every_node_with_inputs_released(graph, vrchat):
     t_stop = time.monotonic()
     graph.send_signal(signal.SIGINT)
     assert graph.wait(30) == 0, graph.log_path.read_text()
-    assert _released(vrchat.since(t_stop))
+    assert _ends_released(vrchat.since(t_stop))
     # Every node process is gone: no manager answers any more.
     out = ami_ros('status', '--timeout', '2')
     assert out.returncode == 1

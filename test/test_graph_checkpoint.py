@@ -8,30 +8,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ros_harness import FrameFeeder, wait_for
+from ros_harness import FrameFeeder, NodeStatus, ami_ros, sync_weights, wait_for, weights_parameter
 from sensor_msgs.msg import Image, Joy
 from std_msgs.msg import UInt8MultiArray
 
 from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.checkpoint import list_checkpoints, read_tensors
-from ami_ros.core.observation import to_uint8_chw
+from ami_ros.core.models import build_models
+from ami_ros.core.observation import to_observation, to_uint8_chw
+from ami_ros.core.policy import policy_observation
 from ami_ros.core.presets import get_preset
-from ami_ros.core.schemas import decode_experience
+from ami_ros.core.schemas import decode_experience, encode_weights
 from ami_ros.ros.images import rgb_to_image
 
-PRESET = get_preset('small')
-
-
-def ami_ros(*args, timeout=60, cwd=None):
-    return subprocess.run([sys.executable, '-m', 'ami_ros.cli', *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd)
+PRESET = get_preset('cpu')
 
 
 @pytest.fixture
 def graph(launch, test_node, tmp_path):
-    agent = launch('agent', parameters={'preset': 'small'})
+    agent = launch('agent', parameters={'preset': 'cpu'})
     manager = launch('manager', parameters={
-        'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'small',
+        'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'cpu',
         'checkpoint_interval': 0.0})
     actions = test_node.collect(Joy, 'action')
     frames = FrameFeeder(test_node)
@@ -56,26 +53,68 @@ def test_save_resumes_a_running_graph_and_keeps_a_paused_one_paused(graph, tmp_p
     assert ami_ros('status').stdout.startswith('paused:')
     assert [str(p) for p in list_checkpoints(tmp_path / 'ckpt')] == [first, second]
     manifest = json.loads((Path(second) / 'manifest.json').read_text())
-    assert manifest['preset'] == 'small' and manifest['nodes'] == ['agent']
+    assert manifest['preset'] == 'cpu' and manifest['nodes'] == ['agent']
+
+
+# Versions a trainer might have reached; the test pushes models of other seeds with them.
+PUSHED = {'encoder': 3, 'decoder': 4, 'dynamics': 5, 'policy': 6}
 
 
 def test_restart_continues_exactly_where_the_agent_was(graph, launch, test_node, tmp_path):
     agent, manager, actions, frames = graph
+    published = test_node.collect(UInt8MultiArray, 'experience', qos=200)
+    health = NodeStatus(test_node)
+    # Weights as the trainers push them, of versions above 0.
+    pushed = {name: dict(model.state_dict()) for name, model in build_models(PRESET, seed=7).items()}
+    results = sync_weights(test_node, *(weights_parameter(name, encode_weights(name, state, PUSHED[name],
+                                                                               'cpu'))
+                                        for name, state in pushed.items()))
+    assert [r.successful for r in results] == [True] * len(PUSHED), results
+    wait_for(lambda: published and _decode(published[-1]).versions == PUSHED, 10,
+             message='the pushed versions in experience')
+    count = len(published)
+    wait_for(lambda: len(published) >= count + 3, 10, message='steps with the pushed weights')
     frames.close()  # from here on, the test sends the frames itself
     assert ami_ros('pause').returncode == 0
+    # The last step the agent published before the save: /diagnostics counts
+    # the agent's steps, so none is still on its way.
+    wait_for(lambda: health.number('agent', 'steps') == _decode(published[-1]).step, 10,
+             message=lambda: f"the agent's last step: {health.get('agent', 'steps')} in /diagnostics, "
+                             f'{_decode(published[-1]).step} published')
+    last = _decode(published[-1])
+    assert last.versions == PUSHED
     path = ami_ros('save').stdout.strip()
     assert ami_ros('shutdown').returncode == 0
     wait_for(lambda: not agent.alive() and not manager.alive(), 20, message='the graph stopping')
 
-    # What the saved agent would do next, for this frame and its saved random state.
+    # What the agent should do next, worked out from what it published and the
+    # weights pushed, never from the checkpoint: the hidden state its last step
+    # produced, and its sampling generator (seed 0, the node's default) after
+    # one draw per step.
+    models = build_models(PRESET, seed=7)
+    for model in models.values():
+        model.eval()
     frame = np.random.default_rng(42).integers(0, 255, (84, 84, 3), dtype=np.uint8)
-    expected = CuriosityAgent('small', seed=123)  # other initial weights: all must come from disk
+    with torch.inference_mode():
+        _, hidden = models['dynamics'].step(last.latent.unsqueeze(0), last.hidden.unsqueeze(0),
+                                            last.action.unsqueeze(0))
+        assert not torch.allclose(hidden[0], last.hidden)  # a stale hidden state would show
+        observation = to_observation(frame).unsqueeze(0)
+        latent = models['encoder'].encode_mean(observation)
+        dist, _ = models['policy'](policy_observation(PRESET.policy.input, observation, latent))
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(last.step):
+            dist.sample(generator)
+        action = dist.sample(generator)[0]
+        log_prob = dist.log_prob(action.unsqueeze(0))[0]
+    # What a fresh agent restored from the checkpoint would do, for comparison.
+    expected = CuriosityAgent('cpu', seed=123)  # other initial weights: all must come from disk
     expected.load_checkpoint(path)
     saved_hidden = expected.hidden.clone()
     saved_steps = expected.steps
     want = expected.step(frame)
 
-    restarted = launch('agent', name='agent', parameters={'preset': 'small', 'checkpoint': path})
+    restarted = launch('agent', name='agent', parameters={'preset': 'cpu', 'checkpoint': path})
     experience = test_node.collect(UInt8MultiArray, 'experience', qos=50)
     count = len(actions)
     pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
@@ -91,18 +130,27 @@ def test_restart_continues_exactly_where_the_agent_was(graph, launch, test_node,
         return False
 
     wait_for(answered, 20, interval=0.3, message='an action from the restarted agent')
-    step = decode_experience(bytes(experience[0][1].data), PRESET)
+    step = _decode(experience[0])
     assert torch.equal(step.observation, to_uint8_chw(frame))
-    # Continues from the saved hidden state and step count, with the saved weights' versions...
+    # Continues from the hidden state and step count the agent had before the
+    # save, with the pushed weights' versions...
+    assert step.step == last.step + 1 == saved_steps + 1
+    assert torch.allclose(step.hidden, hidden[0], rtol=1e-5, atol=1e-6)
     assert torch.equal(step.hidden, saved_hidden[0])
-    assert step.step == saved_steps + 1
-    assert step.versions == expected.versions
-    # ...and chooses exactly what the saved agent would have chosen.
-    assert torch.equal(step.action, want.action)
-    assert torch.allclose(step.log_prob, want.log_prob)
-    weights = read_tensors(path, 'models/policy.safetensors', 'weights/policy')
-    for name, tensor in expected.models['policy'].state_dict().items():
-        assert torch.equal(tensor, weights.tensors[name])  # bit-identical
+    assert step.versions == PUSHED == expected.versions
+    # ...and chooses what the agent would have chosen had it not stopped.
+    assert torch.equal(step.action, action) and torch.equal(step.action, want.action)
+    assert torch.allclose(step.log_prob, log_prob) and torch.allclose(step.log_prob, want.log_prob)
+    # The checkpoint holds the pushed weights, bit for bit.
+    for name, state in pushed.items():
+        saved = read_tensors(path, f'models/{name}.safetensors', f'weights/{name}').tensors
+        assert set(saved) == set(state), name
+        for key, tensor in state.items():
+            assert torch.equal(saved[key], tensor), (name, key)  # bit-identical
+
+
+def _decode(received):
+    return decode_experience(bytes(received[1].data), PRESET)
 
 
 def _copy(src, dst):
@@ -128,7 +176,7 @@ def test_launch_refuses_damaged_or_foreign_checkpoints(graph, tmp_path):
     (missing / 'interaction' / 'agent' / 'state.json').unlink()
     cases['missing'] = (missing, 'interaction/agent/state.json')
     for name, (ckpt, words) in cases.items():
-        out = ami_ros('launch', 'world:=doom', 'preset:=small', 'train:=false', 'record:=false',
+        out = ami_ros('launch', 'world:=doom', 'preset:=cpu', 'train:=false', 'record:=false',
                       f'checkpoint:={ckpt}', 'duration:=5', cwd=tmp_path)
         assert out.returncode == 2, (name, out.stdout, out.stderr)
         lines = out.stderr.strip().splitlines()
@@ -140,7 +188,7 @@ def test_a_save_waits_for_a_node_that_is_still_starting(launch, tmp_path):
     # The manager comes up before the agent (as it may after a restart): a
     # save asked then waits for the agent's service instead of saving nothing.
     manager = launch('manager', parameters={
-        'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'small',
+        'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'cpu',
         'checkpoint_interval': 0.0, 'call_timeout': 30.0})
     wait_for(lambda: ami_ros('status', '--timeout', '5').stdout.strip(), 30,
              message='the manager answering')
@@ -151,7 +199,7 @@ def test_a_save_waits_for_a_node_that_is_still_starting(launch, tmp_path):
     # Still waiting a second later (the old manager answered at once).
     with pytest.raises(subprocess.TimeoutExpired):
         saving.wait(timeout=1.0)
-    launch('agent', parameters={'preset': 'small'})
+    launch('agent', parameters={'preset': 'cpu'})
     out, err = saving.communicate(timeout=90)
     assert saving.returncode == 0, out + err
     manifest = json.loads((Path(out.strip()) / 'manifest.json').read_text())
@@ -160,7 +208,7 @@ def test_a_save_waits_for_a_node_that_is_still_starting(launch, tmp_path):
 
 def test_a_save_without_a_node_that_holds_state_names_it(launch, tmp_path):
     launch('manager', parameters={
-        'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'small',
+        'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'cpu',
         'checkpoint_interval': 0.0, 'call_timeout': 1.0})
     wait_for(lambda: ami_ros('status', '--timeout', '5').stdout.strip(), 30,
              message='the manager answering')
@@ -171,9 +219,9 @@ def test_a_save_without_a_node_that_holds_state_names_it(launch, tmp_path):
 
 
 def test_periodic_checkpoints_keep_the_newest_and_every_manual_one(launch, test_node, tmp_path):
-    launch('agent', parameters={'preset': 'small'})
+    launch('agent', parameters={'preset': 'cpu'})
     launch('manager', parameters={
-        'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'small',
+        'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'cpu',
         'checkpoint_interval': 1.0, 'keep_last': 2})
     actions = test_node.collect(Joy, 'action')
     frames = FrameFeeder(test_node)

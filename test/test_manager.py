@@ -23,7 +23,7 @@ def ami_ros(*args, timeout=30):
 
 def test_pause_resume_status_shutdown(launch, test_node):
     health = NodeStatus(test_node)
-    agent = launch('agent', parameters={'preset': 'small'})
+    agent = launch('agent', parameters={'preset': 'cpu'})
     manager = launch('manager', parameters={'managed_nodes': ['agent']})
     actions = test_node.collect(Joy, 'action')
     experience = test_node.collect(UInt8MultiArray, 'experience')
@@ -69,9 +69,9 @@ def test_pause_resume_status_shutdown(launch, test_node):
         wait_for(lambda: not agent.alive() and not manager.alive(), 15, message='processes exit')
         # The graph stayed paused after the final checkpoint: no step acted
         # after it (its state would have been lost).
-        saved = CuriosityAgent('small')
+        saved = CuriosityAgent('cpu')
         saved.load_checkpoint(path)
-        last = max(decode_experience(bytes(m.data), get_preset('small')).step for _, m in experience)
+        last = max(decode_experience(bytes(m.data), get_preset('cpu')).step for _, m in experience)
         assert last <= saved.steps, (last, saved.steps)
         assert agent.proc.returncode == 0
         assert manager.proc.returncode == 0
@@ -91,7 +91,7 @@ def test_a_pause_waits_for_a_node_that_is_still_being_discovered(launch, test_no
     # Still waiting a second later (the old manager answered at once).
     with pytest.raises(subprocess.TimeoutExpired):
         pausing.wait(timeout=1.0)
-    launch('agent', parameters={'preset': 'small'})
+    launch('agent', parameters={'preset': 'cpu'})
     out, err = pausing.communicate(timeout=90)
     assert pausing.returncode == 0 and out.strip() == 'paused', out + err
     assert ami_ros('status').stdout.strip() == 'paused: agent=inactive'

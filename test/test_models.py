@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,8 +18,12 @@ from ami_ros.core.models import (
     count_parameters,
     parameter_counts,
 )
-from ami_ros.core.policy import MultiCategorical, PolicyValue, policy_observation, with_persistence
-from ami_ros.core.presets import ACTION_CHOICES, IMAGE_SHAPE, DynamicsConfig, PolicyConfig, get_preset
+from ami_ros.core.policy import MultiCategorical, policy_observation, with_persistence
+from ami_ros.core.presets import ACTION_CHOICES, IMAGE_SHAPE, PolicyConfig, Preset, get_preset
+
+# The cpu preset's small sizes with the policy on the frame, as ami's and large's act.
+ON_FRAME = replace(get_preset('cpu'), name='cpu-on-frame',
+                   policy=replace(get_preset('cpu').policy, input='image'))
 
 
 def random_actions(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -28,15 +33,12 @@ def random_actions(*shape: int, generator: torch.Generator | None = None) -> tor
 
 @pytest.fixture(scope='module')
 def small_models():
-    return build_models('small', seed=0)
+    return build_models('cpu', seed=0)
 
 
-@pytest.mark.parametrize('preset_name, batch', [('small', 4), ('small-latent', 3), ('small-icm', 2),
-                                                ('small-memory', 2), ('small-ensemble', 2),
-                                                ('small-aleatoric', 2), ('ami', 2),
-                                                ('large', 1)])
-def test_shapes(preset_name, batch):
-    preset = get_preset(preset_name)
+@pytest.mark.parametrize('preset, batch', [(get_preset('cpu'), 4), (ON_FRAME, 3), (get_preset('ami'), 2),
+                                           (get_preset('large'), 1)], ids=lambda p: getattr(p, 'name', p))
+def test_shapes(preset: Preset, batch: int):
     latent = preset.encoder.latent
     models = build_models(preset, seed=0)
     assert set(models) == set(MODEL_NAMES)
@@ -67,9 +69,8 @@ def test_shapes(preset_name, batch):
         assert preds.shape == (batch, 3, latent)
         assert hs.shape == (batch, 3, dyn.depth, dyn.dim) and hs.dtype == torch.complex64
 
-        # The policy sees what its preset says: the frame, the encoder's z, or
-        # z and the dynamics' hidden state.
-        dist, value = models['policy'](policy_observation(preset.policy.input, obs, z, h1))
+        # The policy sees what its preset says: the frame or the encoder's z.
+        dist, value = models['policy'](policy_observation(preset.policy.input, obs, z))
         assert value.shape == (batch,)
         action = dist.sample()
         assert action.shape == (batch, len(ACTION_CHOICES)) and action.dtype == torch.int64
@@ -88,122 +89,32 @@ def test_parameter_counts():
     for name, ref in (('encoder', 2.2e6), ('decoder', 0.6e6), ('dynamics', 3.7e6), ('policy', 2.2e6)):
         assert abs(ami[name] - ref) / ref < 0.25, (name, ami[name])
     assert ami['total'] == sum(ami[n] for n in MODEL_NAMES)
-    small = parameter_counts('small')
-    assert small['total'] < ami['total'] / 5, small
+    cpu = parameter_counts('cpu')
+    assert cpu['total'] < ami['total'] / 5, cpu
     assert count_parameters(torch.nn.Linear(3, 2)) == 8
 
 
 def test_a_policy_on_the_latent_is_an_mlp_that_takes_no_image():
-    policy = build_model('policy', 'small-latent')
+    policy = build_model('policy', 'cpu')
     assert not any(isinstance(m, torch.nn.Conv2d) for m in policy.modules())
     # Far fewer parameters than the conv policy of the same sizes.
-    assert count_parameters(policy) < count_parameters(build_model('policy', 'small')) / 4
+    assert count_parameters(policy) < count_parameters(build_model('policy', ON_FRAME)) / 4
     with pytest.raises(RuntimeError):
         policy(torch.rand(1, *IMAGE_SHAPE))
     with pytest.raises(ValueError, match="policy input 'pixels' is not one of image, latent"):
         PolicyConfig(input='pixels')
 
 
-def test_a_policy_on_the_hidden_state_tells_two_histories_apart():
-    # The same frame's z after two different pasts: a policy on the latent
-    # alone cannot tell them apart, one that also reads the dynamics' hidden
-    # state can. Its hidden part is layer-normalised, so it does not care how
-    # large the state is, only what it holds.
-    torch.manual_seed(0)
-    models = build_models('small-memory', seed=0)
-    dyn, policy = models['dynamics'].eval(), models['policy'].eval()
-    z = torch.randn(1, get_preset('small-memory').encoder.latent)
-    pasts = []
-    with torch.no_grad():
-        for seed in (1, 2):
-            g = torch.Generator().manual_seed(seed)
-            h = dyn.initial_hidden(1)
-            for _ in range(5):
-                _, h = dyn.step(torch.randn(z.shape, generator=g), h, random_actions(1))
-            pasts.append(h)
-        first, second = (policy(policy_observation('latent-hidden', None, z, h))[0].logits
-                         for h in pasts)
-        assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(first, second, strict=True))
-        scaled = policy(policy_observation('latent-hidden', None, z, 10 * pasts[0]))[0].logits
-        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(first, scaled, strict=True))
-        on_latent = build_model('policy', 'small-latent').eval()
-        assert torch.equal(on_latent(policy_observation('latent', None, z, pasts[0]))[0].logits[0],
-                           on_latent(policy_observation('latent', None, z, pasts[1]))[0].logits[0])
-    with pytest.raises(ValueError, match='needs the hidden size'):
-        PolicyValue(get_preset('small-memory').policy, latent_size=64)
-
-
-def test_an_ensembles_disagreement_in_both_forms_and_only_where_the_preset_has_one():
-    plain = build_model('dynamics', 'small-latent').eval()
-    assert not plain.rewards_disagreement and len(plain.ensemble_heads) == 0
-    dyn = build_model('dynamics', 'small-ensemble').eval()
-    members = get_preset('small-ensemble').dynamics.ensemble
-    assert dyn.rewards_disagreement and len(dyn.ensemble_heads) == members - 1
-    g = torch.Generator().manual_seed(3)
-    batch, steps = 2, 4
-    z = torch.randn(batch, steps, dyn.latent, generator=g)
-    action = random_actions(batch, steps, generator=g)
-    with torch.no_grad():
-        assert plain.step_with_extras(z[:, 0], plain.initial_hidden(batch), action[:, 0]).disagreement is None
-        preds, _, ensemble, _, _ = dyn.forward_with_extras(z, dyn.initial_hidden(batch), action)
-        assert ensemble.shape == (batch, steps, members - 1, dyn.latent)
-        h = dyn.initial_hidden(batch)
-        for t in range(steps):
-            pred, _, disagreement, _, h = dyn.step_with_extras(z[:, t], h, action[:, t])
-            torch.testing.assert_close(pred, preds[:, t], atol=1e-5, rtol=1e-5)
-            # pi * the members' variance, mean over the latent, as the trainer computes it.
-            members_now = torch.cat([preds[:, t, None], ensemble[:, t]], dim=1)
-            expected = math.pi * members_now.var(dim=1).mean(dim=-1)
-            torch.testing.assert_close(disagreement, expected, atol=1e-5, rtol=1e-4)
-            assert (disagreement > 0).all()
-    # Members that agree do not disagree.
-    same = preds[:, :1].unsqueeze(2).expand(batch, 1, members - 1, dyn.latent)
-    assert torch.allclose(dyn.disagreement(preds[:, :1], same), torch.zeros(batch, 1))
-    with pytest.raises(ValueError, match='ensemble must be >= 1'):
-        ForwardDynamics(64, DynamicsConfig(ensemble=0))
-
-
-def test_the_expected_error_head_reads_the_state_alike_in_both_forms_and_learns_apart():
-    plain = build_model('dynamics', 'small-latent').eval()
-    assert not plain.expects_error
-    dyn = build_model('dynamics', 'small-aleatoric')
-    assert dyn.expects_error
-    g = torch.Generator().manual_seed(4)
-    batch, steps = 2, 5
-    z = torch.randn(batch, steps, dyn.latent, generator=g)
-    action = random_actions(batch, steps, generator=g)
-    dyn.eval()
-    with torch.no_grad():
-        first = plain.step_with_extras(z[:, 0], plain.initial_hidden(batch), action[:, 0])
-        assert first.expected_error is None
-        guesses = dyn.forward_with_extras(z, dyn.initial_hidden(batch), action).expected_error
-        assert guesses.shape == (batch, steps)
-        h = dyn.initial_hidden(batch)
-        for t in range(steps):
-            out = dyn.step_with_extras(z[:, t], h, action[:, t])
-            torch.testing.assert_close(out.expected_error, guesses[:, t], atol=1e-4, rtol=1e-4)
-            h = out.hidden
-    # Its loss reaches the head alone: the dynamics learns what it learnt before.
-    dyn.train()
-    dyn.forward_with_extras(z, dyn.initial_hidden(batch), action).expected_error.sum().backward()
-    head = [*dyn.expected_error_norm.parameters(), *dyn.expected_error_head.parameters()]
-    assert all(p.grad is not None for p in head)
-    head = {id(p) for p in head}
-    assert all(p.grad is None for p in dyn.parameters() if id(p) not in head)
-    with pytest.raises(ValueError, match='not both'):
-        ForwardDynamics(64, DynamicsConfig(ensemble=3, expected_error=True))
-
-
 def test_build_model_names_and_seed():
     with pytest.raises(ValueError, match='encoder, decoder, dynamics, policy'):
-        build_model('critic', 'small')
+        build_model('critic', 'cpu')
     with pytest.raises(ValueError, match='unknown preset'):
         build_models('huge')
     state = torch.random.get_rng_state()
-    a = build_models('small', seed=3)
+    a = build_models('cpu', seed=3)
     assert torch.equal(torch.random.get_rng_state(), state)  # caller's RNG untouched
-    b = build_models('small', seed=3)
-    c = build_models('small', seed=4)
+    b = build_models('cpu', seed=3)
+    c = build_models('cpu', seed=4)
     for name in MODEL_NAMES:
         sa, sb = a[name].state_dict(), b[name].state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -233,34 +144,6 @@ def test_dynamics_recurrent_equals_parallel(small_models, steps):
     assert (preds_zero - preds).abs().max() > 1e-3
 
 
-def test_inverse_dynamics_features_in_both_forms_and_only_where_the_preset_has_them():
-    plain = build_model('dynamics', 'small-latent').eval()
-    assert not plain.predicts_features
-    assert not any(name.startswith(('features', 'inverse', 'feature_output'))
-                   for name, _ in plain.named_parameters())
-    dyn = build_model('dynamics', 'small-icm').eval()
-    size = get_preset('small-icm').dynamics.inverse_features
-    assert dyn.predicts_features and dyn.feature_size == size > 0
-    g = torch.Generator().manual_seed(2)
-    batch, steps = 2, 5
-    z = torch.randn(batch, steps, dyn.latent, generator=g)
-    action = random_actions(batch, steps, generator=g)
-    with torch.no_grad():
-        none = plain.step_with_extras(z[:, 0], plain.initial_hidden(batch), action[:, 0]).features
-        assert none is None
-        preds, feats, _, _, hiddens = dyn.forward_with_extras(z, dyn.initial_hidden(batch), action)
-        assert feats.shape == (batch, steps, size)
-        # The same recurrent state predicts both: the step form agrees with the parallel one.
-        h = dyn.initial_hidden(batch)
-        for t in range(steps):
-            pred, feat, _, _, h = dyn.step_with_extras(z[:, t], h, action[:, t])
-            torch.testing.assert_close(pred, preds[:, t], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(feat, feats[:, t], atol=1e-5, rtol=1e-5)
-        assert dyn.features(z).shape == (batch, steps, size)
-        logits = dyn.inverse_logits(dyn.features(z[:, :-1]), dyn.features(z[:, 1:]))
-    assert [tuple(head.shape) for head in logits] == [(batch, steps - 1, n) for n in ACTION_CHOICES]
-
-
 def test_dynamics_keeps_no_state(small_models):
     dyn: ForwardDynamics = small_models['dynamics'].eval()
     assert list(dyn.buffers()) == []
@@ -275,7 +158,7 @@ def test_dynamics_keeps_no_state(small_models):
 
 
 def test_dynamics_hidden_state_stable():
-    dyn = build_model('dynamics', 'small').eval()
+    dyn = build_model('dynamics', 'cpu').eval()
     g = torch.Generator().manual_seed(2)
     h = dyn.initial_hidden(2)
     with torch.no_grad():
@@ -298,7 +181,7 @@ def test_dynamics_distribution_fixed_std():
 def test_dynamics_learns_toy_transition():
     """z_{t+1} = roll(z_t) + offset(action): the parallel form must learn it."""
     torch.manual_seed(0)
-    preset = get_preset('small')
+    preset = get_preset('cpu')
     dyn = ForwardDynamics(preset.encoder.latent, preset.dynamics).train()
     latent = dyn.latent
     offsets = [torch.randn(n, latent) for n in ACTION_CHOICES]
@@ -389,14 +272,18 @@ def test_persistence_mixes_the_held_action_into_each_head():
             with_persistence(dist, previous, bad)
 
 
-def test_policy_starts_near_uniform(small_models):
-    policy = small_models['policy'].eval()
+@pytest.mark.parametrize('preset', [get_preset('cpu'), ON_FRAME], ids=lambda p: p.name)
+def test_policy_starts_near_uniform(preset: Preset):
+    policy = build_model('policy', preset).eval()
+    obs = policy_observation(preset.policy.input, torch.rand(3, *IMAGE_SHAPE),
+                             torch.randn(3, preset.encoder.latent))
     with torch.no_grad():
-        dist, _ = policy(torch.rand(3, *IMAGE_SHAPE))
+        dist, _ = policy(obs)
     expected = torch.tensor([math.log(n) for n in ACTION_CHOICES]).expand(3, -1)
     torch.testing.assert_close(dist.entropy(), expected, atol=1e-2, rtol=0)
 
 
-def test_policy_has_no_batchnorm(small_models):
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                   for m in small_models['policy'].modules())
+def test_policy_has_no_batchnorm():
+    for preset in (get_preset('cpu'), ON_FRAME):
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                       for m in build_model('policy', preset).modules())

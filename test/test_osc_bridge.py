@@ -23,7 +23,7 @@ from sensor_msgs.msg import Joy
 
 from ami_ros.nodes.osc_bridge import joy_problem
 
-# REFERENCE.md's VRChat input addresses: nothing else may ever arrive.
+# docs/reference.md's VRChat input addresses: nothing else may ever arrive.
 VRCHAT_INPUTS = {f'/input/{n}' for n in (
     'Vertical', 'Horizontal', 'LookHorizontal', 'MoveForward', 'MoveBackward', 'MoveLeft',
     'MoveRight', 'LookLeft', 'LookRight', 'Jump', 'Run')}

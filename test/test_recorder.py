@@ -17,7 +17,7 @@ from ros_harness import wait_for
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32, UInt32
 
-from ami_ros.core.run_record import node_params
+from ami_ros.record.run_params import node_params
 from ami_ros.ros.images import rgb_to_image
 
 # cell_size 100: (10,10) and (50,50) share cell (0,0); then (1,0), (-1,-1), (2,2).
@@ -59,7 +59,7 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
     artifacts = tmp_path / 'artifacts'
     recorder = launch('recorder', parameters={
         'tracking_uri': uri, 'experiment': 'test', 'run_name': 'ros_test',
-        'artifact_location': artifacts.as_uri(), 'log_params': 'preset=small;world=doom',
+        'artifact_location': artifacts.as_uri(), 'log_params': 'preset=cpu;world=doom',
         'cell_size': 100, 'image_interval': 2.0, 'map_interval': 1.0, 'flush_interval': 0.5,
         'summary_window': 10})
     node = test_node.node
@@ -83,7 +83,7 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
     feeder = CameraAndAgent(node)
     try:
         diagnostics.publish(DiagnosticArray(status=[
-            _status('/agent', steps='100', latency_p99_ms='12.5', preset='small', active='True'),
+            _status('/agent', steps='100', latency_p99_ms='12.5', preset='cpu', active='True'),
             _status('/vae_trainer', rounds='3', loss='0.25'), _status(probe),
             _status('/elsewhere/agent', steps='999999')]))  # another namespace: not this run's
         time.sleep(0.3)
@@ -138,8 +138,13 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == 'FINISHED' and run.info.run_name == 'ros_test'
+    # Filed under MLflow's model-training view, and the link it logs opens the run there.
+    assert client.get_experiment(run.info.experiment_id).tags.get('mlflow.experimentKind') == \
+        'custom_model_development'
+    assert (f'/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}'
+            '?workflowType=machine_learning') in recorder.output()
     launch_args = {k: v for k, v in run.data.params.items() if '/' not in k}
-    assert launch_args == {'preset': 'small', 'world': 'doom', 'cell_size': '100'}
+    assert launch_args == {'preset': 'cpu', 'world': 'doom', 'cell_size': '100'}
     # The probe's parameters as it has them; none for the statuses without a
     # node behind them (/agent, /vae_trainer here).
     name = probe.lstrip('/')

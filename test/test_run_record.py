@@ -10,20 +10,17 @@ import cv2
 import numpy as np
 import pytest
 
-from ami_ros.core.run_record import (
+from ami_ros.record.mlflow_run import (
     BackgroundRecorder,
-    ExplorationMap,
     RecordError,
     RunRecorder,
-    RunStats,
-    node_params,
-    parameters_file,
     parse_float,
-    parse_params,
     resolve_tracking_uri,
-    side_by_side,
-    summary_line,
+    run_page_url,
 )
+from ami_ros.record.pictures import ExplorationMap, side_by_side
+from ami_ros.record.run_params import node_params, parameters_file, parse_params
+from ami_ros.record.summary import RunStats, summary_line
 
 EXPERIMENT = 'test_run_record'
 
@@ -47,7 +44,7 @@ def _artifact_dir(rec: RunRecorder) -> Path:
 
 def test_many_metrics_are_written_by_one_flush(store):
     uri, client = store
-    rec = RunRecorder(uri, EXPERIMENT, 'batching', params={'preset': 'small', 'world': 'doom'})
+    rec = RunRecorder(uri, EXPERIMENT, 'batching', params={'preset': 'cpu', 'world': 'doom'})
     calls = []
     log_batch = rec.client.log_batch
     rec.client.log_batch = lambda *a, **k: (calls.append(len(k.get('metrics', []))), log_batch(*a, **k))
@@ -64,7 +61,7 @@ def test_many_metrics_are_written_by_one_flush(store):
     assert history[3].step == 3 and history[3].value == 1.5
     assert len(client.get_metric_history(rec.run_id, 'agent/latency_p99_ms')) == 1200
     run = client.get_run(rec.run_id)
-    assert run.data.params == {'preset': 'small', 'world': 'doom'}
+    assert run.data.params == {'preset': 'cpu', 'world': 'doom'}
     assert run.info.run_name == 'batching'
 
 
@@ -93,6 +90,28 @@ def test_a_new_experiment_keeps_artifacts_next_to_the_sqlite_store(store):
     rec = RunRecorder(uri, 'fresh/experiment')
     db_dir = Path(uri[len('sqlite:///'):]).parent
     assert _artifact_dir(rec) == db_dir / 'mlruns' / 'fresh_experiment' / rec.run_id / 'artifacts'
+
+
+def test_the_experiment_is_marked_as_model_training(store, tmp_path):
+    """MLflow 3's UI lists a run with no logged model as a GenAI evaluation
+    unless its experiment's kind tag says model training: a new experiment is
+    made with it, one made without it (by an older recorder, by hand) or
+    marked otherwise gets it."""
+    uri, client = store
+    kind = 'mlflow.experimentKind'
+    client.create_experiment('made_untagged', artifact_location=(tmp_path / 'a').as_uri())
+    client.create_experiment('marked_genai', artifact_location=(tmp_path / 'b').as_uri(),
+                             tags={kind: 'genai_development'})
+    for name in ('made_untagged', 'marked_genai', 'made_by_the_recorder'):
+        rec = RunRecorder(uri, name)
+        experiment = client.get_experiment_by_name(name)
+        assert experiment.experiment_id == client.get_run(rec.run_id).info.experiment_id
+        assert experiment.tags.get(kind) == 'custom_model_development', name
+    # MLflow 3.9+ decides the view by its sidebar switch (GenAI by default); the page link sets it.
+    url = run_page_url(uri, rec.experiment_id, rec.run_id)
+    assert url.startswith('http://127.0.0.1:5000/#/experiments/' + rec.experiment_id + '/runs/' + rec.run_id)
+    assert url.endswith('?workflowType=machine_learning')
+    assert run_page_url('http://tracking:8080/', '3', 'r').startswith('http://tracking:8080/#/experiments/3/')
 
 
 def test_an_unusable_store_fails_with_what_to_do(tmp_path):
@@ -197,22 +216,22 @@ def test_run_stats_summary():
 
 
 def test_parameters_and_values():
-    assert parse_params('preset=small; world=doom;;device=cuda:0') == {
-        'preset': 'small', 'world': 'doom', 'device': 'cuda:0'}
+    assert parse_params('preset=cpu; world=doom;;device=cuda:0') == {
+        'preset': 'cpu', 'world': 'doom', 'device': 'cuda:0'}
     assert parse_params(['a=1', 'b=x=y']) == {'a': '1', 'b': 'x=y'}
     with pytest.raises(ValueError, match='not key=value'):
         parse_params('preset')
-    assert [parse_float(v) for v in ('1.5', '3', 'True', 'nan', 'inf', 'small')] == [
+    assert [parse_float(v) for v in ('1.5', '3', 'True', 'nan', 'inf', 'cpu')] == [
         1.5, 3.0, None, None, None, None]
 
 
 def test_node_parameters_as_run_params_and_as_a_parameters_file(store):
     import yaml
 
-    agent = {'persistence': 0.8, 'preset': 'small-latent', 'deterministic': False, 'seed': 0}
+    agent = {'persistence': 0.8, 'preset': 'cpu', 'deterministic': False, 'seed': 0}
     bridge = {'velocity': [1.0, 0.5, 1.0], 'host': '127.0.0.1'}
     params = {**node_params('agent', agent), **node_params('osc_bridge', bridge)}
-    assert params == {'agent/persistence': '0.8', 'agent/preset': 'small-latent',
+    assert params == {'agent/persistence': '0.8', 'agent/preset': 'cpu',
                       'agent/deterministic': 'false', 'agent/seed': '0',
                       'osc_bridge/velocity': '[1.0, 0.5, 1.0]', 'osc_bridge/host': '127.0.0.1'}
     text = parameters_file({'/osc_bridge': bridge, '/agent': agent})

@@ -2,7 +2,7 @@
 
 The test acts as the manager: it pauses real trainer processes, asks them
 for their parts, commits the checkpoint, and starts new processes from it.
-Small preset, short rounds (min_new 16, max_batches 4). Restore problems and
+The cpu preset, short rounds (min_new 16, max_batches 4). Restore problems and
 the fallback to the agent's weights are checked on nodes in this process.
 """
 
@@ -37,9 +37,9 @@ from ami_ros.core.presets import get_preset
 from ami_ros.core.schemas import weights_schema
 from ami_ros.core.trainers import DynamicsTrainer, VAETrainer
 
-PRESET = get_preset('small')
+PRESET = get_preset('cpu')
 FRAME_HZ = 15.0
-FAST = {'preset': 'small', 'min_new': 16, 'max_batches': 4, 'sync_retry': 0.5}
+FAST = {'preset': 'cpu', 'min_new': 16, 'max_batches': 4, 'sync_retry': 0.5}
 TRAINERS = ('dynamics_trainer', 'vae_trainer')
 FILES = ('trainers/{}/state.safetensors', 'trainers/{}/state.json',
          'data/{}/buffer.safetensors', 'data/{}/buffer.json')
@@ -112,7 +112,7 @@ def test_trainers_save_their_part_and_a_new_process_continues_from_it(launch, te
     frames = FrameFeeder(test_node, hz=FRAME_HZ)
     restored: list = []
     try:
-        launch('agent', parameters={'preset': 'small'})
+        launch('agent', parameters={'preset': 'cpu'})
         procs = {name: launch(name, parameters=FAST) for name in TRAINERS}
         wait_for(lambda: all(float(status.get(n, 'rounds', '0')) >= 2 for n in TRAINERS), 120,
                  interval=0.2, message='two rounds of each trainer')
@@ -123,7 +123,7 @@ def test_trainers_save_their_part_and_a_new_process_continues_from_it(launch, te
         stage = begin_checkpoint(tmp_path / 'checkpoints')
         for name in TRAINERS:
             _save(test_node, name, stage)
-        ckpt = commit_checkpoint(stage, {'preset': 'small'})
+        ckpt = commit_checkpoint(stage, {'preset': 'cpu'})
         for proc in procs.values():
             assert proc.alive(), proc.output()
             proc.stop()
@@ -140,8 +140,10 @@ def test_trainers_save_their_part_and_a_new_process_continues_from_it(launch, te
 
         # New processes from the checkpoint; not started (autostart off): no data, no rounds.
         for name in TRAINERS:
+            # Each round's line is a DEBUG line.
             restored.append(start_node(name, tmp_path / 'restored', parameters={
-                **FAST, 'checkpoint': str(ckpt), 'autostart': False}))
+                **FAST, 'checkpoint': str(ckpt), 'autostart': False},
+                extra_args=['--log-level', f'{name}:=debug']))
         wait_for(lambda: all(status.get(n, 'restored_from') == str(ckpt) for n in TRAINERS), 60,
                  interval=0.2, message='diagnostics of the restored trainers')
         for name in TRAINERS:
@@ -155,7 +157,7 @@ def test_trainers_save_their_part_and_a_new_process_continues_from_it(launch, te
         stage = begin_checkpoint(tmp_path / 'checkpoints')
         for name in TRAINERS:
             _save(test_node, name, stage)
-        again = commit_checkpoint(stage, {'preset': 'small'})
+        again = commit_checkpoint(stage, {'preset': 'cpu'})
         for name in TRAINERS:
             _assert_same_part(ckpt, again, name)
 
@@ -199,7 +201,7 @@ def make_node(context):
 
     def make(checkpoint: Path | str = '') -> DynamicsTrainerNode:
         node = DynamicsTrainerNode(context=context, parameter_overrides=[
-            Parameter('preset', value='small'), Parameter('nice', value=0),
+            Parameter('preset', value='cpu'), Parameter('nice', value=0),
             Parameter('min_new', value=16), Parameter('max_batches', value=4),
             Parameter('checkpoint', value=str(checkpoint))])
         nodes.append(node)
@@ -222,8 +224,8 @@ def _trained_part(node, root: Path, rounds: int = 1) -> Path:
                              torch.zeros(5, dtype=torch.int64))
         node.trainer.train_round()
     stage = begin_checkpoint(root)
-    node._save_part(stage)
-    return commit_checkpoint(stage, {'preset': 'small'})
+    node.trainer_checkpoint.save(stage)
+    return commit_checkpoint(stage, {'preset': 'cpu'})
 
 
 def test_damaged_or_unfitting_parts_refuse_the_start_naming_the_file(make_node, tmp_path):
@@ -250,15 +252,16 @@ def test_a_restore_queues_the_weights_unless_the_agent_holds_them(make_node, tmp
     ckpt = _trained_part(first, tmp_path / 'a', rounds=2)
     node = make_node(ckpt)
     assert (node.trainer.rounds, node.trainer.version) == (2, 2)
-    assert node._pending is not None and node._pending.version == 2  # no agent part: push on activation
-    assert node.checkpoints.restored_from == ckpt and node.restored_part == 'trainer'
+    pending = node.push.pending  # no agent part: pushed on activation
+    assert pending is not None and pending.version == 2
+    assert node.checkpoints.restored_from == ckpt and node.trainer_checkpoint.restored_part == 'trainer'
     # With the agent's part holding exactly these weights, nothing needs pushing.
     stage = begin_checkpoint(tmp_path / 'b')
-    first._save_part(stage)
+    first.trainer_checkpoint.save(stage)
     write_tensors(stage, 'models/dynamics.safetensors', first.trainer.weights()['dynamics'],
                   weights_schema('dynamics'), {'version': 2})
-    node = make_node(commit_checkpoint(stage, {'preset': 'small'}))
-    assert node.trainer.version == 2 and node._pending is None
+    node = make_node(commit_checkpoint(stage, {'preset': 'cpu'}))
+    assert node.trainer.version == 2 and node.push.pending is None
 
 
 def test_a_checkpoint_without_this_trainer_starts_it_from_the_agents_weights(make_node, tmp_path):
@@ -267,17 +270,17 @@ def test_a_checkpoint_without_this_trainer_starts_it_from_the_agents_weights(mak
     weights = trained.trainer.weights()['dynamics']
     stage = begin_checkpoint(tmp_path / 'a')
     write_tensors(stage, 'models/dynamics.safetensors', weights, weights_schema('dynamics'),
-                  {'preset': 'small', 'model': 'dynamics', 'version': 7})
-    node = make_node(commit_checkpoint(stage, {'preset': 'small'}))
-    assert node.restored_part == 'models'
+                  {'preset': 'cpu', 'model': 'dynamics', 'version': 7})
+    node = make_node(commit_checkpoint(stage, {'preset': 'cpu'}))
+    assert node.trainer_checkpoint.restored_part == 'models'
     assert (node.trainer.rounds, node.trainer.version, len(node.trainer.buffer)) == (0, 7, 0)
     _assert_same_tensors(node.trainer.weights()['dynamics'], weights, 'weights')
-    assert node._pending is None  # the agent holds them already
+    assert node.push.pending is None  # the agent holds them already
     # Neither part nor weights: fresh, version 0.
     stage = begin_checkpoint(tmp_path / 'b')
     write_tensors(stage, 'models/policy.safetensors', {'w': torch.zeros(1)}, weights_schema('policy'))
-    node = make_node(commit_checkpoint(stage, {'preset': 'small'}))
-    assert node.restored_part == 'none' and node.trainer.version == 0
+    node = make_node(commit_checkpoint(stage, {'preset': 'cpu'}))
+    assert node.trainer_checkpoint.restored_part == 'none' and node.trainer.version == 0
 
 
 def test_a_damaged_or_foreign_checkpoint_ends_the_process_with_one_line(make_node, tmp_path):
@@ -304,15 +307,15 @@ def test_a_damaged_or_foreign_checkpoint_ends_the_process_with_one_line(make_nod
 
 
 def test_a_save_waits_for_a_running_round_and_gives_up_after_a_bound(make_node, tmp_path, monkeypatch):
-    import ami_ros.ros.trainer_node as trainer_node
+    import ami_ros.ros.trainer_checkpoint as trainer_checkpoint
 
     node = make_node()
-    monkeypatch.setattr(trainer_node, 'SAVE_WAIT_S', 0.3)
+    monkeypatch.setattr(trainer_checkpoint, 'SAVE_WAIT_S', 0.3)
     stage = begin_checkpoint(tmp_path)
     node._round_lock.acquire()  # a round is running
     with pytest.raises(CheckpointError, match='did not finish within 0.3 s'):
-        node._save_part(stage)
+        node.trainer_checkpoint.save(stage)
     assert not (stage / 'trainers').exists()
     threading.Timer(0.1, node._round_lock.release).start()  # the round ends: the save goes on
-    node._save_part(stage)
+    node.trainer_checkpoint.save(stage)
     assert (stage / 'data/dynamics_trainer/buffer.json').is_file()

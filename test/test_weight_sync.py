@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-from rcl_interfaces.srv import SetParameters
-from ros_harness import FrameFeeder, wait_for
+from rcl_interfaces.msg import ParameterType, ParameterValue
+from ros_harness import FrameFeeder, NodeStatus, sync_weights, wait_for, weights_parameter
 from sensor_msgs.msg import Joy
 from std_msgs.msg import UInt8MultiArray
 
@@ -14,29 +13,18 @@ from ami_ros.core.models import build_models
 from ami_ros.core.presets import ACTION_CHOICES, get_preset
 from ami_ros.core.schemas import decode_experience, encode_weights
 
-PRESET = get_preset('small')
+PRESET = get_preset('cpu')
 
 
 @pytest.fixture
 def acting(launch, test_node):
-    agent = launch('agent', parameters={'preset': 'small'})
+    agent = launch('agent', parameters={'preset': 'cpu'})
     actions = test_node.collect(Joy, 'action')
     experience = test_node.collect(UInt8MultiArray, 'experience', qos=200)
     frames = FrameFeeder(test_node)
     wait_for(lambda: len(actions) >= 5, 30, message='the agent acting')
     yield agent, actions, experience, frames
     frames.close()
-
-
-def _param(name, blob=None, value=None):
-    if value is None:
-        value = ParameterValue(type=ParameterType.PARAMETER_BYTE_ARRAY, byte_array_value=blob)
-    return Parameter(name=name, value=value)
-
-
-def _sync(test_node, *params):
-    request = SetParameters.Request(parameters=list(params))
-    return test_node.call(SetParameters, 'agent/sync_weights', request).results
 
 
 def _forcing_policy(target):
@@ -71,8 +59,8 @@ def test_experience_carries_every_step(acting):
 def test_pushed_policy_changes_behaviour(acting, test_node):
     _, actions, experience, _ = acting
     target = [1, 2, 1, 1, 0]  # forward, left, look right, jump, walk
-    blob = encode_weights('policy', _forcing_policy(target), 7, 'small')
-    results = _sync(test_node, _param('policy', blob))
+    blob = encode_weights('policy', _forcing_policy(target), 7, 'cpu')
+    results = sync_weights(test_node, weights_parameter('policy', blob))
     assert [r.successful for r in results] == [True], results
     count = len(actions)
     wait_for(lambda: len(actions) >= count + 5, 10, message='actions after the sync')
@@ -88,45 +76,65 @@ def _stamp_ns(joy: Joy) -> int:
     return joy.header.stamp.sec * 1_000_000_000 + joy.header.stamp.nanosec
 
 
-def _good_state(model):
-    return build_models(PRESET, seed=0)[model].state_dict()
+def _good_state(model, seed=0):
+    return dict(build_models(PRESET, seed=seed)[model].state_dict())
 
 
-def test_malformed_sync_requests_are_refused_and_acting_goes_on(acting, test_node):
-    agent, actions, _, frames = acting
-    good = encode_weights('dynamics', _good_state('dynamics'), 1, 'small')
-    wrong_shape = dict(_good_state('dynamics'))
+def _versions(experience):
+    """The model versions the newest step received was taken with."""
+    return decode_experience(bytes(experience[-1][1].data), PRESET).versions
+
+
+def test_malformed_sync_requests_are_refused_and_acting_goes_on(acting, test_node, tmp_path):
+    agent, actions, experience, frames = acting
+    health = NodeStatus(test_node)
+    # A good version 1 first, so that "nothing changed" below is not just "nothing ever could".
+    served = encode_weights('dynamics', _good_state('dynamics', seed=1), 1, 'cpu')
+    assert [r.successful for r in sync_weights(test_node, weights_parameter('dynamics', served))] == [True]
+    wait_for(lambda: _versions(experience)['dynamics'] == 1, 10, message='dynamics version 1 in experience')
+    before = _versions(experience)
+
+    def dynamics(state, preset='cpu'):  # every refused push would be version 2
+        return weights_parameter('dynamics', encode_weights('dynamics', state, 2, preset))
+
+    good = encode_weights('dynamics', _good_state('dynamics'), 2, 'cpu')
+    wrong_shape = _good_state('dynamics')
     key = next(k for k, v in wrong_shape.items() if v.ndim == 2)
     wrong_shape[key] = torch.zeros(3, 3)
     wrong_dtype = {k: (v.double() if v.is_floating_point() else v)
                    for k, v in _good_state('dynamics').items()}
-    with_nan = dict(_good_state('dynamics'))
+    with_nan = _good_state('dynamics')
     with_nan[key] = with_nan[key].clone()
     with_nan[key][0, 0] = float('nan')
+    missing = tmp_path / 'never_written.safetensors'
     cases = {
-        'truncated': (_param('dynamics', good[: len(good) // 2]), 'truncated'),
-        'unknown model': (_param('critic', good), "unknown model 'critic'"),
-        'wrong shape': (_param('dynamics', encode_weights('dynamics', wrong_shape, 1, 'small')),
-                        f'{key} has shape [3, 3]'),
-        'wrong dtype': (_param('dynamics', encode_weights('dynamics', wrong_dtype, 1, 'small')),
-                        'dtype float64, expected float32'),
-        'NaN': (_param('dynamics', encode_weights('dynamics', with_nan, 1, 'small')), 'NaN'),
-        'other preset': (_param('dynamics', encode_weights('dynamics', _good_state('dynamics'), 1,
-                                                           'ami')),
-                         "preset 'ami', this node runs 'small'"),
-        'wrong schema': (_param('dynamics', encode(_good_state('dynamics'), 'weights/policy')),
+        'truncated': (weights_parameter('dynamics', good[: len(good) // 2]), 'truncated'),
+        'unknown model': (weights_parameter('critic', good), "unknown model 'critic'"),
+        'wrong shape': (dynamics(wrong_shape), f'{key} has shape [3, 3]'),
+        'wrong dtype': (dynamics(wrong_dtype), 'dtype float64, expected float32'),
+        'NaN': (dynamics(with_nan), 'NaN'),
+        'other preset': (dynamics(_good_state('dynamics'), 'ami'), "preset 'ami', this node runs 'cpu'"),
+        'wrong schema': (weights_parameter('dynamics', encode(_good_state('dynamics'), 'weights/policy')),
                          "expected 'weights/dynamics'"),
-        'not bytes': (_param('dynamics', value=ParameterValue(
+        'not bytes': (weights_parameter('dynamics', value=ParameterValue(
             type=ParameterType.PARAMETER_INTEGER, integer_value=3)), 'byte_array'),
+        'no such file': (weights_parameter('dynamics', value=ParameterValue(
+            type=ParameterType.PARAMETER_STRING, string_value=missing.as_uri())), str(missing)),
     }
     first_frame = len(frames.published)
     for name, (param, reason) in cases.items():
-        results = _sync(test_node, param)
+        results = sync_weights(test_node, param)
         assert len(results) == 1 and not results[0].successful, name
         assert reason in results[0].reason, (name, results[0].reason)
-    # A request with one good and one bad model changes nothing: all or none.
-    results = _sync(test_node, _param('dynamics', good), cases['NaN'][0])
-    assert not any(r.successful for r in results)
+    # A request with one good and one bad model changes nothing: all or none,
+    # and each model refused says why.
+    good_policy = weights_parameter('policy', encode_weights('policy', _good_state('policy'), 2, 'cpu'))
+    for params, reason in (((good_policy, cases['NaN'][0]), 'NaN'),
+                           ((weights_parameter('dynamics', good), good_policy, weights_parameter(
+                               'dynamics', good)), 'named twice')):
+        results = sync_weights(test_node, *params)
+        assert len(results) == len(params) and not any(r.successful for r in results)
+        assert all(reason in r.reason for r in results), [r.reason for r in results]
     last_frame = len(frames.published)
     # Acting went on throughout, old weights serving. Judged by frame stamps,
     # not by arrival times here: this process's own serialising of the
@@ -146,3 +154,13 @@ def test_malformed_sync_requests_are_refused_and_acting_goes_on(acting, test_nod
     assert sum(unanswered) <= max(2, len(sent) // 4), f'too many frames without an action: {unanswered}'
     assert agent.alive()
     assert 'refused weights' in agent.output()
+    refused = len(cases) + 2
+    # The agent still serves version 1: in the steps it takes after the last
+    # request, and in its own count of syncs.
+    count = len(experience)
+    wait_for(lambda: len(experience) >= count + 3, 10, message='experience after the refusals')
+    assert _versions(experience) == before
+    wait_for(lambda: health.number('agent', 'syncs_refused') == refused, 10,
+             message=lambda: f'{refused} refused syncs in /diagnostics, {health.status.get("agent")}')
+    assert health.number('agent', 'syncs_ok') == 1
+    assert health.get('agent', 'version_dynamics') == '1' and health.get('agent', 'version_policy') == '0'

@@ -4,10 +4,8 @@ Each step samples the five-part action from the policy, hands it out at
 once (the action only needs the policy, so it leaves before the rest of the
 step is done; a policy on the latent needs the encoder first), then encodes
 the frame (unless the policy already did), scores the previous step's
-prediction against it (the curiosity reward; with an ensemble in the
-dynamics, the reward is instead how much its members disagreed on that
-prediction; with an expected-error head, the error beyond the one expected)
-and predicts the next latent with the forward dynamics, carrying
+prediction against it (the intrinsic reward, core/rewards/: curiosity by
+default) and predicts the next latent with the forward dynamics, carrying
 the dynamics' hidden state explicitly from step to step. The agent node is a
 thin shell around this class; benchmarks drive it directly.
 """
@@ -30,7 +28,7 @@ from ami_ros.core.models import MODEL_NAMES, build_models
 from ami_ros.core.observation import to_observation
 from ami_ros.core.policy import MAX_PERSISTENCE, policy_observation, with_persistence
 from ami_ros.core.presets import IMAGE_SHAPE, Preset, get_preset
-from ami_ros.core.reward import make_reward
+from ami_ros.core.rewards import make_reward
 from ami_ros.core.schemas import decode_weights, weights_schema
 
 
@@ -68,7 +66,7 @@ def resolve_device(name: str) -> torch.device:
 class CuriosityAgent:
     """Acts on frames with the encoder, policy and forward dynamics of one preset."""
 
-    def __init__(self, preset: Preset | str = 'small', device: str = 'cpu', seed: int = 0,
+    def __init__(self, preset: Preset | str = 'cpu', device: str = 'cpu', seed: int = 0,
                  reward: str = 'curiosity', deterministic: bool = False,
                  persistence: float = 0.0) -> None:
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -78,12 +76,6 @@ class CuriosityAgent:
         self.versions = dict.fromkeys(MODEL_NAMES, 0)
         self.reward_name = reward
         self.reward_fn = make_reward(reward)
-        dynamics = self.models['dynamics']
-        if (dynamics.rewards_disagreement or dynamics.expects_error) and reward != 'curiosity':
-            what = ('the disagreement of its dynamics ensemble' if dynamics.rewards_disagreement
-                    else 'the prediction error beyond the one its dynamics expects')
-            raise ValueError(f'preset {self.preset.name!r} rewards {what}, which reward {reward!r} '
-                             f'cannot modify; use reward:=curiosity')
         self.deterministic = deterministic
         if not 0.0 <= persistence <= MAX_PERSISTENCE:
             raise ValueError(f'persistence {persistence} is outside 0..{MAX_PERSISTENCE}; '
@@ -93,18 +85,10 @@ class CuriosityAgent:
         # and after a pause (the bridge released every input).
         self.previous_action: Tensor | None = None
         self.policy_input = self.preset.policy.input
-        self.policy_on_latent = self.policy_input != 'image'
+        self.policy_on_latent = self.policy_input == 'latent'
         self.generator = torch.Generator(device='cpu').manual_seed(seed)
         self.hidden = self.models['dynamics'].initial_hidden(1, self.device)
         self.prediction: Tensor | None = None  # mean of z_{t+1} predicted at step t
-        # Its inverse-dynamics features, predicted with it, where the preset has them.
-        self.feature_prediction: Tensor | None = None
-        # How much the dynamics' ensemble disagreed on it, where the preset has one:
-        # the reward of the action taken with it, paid when the next frame comes.
-        self.disagreement: Tensor | None = None
-        # The error the dynamics expects of the prediction, where the preset has
-        # a head for it: taken out of the reward paid when the next frame comes.
-        self.expected_error: Tensor | None = None
         self.steps = 0
         # Held by step() and swap(): new weights go in between two steps, never during one.
         self._lock = threading.Lock()
@@ -132,7 +116,7 @@ class CuriosityAgent:
         obs = to_observation(rgb).unsqueeze(0).to(self.device)
         # A policy on the latent acts on z: then the encoder runs before the action leaves.
         z = self.models['encoder'].encode_mean(obs) if self.policy_on_latent else None
-        dist, value = self.models['policy'](policy_observation(self.policy_input, obs, z, self.hidden))
+        dist, value = self.models['policy'](policy_observation(self.policy_input, obs, z))
         persistence = 0.0
         previous = self.previous_action
         if self.persistence and previous is not None and not self.deterministic:
@@ -151,23 +135,13 @@ class CuriosityAgent:
         log_prob = dist.log_prob(action)
         if z is None:
             z = self.models['encoder'].encode_mean(obs)
-        dynamics = self.models['dynamics']
         if self.prediction is not None:
-            if self.disagreement is not None:
-                reward = float(self.disagreement[0])
-            elif self.feature_prediction is not None:
-                reward = float(self.reward_fn(self.feature_prediction, dynamics.features(z))[0])
-            else:
-                reward = float(self.reward_fn(self.prediction, z)[0])
-            if self.expected_error is not None:
-                reward -= float(self.expected_error[0])
+            reward = float(self.reward_fn(self.prediction, z)[0])
             error = float(torch.mean((self.prediction - z) ** 2))
         else:
             reward = error = math.nan
         hidden_used = self.hidden
-        out = dynamics.step_with_extras(z, hidden_used, action)
-        self.prediction, self.feature_prediction, self.hidden = out.prediction, out.features, out.hidden
-        self.disagreement, self.expected_error = out.disagreement, out.expected_error
+        self.prediction, self.hidden = self.models['dynamics'].step(z, hidden_used, action)
         self.steps += 1
         return AgentStep(action=action_cpu, log_prob=log_prob[0].cpu(),
                          value=float(value[0]), reward=reward, prediction_error=error,
@@ -188,7 +162,7 @@ class CuriosityAgent:
     def forget_prediction(self) -> None:
         """After a pause the last prediction no longer refers to the next frame,
         and no input is held any more (the bridge released them)."""
-        self.prediction = self.feature_prediction = self.disagreement = self.expected_error = None
+        self.prediction = None
         self.previous_action = None
 
     # -- weight sync --------------------------------------------------------
@@ -227,9 +201,9 @@ class CuriosityAgent:
 
     # -- checkpoints --------------------------------------------------------
     # models/<model>.safetensors          weights envelope (schema weights/<model>)
-    # interaction/agent/state.safetensors hidden state, sampling generator, prediction(s),
-    #                                     the ensemble's disagreement, the expected error,
-    #                                     the action held (persistence)
+    # interaction/agent/state.safetensors hidden state, sampling generator, prediction,
+    #                                     the action held (persistence), the reward's
+    #                                     own state (reward/...)
     # interaction/agent/state.json        steps, versions, preset
     def save_checkpoint(self, stage) -> None:
         """Write the agent's part of a checkpoint into a staging directory."""
@@ -242,17 +216,10 @@ class CuriosityAgent:
             tensors = {'hidden': self.hidden.cpu(), 'generator': self.generator.get_state()}
             if self.prediction is not None:
                 tensors['prediction'] = self.prediction.cpu()
-            if self.feature_prediction is not None:
-                tensors['feature_prediction'] = self.feature_prediction.cpu()
-            if self.disagreement is not None:
-                tensors['disagreement'] = self.disagreement.cpu()
-            if self.expected_error is not None:
-                tensors['expected_error'] = self.expected_error.cpu()
             if self.previous_action is not None:
                 tensors['previous_action'] = self.previous_action
-            # A reward with memory (novel_curiosity's recent latents) is agent state too.
-            if hasattr(self.reward_fn, 'state_dict'):
-                tensors.update({f'reward/{k}': v for k, v in self.reward_fn.state_dict().items()})
+            # A reward with memory is agent state too (IntrinsicReward.state_dict).
+            tensors.update({f'reward/{k}': v for k, v in self.reward_fn.state_dict().items()})
             write_tensors(stage, 'interaction/agent/state.safetensors', tensors, 'agent/state')
             write_json(stage, 'interaction/agent/state.json',
                        {'preset': self.preset.name, 'steps': self.steps, 'versions': self.versions,
@@ -276,18 +243,11 @@ class CuriosityAgent:
             self.generator.set_state(state.tensors['generator'].contiguous())
             prediction = state.tensors.get('prediction')
             self.prediction = prediction.to(self.device) if prediction is not None else None
-            # A checkpoint of the same preset has it exactly when the dynamics predicts features.
-            features = state.tensors.get('feature_prediction')
-            self.feature_prediction = features.to(self.device) if features is not None else None
-            disagreement = state.tensors.get('disagreement')
-            self.disagreement = disagreement.to(self.device) if disagreement is not None else None
-            expected = state.tensors.get('expected_error')
-            self.expected_error = expected.to(self.device) if expected is not None else None
             previous = state.tensors.get('previous_action')
             self.previous_action = previous.long() if previous is not None else None
             self.steps = int(info['steps'])
             # The memory of another reward function means nothing to this one.
             reward_state = {k.split('/', 1)[1]: v for k, v in state.tensors.items()
                             if k.startswith('reward/')}
-            if info.get('reward') == self.reward_name and hasattr(self.reward_fn, 'load_state_dict'):
+            if info.get('reward') == self.reward_name:
                 self.reward_fn.load_state_dict(reward_state)

@@ -1,5 +1,8 @@
 """Experience buffers of the learning core: images (VAE), dynamics steps, PPO.
 
+Over 400 lines on purpose: the three buffers share the counting base, the
+generator-state helpers and one checkpoint convention, read best side by side.
+
 Every buffer is thread-safe (one lock per buffer): a ROS node adds from its
 executor thread while a training thread reads. Each can be saved and restored
 exactly as tensors + JSON-able counters (`state_dict()` /
@@ -212,8 +215,7 @@ class DynamicsBuffer(_CountedBuffer):
         """Ring indices of the stored steps, oldest first."""
         return (self._head + torch.arange(self._size)) % self.capacity
 
-    def chunks(self, length: int, mark_trained: bool = False,
-               new_mask: bool = False) -> tuple[Tensor, ...]:
+    def chunks(self, length: int, mark_trained: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Every window of `length` consecutive steps that spans no break.
 
         For a window starting at step i (T = length - 1 transitions):
@@ -221,19 +223,16 @@ class DynamicsBuffer(_CountedBuffer):
         a = actions i..i+T-1 [N,T,5], target = latents i+1..i+T [N,T,L].
         Windows overlap (stride 1), as the reference's random time-series
         sampler; `mark_trained` resets `new_count` in the same locked step.
-        With `new_mask` a fifth tensor [N,T] is True where the transition's
-        step came in since the last `mark_trained` (no model trained on it yet).
         """
         if length < 2:
             raise ValueError(f'chunk length must be >= 2, got {length}')
         with self._lock:
-            new_count = self._new
             if mark_trained:
                 self._new = 0
             n = self._size
             if self._latent is None or n < length:
                 empty = torch.empty(0)
-                return (empty,) * (5 if new_mask else 4)
+                return empty, empty, empty, empty
             order = self._ordered()
             starts = self._starts[order].to(torch.int64)
             # Breaks inside window i = starts at positions i+1 .. i+length-1.
@@ -244,10 +243,7 @@ class DynamicsBuffer(_CountedBuffer):
             window = order[first[:, None] + torch.arange(length)]  # ring indices [N, length]
             latents = self._latent[window]
             # Advanced indexing already copies: nothing returned aliases the ring.
-            out = (latents[:, :-1], self._hidden[window[:, 0]], self._action[window[:, :-1]], latents[:, 1:])
-            if new_mask:
-                out += ((first[:, None] + torch.arange(length - 1)) >= n - new_count,)
-            return out
+            return latents[:, :-1], self._hidden[window[:, 0]], self._action[window[:, :-1]], latents[:, 1:]
 
     def state_dict(self) -> BufferState:
         with self._lock:
@@ -356,8 +352,7 @@ class TrajectoryBuffer:
         """Append entry t; `reward` rewards the action of entry t-1.
 
         `observation` is what the policy acted on: a uint8 image or a float32
-        vector (the latent, or policy.policy_observation's latent and hidden
-        state), the same kind for every entry. `previous_action` and
+        vector (the latent), the same kind for every entry. `previous_action` and
         `persistence` are the action the agent held and how likely it kept
         it (policy.with_persistence; none held: None and 0)."""
         if observation.dtype not in (torch.uint8, torch.float32):

@@ -1,5 +1,8 @@
 """Checkpoint I/O of the learning core (no ROS): one directory per checkpoint.
 
+Over 400 lines on purpose: writing, listing, reading and cleaning all rest on
+the layout and the atomicity rules below, which belong in one place.
+
 The whole graph saves one checkpoint together: the manager begins it, every
 node writes its own part into it, and the manager commits it. Layout::
 

@@ -18,7 +18,6 @@ channel (|lam| < 1 by construction, so the state cannot blow up), read out as
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,26 +29,6 @@ from ami_ros.core.presets import ACTION_CHOICES, DynamicsConfig
 # Fixed std of the prediction: with sigma = 1/sqrt(2*pi), -log p = pi*(x-mu)^2 exactly.
 PREDICTION_STD = 1.0 / math.sqrt(2.0 * math.pi)
 HIDDEN_DTYPE = torch.complex64
-
-
-class DynamicsStep(NamedTuple):
-    """One step of ForwardDynamics; what a preset does not have is None."""
-
-    prediction: Tensor  # mean of z_{t+1} [B, L]
-    features: Tensor | None  # predicted inverse-dynamics features of z_{t+1} [B, F]
-    disagreement: Tensor | None  # the ensemble's disagreement on the prediction [B]
-    expected_error: Tensor | None  # the error expected of the prediction [B]
-    hidden: Tensor  # the state after the step [B, depth, dim]
-
-
-class DynamicsSequence(NamedTuple):
-    """A sequence through ForwardDynamics; what a preset does not have is None."""
-
-    predictions: Tensor  # [B, T, L]
-    features: Tensor | None  # [B, T, F]
-    ensemble: Tensor | None  # the extra ensemble heads' predictions [B, T, heads-1, L]
-    expected_error: Tensor | None  # [B, T]
-    hiddens: Tensor  # the state after each step [B, T, depth, dim]
 
 
 class SConvLayer(nn.Module):
@@ -131,20 +110,7 @@ class SConvBlock(nn.Module):
 
 
 class ForwardDynamics(nn.Module):
-    """Predicts the mean of z_{t+1} from z_t, the action a_t and the hidden state.
-
-    With `cfg.inverse_features` > 0 it also learns features phi(z) by
-    predicting the action from (phi(z_t), phi(z_{t+1})), the inverse dynamics
-    of Pathak et al.'s curiosity module, and predicts phi(z_{t+1}) from the
-    same recurrent state; the agent's curiosity reward is then the error of
-    that prediction. Features that only need to tell the agent's actions
-    apart leave out what the agent cannot affect, and what follows from an
-    action (a turn shifting the view) is easy to predict in them.
-
-    With `cfg.expected_error` it also has a head that reads the recurrent
-    features a prediction is made from and predicts that prediction's error,
-    in the curiosity reward's units; the reward is then the error beyond it.
-    """
+    """Predicts the mean of z_{t+1} from z_t, the action a_t and the hidden state."""
 
     def __init__(self, latent: int, cfg: DynamicsConfig,
                  action_choices: tuple[int, ...] = ACTION_CHOICES) -> None:
@@ -159,66 +125,6 @@ class ForwardDynamics(nn.Module):
         self.blocks = nn.ModuleList(
             SConvBlock(cfg.dim, cfg.ffn, cfg.dropout) for _ in range(cfg.depth))
         self.output = nn.Linear(cfg.dim, latent)
-        if cfg.ensemble < 1:
-            raise ValueError(f'dynamics ensemble must be >= 1 predictor, got {cfg.ensemble}')
-        # The other members of the ensemble: linear heads on the same features.
-        self.ensemble_heads = nn.ModuleList(nn.Linear(cfg.dim, latent) for _ in range(cfg.ensemble - 1))
-        if cfg.ensemble > 1 and cfg.expected_error:
-            raise ValueError('a dynamics rewards an ensemble\'s disagreement or the error beyond '
-                             'the expected, not both: set ensemble 1 or expected_error False')
-        self.expected_error_norm = nn.LayerNorm(cfg.dim) if cfg.expected_error else None
-        self.expected_error_head = (
-            nn.Sequential(nn.Linear(cfg.dim + sum(self.action_choices), 64), nn.GELU(), nn.Linear(64, 1))
-            if cfg.expected_error else None)
-        self.feature_size = cfg.inverse_features
-        if self.feature_size > 0:
-            size = self.feature_size
-            self.features = nn.Sequential(nn.Linear(latent, 2 * size), nn.ELU(), nn.Linear(2 * size, size))
-            self.inverse = nn.Sequential(nn.Linear(2 * size, 4 * size), nn.ELU(),
-                                         nn.Linear(4 * size, sum(self.action_choices)))
-            self.feature_output = nn.Linear(cfg.dim, size)
-
-    @property
-    def predicts_features(self) -> bool:
-        """Whether the reward is measured in inverse-dynamics features (else in z)."""
-        return self.feature_size > 0
-
-    @property
-    def rewards_disagreement(self) -> bool:
-        """Whether the reward is the ensemble's disagreement (else the prediction's error)."""
-        return len(self.ensemble_heads) > 0
-
-    @property
-    def expects_error(self) -> bool:
-        """Whether the reward is the error beyond the one this model expects (else all of it)."""
-        return self.expected_error_head is not None
-
-    def _expected_error(self, x: Tensor, action: Tensor) -> Tensor | None:
-        """The error expected of the prediction read from the recurrent features
-        x [..., dim] after `action` [..., 5], as the NLL prediction_nll measures
-        [...] (None without the head). Detached from x, so that the head learns
-        about the dynamics without changing what it learns; the action also
-        goes in as one-hots, which, unlike x, do not drift as the dynamics learns."""
-        if self.expected_error_head is None:
-            return None
-        one_hots = [F.one_hot(action[..., i], n).to(x.dtype) for i, n in enumerate(self.action_choices)]
-        inputs = torch.cat([self.expected_error_norm(x.detach()), *one_hots], dim=-1)
-        return self.expected_error_head(inputs).squeeze(-1)
-
-    def ensemble_predictions(self, x: Tensor) -> Tensor:
-        """The extra heads' predictions of z_{t+1} [..., heads-1, L] from the recurrent
-        features x [..., dim]; detached from them, so that the extra heads do
-        not change what the recurrent layers and the main prediction learn."""
-        x = x.detach()
-        return torch.stack([head(x) for head in self.ensemble_heads], dim=-2)
-
-    @staticmethod
-    def disagreement(pred: Tensor, ensemble: Tensor) -> Tensor:
-        """pi * the variance over the ensemble (the main prediction [..., L] and the
-        extra heads' [..., heads-1, L]), mean over the latent [...]: in the units
-        of the curiosity reward, the NLL under the fixed-std Gaussian."""
-        members = torch.cat([pred.unsqueeze(-2), ensemble], dim=-2)
-        return math.pi * members.var(dim=-2).mean(dim=-1)
 
     def initial_hidden(self, batch: int = 1, device: torch.device | str | None = None) -> Tensor:
         """Zero state, complex64 [batch, depth, dim]."""
@@ -230,26 +136,14 @@ class ForwardDynamics(nn.Module):
         emb = [table(action[..., i]) for i, table in enumerate(self.action_embeddings)]
         return self.input(torch.cat([z, *emb], dim=-1))
 
-    def _feature_prediction(self, x: Tensor) -> Tensor | None:
-        return self.feature_output(x) if self.predicts_features else None
-
     def step(self, z: Tensor, hidden: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Recurrent form: z [B,L], hidden [B,depth,dim], action [B,5] -> (pred [B,L], hidden')."""
-        out = self.step_with_extras(z, hidden, action)
-        return out.prediction, out.hidden
-
-    def step_with_extras(self, z: Tensor, hidden: Tensor, action: Tensor) -> DynamicsStep:
-        """`step`, with what some presets add (DynamicsStep)."""
         x = self._embed(z, action)
         states = []
         for i, block in enumerate(self.blocks):
             x, h = block.step(x, hidden[:, i])
             states.append(h)
-        pred = self.output(x)
-        disagreement = (self.disagreement(pred, self.ensemble_predictions(x))
-                        if self.rewards_disagreement else None)
-        return DynamicsStep(pred, self._feature_prediction(x), disagreement, self._expected_error(x, action),
-                            torch.stack(states, dim=1))
+        return self.output(x), torch.stack(states, dim=1)
 
     def forward(self, z: Tensor, hidden: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Parallel form: z [B,T,L], hidden [B,depth,dim], action [B,T,5] -> (pred [B,T,L], [B,T,depth,dim]).
@@ -257,24 +151,12 @@ class ForwardDynamics(nn.Module):
         hiddens[:, t] is the state after consuming step t, so hiddens[:, -1]
         equals the state T calls of `step` return.
         """
-        out = self.forward_with_extras(z, hidden, action)
-        return out.predictions, out.hiddens
-
-    def forward_with_extras(self, z: Tensor, hidden: Tensor, action: Tensor) -> DynamicsSequence:
-        """`forward`, with what some presets add (DynamicsSequence)."""
         x = self._embed(z, action)
         states = []
         for i, block in enumerate(self.blocks):
             x, h = block(x, hidden[:, i])
             states.append(h)
-        ensemble = self.ensemble_predictions(x) if self.rewards_disagreement else None
-        return DynamicsSequence(self.output(x), self._feature_prediction(x), ensemble,
-                                self._expected_error(x, action), torch.stack(states, dim=2))
-
-    def inverse_logits(self, features_now: Tensor, features_next: Tensor) -> list[Tensor]:
-        """Logits of the action taken between two steps' features, one [..., n] per head."""
-        logits = self.inverse(torch.cat([features_now, features_next], dim=-1))
-        return list(logits.split(self.action_choices, dim=-1))
+        return self.output(x), torch.stack(states, dim=2)
 
     @staticmethod
     def distribution(pred_mean: Tensor) -> Normal:

@@ -27,8 +27,7 @@ def build_model(name: str, preset: Preset | str) -> nn.Module:
     if name == 'dynamics':
         return ForwardDynamics(p.encoder.latent, p.dynamics)
     if name == 'policy':
-        # 'latent-hidden' policies read the dynamics state as Re and Im of every layer.
-        return PolicyValue(p.policy, p.encoder.latent, hidden_size=2 * p.dynamics.depth * p.dynamics.dim)
+        return PolicyValue(p.policy, p.encoder.latent)
     raise ValueError(f'unknown model {name!r}; choose one of {", ".join(MODEL_NAMES)}')
 
 

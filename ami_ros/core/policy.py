@@ -78,8 +78,8 @@ def with_persistence(dist: MultiCategorical, previous: Tensor,
     Per head, p(a) = (1 - rho) pi(a) + rho [a = previous], written as logits
     so that sampling, log-probabilities and PPO's ratio all see it exactly.
     A uniformly random policy that acts at 10 Hz jitters in place; held
-    choices walk on and turn in arcs, as people hold keys (README,
-    Performance: exploration). `previous` [B, heads]; `persistence` a float
+    choices walk on and turn in arcs, as people hold keys
+    (docs/experiments.md). `previous` [B, heads]; `persistence` a float
     or [B] (rows with 0 are `dist` itself: no previous action).
     """
     keep_policy: Tensor | float
@@ -108,21 +108,11 @@ def _orthogonal(layer: nn.Module, gain: float) -> nn.Module:
     return layer
 
 
-def hidden_features(hidden: Tensor) -> Tensor:
-    """The dynamics' complex hidden state [..., depth, dim] as real features [..., 2*depth*dim]."""
-    return torch.view_as_real(hidden).flatten(-3)
-
-
-def policy_observation(kind: str, image: Tensor | None, latent: Tensor | None,
-                       hidden: Tensor | None) -> Tensor:
+def policy_observation(kind: str, image: Tensor | None, latent: Tensor | None) -> Tensor:
     """What a policy of input `kind` (PolicyConfig.input) acts on, from one step's
-    image, latent z and the dynamics hidden state used at that step; the agent
-    (batched) and the policy trainer (one experience step) build it here alike."""
-    if kind == 'image':
-        return image
-    if kind == 'latent':
-        return latent
-    return torch.cat([latent, hidden_features(hidden).to(latent.dtype)], dim=-1)
+    image and latent z; the agent (batched) and the policy trainer (one
+    experience step) build it here alike."""
+    return image if kind == 'image' else latent
 
 
 class PolicyValue(nn.Module):
@@ -130,30 +120,20 @@ class PolicyValue(nn.Module):
 
     The observation is what `cfg.input` names (see `policy_observation`): an
     image [B,3,84,84] in [0,1] ('image', through a conv trunk like the
-    encoder's), the encoder's latent [B, latent_size] ('latent', through an
-    MLP), or that latent followed by the dynamics' hidden state as real
-    features [B, latent_size + hidden_size] ('latent-hidden'; the hidden part
-    is layer-normalised first, so that its scale, which moves as the dynamics
-    is retrained, does not swamp the latent).
+    encoder's) or the encoder's latent [B, latent_size] ('latent', through an
+    MLP).
     """
 
     def __init__(self, cfg: PolicyConfig, latent_size: int | None = None,
-                 action_choices: tuple[int, ...] = ACTION_CHOICES, hidden_size: int = 0) -> None:
+                 action_choices: tuple[int, ...] = ACTION_CHOICES) -> None:
         super().__init__()
         self.action_choices = tuple(action_choices)
-        self.latent_size = latent_size or 0
         relu_gain = math.sqrt(2.0)  # PPO practice: orthogonal init scaled for ReLU
         layers: list[nn.Module] = []
-        self.hidden_norm: nn.Module | None = None
-        if cfg.input in ('latent', 'latent-hidden'):
+        if cfg.input == 'latent':
             if not latent_size:
-                raise ValueError(f'a policy on the {cfg.input} needs the latent size')
+                raise ValueError('a policy on the latent needs the latent size')
             features = latent_size
-            if cfg.input == 'latent-hidden':
-                if hidden_size <= 0:
-                    raise ValueError('a policy on the latent and hidden state needs the hidden size')
-                self.hidden_norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
-                features += hidden_size
         else:
             for cin, cout, k, s in conv_trunk_shapes(cfg.channels):
                 layers += [_orthogonal(nn.Conv2d(cin, cout, k, s), relu_gain), nn.ReLU()]
@@ -172,9 +152,6 @@ class PolicyValue(nn.Module):
         self.value_head = _orthogonal(nn.Linear(cfg.hidden, 1), 1.0)
 
     def forward(self, obs: Tensor) -> tuple[MultiCategorical, Tensor]:
-        if self.hidden_norm is not None:
-            latent, hidden = obs[..., :self.latent_size], obs[..., self.latent_size:]
-            obs = torch.cat([latent, self.hidden_norm(hidden)], dim=-1)
         h = self.trunk(obs)
         dist = MultiCategorical([head(h) for head in self.policy_heads])
         return dist, self.value_head(h).squeeze(-1)

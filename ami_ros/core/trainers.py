@@ -1,5 +1,8 @@
 """Trainers of the learning core: VAE, forward dynamics, PPO policy.
 
+A little over 400 lines on purpose: the three trainers share one base class
+(rounds, versions, weights, state) whose contract is easiest to check in one file.
+
 Each trainer owns its models, an optimiser and a buffer. A node adds data from
 its executor thread and calls `train_round()` from a training thread; when
 `ready()` says enough new data arrived. `weights()` hands out CPU copies of
@@ -16,15 +19,16 @@ Randomness: minibatch orders come from the trainer's own generator (saved).
 Reparameterisation noise and dropout use torch's global generator, which the
 caller seeds when it needs bit-exact repeats.
 
-Setting torch's thread count is the node's job, not the trainers'.
+Setting torch's thread count is the node's job, not the trainers', and so is
+keeping training out of the acting agent's steps (`ami_ros/ros/pacing.py`
+hooks the `models` from outside).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -34,8 +38,8 @@ from torch.distributions import Normal, kl_divergence
 
 from ami_ros.core.buffers import DynamicsBuffer, ImageBuffer, TrajectoryBuffer, gae
 from ami_ros.core.policy import with_persistence
-from ami_ros.core.presets import ACTION_CHOICES, DynamicsTrainingConfig, PPOTrainingConfig, VAETrainingConfig
-from ami_ros.core.reward import ActionRewardBaseline, ReturnNormalizer, prediction_nll
+from ami_ros.core.presets import DynamicsTrainingConfig, PPOTrainingConfig, VAETrainingConfig
+from ami_ros.core.rewards.curiosity import prediction_nll
 
 # A round over a big buffer stays bounded: at most this many minibatches per
 # epoch (with the reference settings, 2048 images / batch 8 = 256: the whole
@@ -77,9 +81,6 @@ def _unflatten_optimizer(tensors: Mapping[str, Tensor], info: Mapping[str, Any])
     return {'state': state, 'param_groups': groups}
 
 
-# Parameters per optimiser slice: one slice's update (Adam reads and writes
-# four tensors of this size) takes a few ms, well inside a trainer's guard_ms.
-SLICE_ELEMENTS = 1 << 18
 # Optimiser options that choose kernels, not the maths.
 _IMPLEMENTATION_FLAGS = ('fused', 'foreach', 'capturable', 'differentiable')
 # Options that are configuration (a trainer's learning_rate parameter), not
@@ -87,96 +88,20 @@ _IMPLEMENTATION_FLAGS = ('fused', 'foreach', 'capturable', 'differentiable')
 _CONFIGURED = ('lr',)
 
 
-class SlicedOptimizer:
-    """One optimiser over `params`, stepped a slice of parameters at a time.
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)`, keeping how it computes and its learning rate.
 
-    Adam and AdamW update each parameter from its own gradient and state
-    alone, so stepping slices one after another is the same update as one
-    step over all of them; but a whole step over a few million parameters
-    takes tens of ms on a CPU, longer than a trainer may run between two of
-    the agent's steps, and between slices it can pause. `state_dict()` and
-    `load_state_dict()` speak the single optimiser's format (one parameter
-    group, state keyed by the index in `params`): checkpoints do not change.
+    A checkpoint from before fused kernels must not turn them off, and a
+    restart with another learning rate means it.
     """
-
-    def __init__(self, params: list[nn.Parameter],
-                 make: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
-                 slice_elements: int = SLICE_ELEMENTS) -> None:
-        self.params = list(params)
-        self.slices: list[list[int]] = []  # indices into params
-        current: list[int] = []
-        size = 0
-        for i, param in enumerate(self.params):
-            current.append(i)
-            size += param.numel()
-            if size >= slice_elements:
-                self.slices.append(current)
-                current, size = [], 0
-        if current:
-            self.slices.append(current)
-        self.optimizers = [make([self.params[i] for i in s]) for s in self.slices]
-
-    def zero_grad(self) -> None:
-        for param in self.params:
-            param.grad = None
-
-    def _grads(self, indices: list[int]) -> list[Tensor]:
-        return [g for g in (self.params[i].grad for i in indices) if g is not None]
-
-    def clip_grad_norm(self, max_norm: float | None, pause: Callable[[str], None] | None = None) -> float:
-        """The gradients' total norm, scaled down to `max_norm` if above (as clip_grad_norm_)."""
-        norms = []
-        for n, s in enumerate(self.slices):
-            if pause is not None:
-                pause(f'norm {n}')
-            grads = self._grads(s)
-            if grads:
-                norms.append(torch.linalg.vector_norm(torch.stack(
-                    [torch.linalg.vector_norm(g) for g in grads])))
-        if not norms:
-            return 0.0
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        if max_norm is not None:
-            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            for n, s in enumerate(self.slices):
-                if pause is not None:
-                    pause(f'clip {n}')
-                grads = self._grads(s)
-                if grads:
-                    torch._foreach_mul_(grads, coef)
-        return float(total)
-
-    def step(self, pause: Callable[[str], None] | None = None) -> None:
-        for n, optimizer in enumerate(self.optimizers):
-            if pause is not None:
-                pause(f'step {n}')
-            optimizer.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[int, Any] = {}
-        group: dict[str, Any] = {}
-        for s, optimizer in zip(self.slices, self.optimizers, strict=True):
-            local = optimizer.state_dict()
-            state.update({s[i]: entry for i, entry in local['state'].items()})
-            group = {k: v for k, v in local['param_groups'][0].items() if k != 'params'}
-        return {'state': state, 'param_groups': [{**group, 'params': list(range(len(self.params)))}]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        groups = state['param_groups']
-        if len(groups) != 1 or sorted(groups[0]['params']) != list(range(len(self.params))):
-            raise ValueError(f'optimiser state is for other parameters (expected one group of '
-                             f'{len(self.params)})')
-        group = {k: v for k, v in groups[0].items() if k != 'params'}
-        entries = {int(k): v for k, v in state['state'].items()}
-        for s, optimizer in zip(self.slices, self.optimizers, strict=True):
-            # How it computes (fused, foreach) stays this optimiser's own: a
-            # checkpoint from before fused kernels must not turn them off. So
-            # does its learning rate: a restart with another one means it.
-            own = {k: optimizer.param_groups[0][k] for k in _IMPLEMENTATION_FLAGS + _CONFIGURED
-                   if k in optimizer.param_groups[0]}
-            optimizer.load_state_dict({
-                'state': {i: entries[g] for i, g in enumerate(s) if g in entries},
-                'param_groups': [{**group, **own, 'params': list(range(len(s)))}]})
+    groups = state['param_groups']
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f'optimiser state has {len(groups)} parameter groups, expected '
+                         f'{len(optimizer.param_groups)}')
+    own = [{k: group[k] for k in _IMPLEMENTATION_FLAGS + _CONFIGURED if k in group}
+           for group in optimizer.param_groups]
+    kept_groups = [{**saved, **kept} for saved, kept in zip(groups, own, strict=True)]
+    optimizer.load_state_dict({'state': state['state'], 'param_groups': kept_groups})
 
 
 class _Trainer:
@@ -188,34 +113,14 @@ class _Trainer:
                  device: str, seed: int) -> None:
         self.device = torch.device(device)
         self.models = {name: m.to(self.device) for name, m in models.items()}
-        self.optimizer = SlicedOptimizer(optimizer_params, self._make_optimizer)
+        self._params = list(optimizer_params)
+        self.optimizer = self._make_optimizer(self._params)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.rounds = 0
         self.version = 0
         # Held around each optimiser step and while copying weights out.
         self._lock = threading.RLock()
-        self._pause: Callable[[str], None] | None = None
-
-    def pause_with(self, pause: Callable[[str], None]) -> None:
-        """Call `pause(site)` before each minibatch, layer forward, gradient and optimiser slice.
-
-        A node keeps training out of the acting agent's steps this way
-        (`FrameRhythm.pause`): a whole minibatch of a big model can take longer
-        than the time between two frames, its pieces do not. `site` names the
-        piece about to run ('minibatch', 'forward encoder.trunk.0',
-        'gradient policy.value_head.bias', 'step 2'), so the pause can learn
-        how long each piece takes.
-        """
-        self._pause = pause
-        for model_name, model in self.models.items():
-            for name, module in model.named_modules():
-                site = f'forward {model_name}.{name}' if name else f'forward {model_name}'
-                module.register_forward_pre_hook(lambda _module, _args, site=site: pause(site))
-            for name, param in model.named_parameters():
-                if param.requires_grad:
-                    site = f'gradient {model_name}.{name}'
-                    param.register_hook(lambda _grad, site=site: pause(site))
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         raise NotImplementedError
@@ -223,10 +128,7 @@ class _Trainer:
     def _minibatches(self, n: int, batch_size: int, max_batches: int,
                      min_size: int = 1) -> Iterator[Tensor]:
         """Shuffled index batches over n items, at most `max_batches`; a trailing
-        batch smaller than `min_size` is skipped (BatchNorm needs 2 samples).
-
-        Each minibatch starts with the pause given to `pause_with`.
-        """
+        batch smaller than `min_size` is skipped (BatchNorm needs 2 samples)."""
         perm = torch.randperm(n, generator=self.generator)
         for count, start in enumerate(range(0, n, batch_size)):
             if count >= max_batches:
@@ -234,8 +136,6 @@ class _Trainer:
             idx = perm[start:start + batch_size]
             if len(idx) < min_size:
                 return
-            if self._pause is not None:
-                self._pause('minibatch')
             yield idx
 
     def ready(self) -> bool:
@@ -265,12 +165,14 @@ class _Trainer:
     def _step(self, loss: Tensor, max_grad_norm: float | None) -> float:
         """Backward + optimiser step under the lock; returns the gradient norm."""
         with self._lock:
-            self.optimizer.zero_grad()
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            # Pauses between the slices as between layers (pause_with).
-            norm = self.optimizer.clip_grad_norm(max_grad_norm, self._pause)
-            self.optimizer.step(self._pause)
-            return norm
+            grads = [p.grad for p in self._params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(self._params, max_grad_norm, norm)
+            self.optimizer.step()
+            return float(norm)
 
     def weights(self) -> dict[str, dict[str, Tensor]]:
         """Model name -> state_dict, as CPU copies safe to hand to another thread."""
@@ -308,7 +210,7 @@ class _Trainer:
                 weights[name][param] = value
         with self._lock:
             self.load_weights(weights)
-            self.optimizer.load_state_dict(_unflatten_optimizer(tensors, info['optimizer']))
+            _load_optimizer(self.optimizer, _unflatten_optimizer(tensors, info['optimizer']))
             self.generator.set_state(tensors['generator'].to(torch.uint8).contiguous().clone())
             self.rounds = int(info['rounds'])
             self.version = int(info['version'])
@@ -379,20 +281,6 @@ class DynamicsTrainer(_Trainer):
     step and runs the parallel form over chunk-1 transitions; loss =
     prediction_nll(pred, next latent).mean() (the curiosity reward's own
     measure). Gradients are clipped to `max_grad_norm`.
-
-    A dynamics with inverse-dynamics features adds, weighted by the config's
-    `feature_coef` and `inverse_coef`, the NLL of the predicted next features
-    (against features held fixed) and the cross-entropy of the action read
-    from two consecutive steps' features (mean over heads); the round's
-    metrics then also give latent_loss, feature_loss, inverse_loss and
-    inverse_turn_accuracy. A dynamics with an ensemble adds its extra heads'
-    NLL, each head on its own random half of the chunks (a bootstrap); the
-    metrics then give latent_loss, ensemble_loss and disagreement. A dynamics
-    with an expected-error head adds the squared error of its guess at each
-    new step's NLL under the model as it was before the round (the error the
-    agent met: once trained on, the model fits part of the noise); the
-    metrics then give latent_loss, expected_error_loss,
-    expected_error and unexpected_error (the reward's batch mean).
     """
 
     kind = 'dynamics'
@@ -420,85 +308,13 @@ class DynamicsTrainer(_Trainer):
     def ready(self) -> bool:
         return len(self.buffer) >= self.cfg.chunk and self.buffer.new_count >= self.cfg.min_new
 
-    def _loss(self, z: Tensor, h0: Tensor, a: Tensor, target: Tensor,
-              fresh_error: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-        """The loss of one minibatch; `fresh_error` [B,T] (NaN where unknown) is
-        the error of each prediction before the model trained on it, which the
-        expected-error head learns."""
-        out = self.dynamics.forward_with_extras(z, h0, a)
-        pred, feature_pred, ensemble, expected = (out.predictions, out.features, out.ensemble,
-                                                  out.expected_error)
-        step_nll = prediction_nll(pred, target)  # [B, T]
-        latent_loss = step_nll.mean()
-        loss, metrics = latent_loss, {}
-        if expected is not None:
-            # The head learns the error a prediction had before the model trained
-            # on it, the error the agent is paid for (once trained on, the model
-            # fits part of the noise, and its error there understates it).
-            known = ~fresh_error.isnan()
-            count = known.sum().clamp(min=1)
-            beyond = (fresh_error.nan_to_num() - expected) * known
-            expected_error_loss = beyond.pow(2).sum() / count
-            loss = loss + expected_error_loss
-            # The reward's mean over the new steps: near 0 once the head has learnt.
-            unexpected = beyond.detach().sum() / count
-            metrics.update(expected_error_loss=float(expected_error_loss.detach()),
-                           expected_error=float(expected.detach().mean()),
-                           unexpected_error=float(unexpected))
-        if feature_pred is not None:
-            # target is z shifted by one step: the window's features, computed once.
-            window = self.dynamics.features(torch.cat([z[:, :1], target], dim=1))
-            features_now, features_next = window[:, :-1], window[:, 1:]
-            # The features learn only from the inverse loss: a forward loss that
-            # reached them could shrink them towards what is easy to predict.
-            feature_loss = prediction_nll(feature_pred, features_next.detach()).mean()
-            logits = self.dynamics.inverse_logits(features_now, features_next)
-            inverse_loss = sum(F.cross_entropy(head.flatten(0, -2), a[..., i].flatten())
-                               for i, head in enumerate(logits)) / len(logits)
-            loss = loss + self.cfg.feature_coef * feature_loss + self.cfg.inverse_coef * inverse_loss
-            with torch.no_grad():
-                # How well the features tell the turn (look horizontal) apart, the
-                # action that moves the view most; chance is about 1/3.
-                turn_accuracy = (logits[2].argmax(-1) == a[..., 2]).float().mean()
-            metrics.update(feature_loss=float(feature_loss.detach()),
-                           inverse_loss=float(inverse_loss.detach()),
-                           inverse_turn_accuracy=float(turn_accuracy))
-        if ensemble is not None:
-            # Each extra head learns from its own random half of the chunks (a
-            # bootstrap), so the heads agree only where there is data enough.
-            nll = prediction_nll(ensemble, target.unsqueeze(-2))  # [B, T, heads-1]
-            mask = (torch.rand(nll.shape[0], 1, nll.shape[2], generator=self.generator) < 0.5)
-            mask = mask.to(nll.device, nll.dtype).expand_as(nll)
-            ensemble_loss = (nll * mask).sum() / mask.sum().clamp(min=1.0)
-            loss = loss + ensemble_loss
-            with torch.no_grad():
-                disagreement = self.dynamics.disagreement(pred, ensemble).mean()
-            metrics.update(ensemble_loss=float(ensemble_loss.detach()),
-                           disagreement=float(disagreement))
-        if metrics:
-            metrics['latent_loss'] = float(latent_loss.detach())
-        return loss, metrics
-
-    def _fresh_errors(self, z: Tensor, h0: Tensor, a: Tensor, target: Tensor, new: Tensor) -> Tensor:
-        """Each new transition's error under the model as it is (not yet trained on
-        it), NaN for the others [N,T]: the expected-error head's targets."""
-        errors = torch.full(new.shape, math.nan)
-        dev = self.device
-        self.dynamics.eval()
-        with torch.no_grad():
-            for idx in new.any(dim=1).nonzero().squeeze(1).split(max(self.cfg.batch_size, 64)):
-                pred, _ = self.dynamics(z[idx].to(dev), h0[idx].to(dev), a[idx].to(dev))
-                errors[idx] = prediction_nll(pred, target[idx].to(dev)).cpu()
-        self.dynamics.train()
-        return errors.masked_fill(~new, math.nan)
+    def _loss(self, z: Tensor, h0: Tensor, a: Tensor, target: Tensor) -> Tensor:
+        """The loss of one minibatch: the next latents' prediction NLL."""
+        pred, _ = self.dynamics(z, h0, a)
+        return prediction_nll(pred, target).mean()
 
     def _round(self) -> dict[str, float]:
-        if self.dynamics.expects_error:
-            z, h0, a, target, new = self.buffer.chunks(self.cfg.chunk, mark_trained=True, new_mask=True)
-            fresh = self._fresh_errors(z, h0, a, target, new) if len(z) else None
-        else:
-            z, h0, a, target = self.buffer.chunks(self.cfg.chunk, mark_trained=True)
-            fresh = None
+        z, h0, a, target = self.buffer.chunks(self.cfg.chunk, mark_trained=True)
         if len(z) == 0:
             raise ValueError(f'no unbroken run of {self.cfg.chunk} steps in the dynamics buffer')
         totals = {'loss': 0.0, 'grad_norm': 0.0}
@@ -508,10 +324,7 @@ class DynamicsTrainer(_Trainer):
             epoch_loss, epoch_batches = 0.0, 0
             for idx in self._minibatches(len(z), self.cfg.batch_size, self.max_batches):
                 dev = self.device
-                loss, parts = self._loss(z[idx].to(dev), h0[idx].to(dev), a[idx].to(dev),
-                                         target[idx].to(dev), None if fresh is None else fresh[idx].to(dev))
-                for key, value in parts.items():
-                    totals[key] = totals.get(key, 0.0) + value
+                loss = self._loss(z[idx].to(dev), h0[idx].to(dev), a[idx].to(dev), target[idx].to(dev))
                 totals['grad_norm'] += self._step(loss, self.max_grad_norm)
                 epoch_loss += float(loss.detach())
                 epoch_batches += 1
@@ -570,8 +383,6 @@ class PPOTrainer(_Trainer):
         self.policy = policy
         super().__init__({'policy': policy}, list(policy.parameters()), device, seed)
         self.buffer = TrajectoryBuffer(cfg.steps)
-        self.baseline = ActionRewardBaseline(ACTION_CHOICES) if cfg.action_baseline else None
-        self.normalizer = ReturnNormalizer(cfg.gamma) if cfg.normalize_reward else None
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.cfg.lr, fused=True)
@@ -592,11 +403,7 @@ class PPOTrainer(_Trainer):
     def _round(self) -> dict[str, float]:
         cfg = self.cfg
         traj = self.buffer.take()
-        raw_rewards = traj['reward'][1:]
-        adjusted = raw_rewards
-        if self.baseline is not None:
-            adjusted = self.baseline.adjust(traj['action'][:-1], raw_rewards)
-        rewards = adjusted if self.normalizer is None else self.normalizer(adjusted)
+        rewards = traj['reward'][1:]
         advantages, returns = gae(rewards, traj['value'][:-1], traj['value'][-1],
                                   cfg.gamma, cfg.gae_lambda)
         raw_advantage = float(advantages.mean())
@@ -631,26 +438,7 @@ class PPOTrainer(_Trainer):
                 batches += 1
         out = {k: v / max(batches, 1) for k, v in totals.items()}
         out.update(batches=float(batches), samples=float(len(obs)),
-                   reward_mean=float(raw_rewards.mean()), advantage_mean=raw_advantage,
-                   # How much of the reward the action alone explained (0 without the baseline).
-                   reward_action_effect=float((raw_rewards - adjusted).std()),
+                   reward_mean=float(rewards.mean()), advantage_mean=raw_advantage,
                    return_mean=float(returns.mean()),
                    policy_version_min=float(traj['policy_version'].min()))
-        if self.normalizer is not None:
-            out.update(reward_offset=self.normalizer.mean, reward_scale=self.normalizer.scale)
         return out
-
-    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        tensors, info = super().state_dict()
-        if self.baseline is not None:
-            tensors.update({f'reward_baseline/{k}': v for k, v in self.baseline.state_dict().items()})
-        if self.normalizer is not None:
-            tensors.update({f'reward_normalizer/{k}': v for k, v in self.normalizer.state_dict().items()})
-        return tensors, info
-
-    def load_state_dict(self, tensors: Mapping[str, Tensor], info: Mapping[str, Any]) -> None:
-        super().load_state_dict(tensors, info)
-        for prefix, part in (('reward_baseline/', self.baseline), ('reward_normalizer/', self.normalizer)):
-            saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if part is not None and saved:
-                part.load_state_dict(saved)

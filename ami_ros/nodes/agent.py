@@ -9,7 +9,7 @@ Publishes:
                           as soon as the policy has chosen it, before the
                           step's encoder (unless the preset's policy acts on
                           the latent), reward and dynamics work
-  reward                  std_msgs/Float32, curiosity of the previous action
+  reward                  std_msgs/Float32, intrinsic reward of the previous action
   prediction_error        std_msgs/Float32, MSE of the latent prediction
   prediction/image_raw    sensor_msgs/Image, the decoded predicted next frame
                           (only while someone subscribes)
@@ -31,7 +31,7 @@ Serves:
   agent/save_checkpoint   its part of a checkpoint (models/, interaction/agent/)
 
 Parameters: preset, device, seed, reward, deterministic, persistence, torch_threads,
-publish_prediction, checkpoint (see README).
+publish_prediction, checkpoint (see docs/parameters.md).
 """
 
 from __future__ import annotations
@@ -59,13 +59,14 @@ from ami_ros.core.envelope import EnvelopeError
 from ami_ros.core.observation import to_uint8_chw
 from ami_ros.core.policy import MAX_PERSISTENCE
 from ami_ros.core.presets import DEFAULT_PRESET, PRESETS
-from ami_ros.core.reward import REWARDS
+from ami_ros.core.rewards import reward_names
 from ami_ros.core.schemas import ExperienceStep, encode_experience
-from ami_ros.core.timing import LatencyWindow, RateMeter, StepGap
+from ami_ros.core.timing import LatencyWindow, RateMeter
 from ami_ros.ros.checkpoint_part import CheckpointPart
 from ami_ros.ros.diagnostics import NodeDiagnostics
-from ami_ros.ros.images import rgb_to_image
+from ami_ros.ros.images import FrameReader, rgb_to_image
 from ami_ros.ros.managed_node import ManagedNode, run
+from ami_ros.ros.pacing import StepGap
 
 # The newest frame only: a late agent skips frames instead of queueing them.
 # Best effort is compatible with publishers of either reliability.
@@ -85,10 +86,8 @@ class AgentNode(ManagedNode):
         seed = self.declare('seed', 0, 'Seed of the initial weights and of action sampling.',
                             low=0, high=2**31 - 1)
         reward = self.declare(
-            'reward', 'curiosity', 'Reward function: curiosity (the forward model\'s prediction '
-            'error), novel_curiosity (that error times how new the view is against the last '
-            '30 s) or counted_curiosity (that error over the square root of how often such views '
-            'were seen in the run); core/reward.py.', choices=tuple(REWARDS))
+            'reward', 'curiosity', 'Intrinsic reward, one module of core/rewards/ each; curiosity '
+            'is the forward model\'s prediction error.', choices=reward_names())
         deterministic = self.declare('deterministic', False,
                                      'Act with the most likely action instead of sampling.')
         persistence = self.declare(
@@ -129,6 +128,7 @@ class AgentNode(ManagedNode):
                                           self.agent.load_checkpoint, preset=preset,
                                           after_save=self.diagnostics.report)
         self.continues = False  # the next step follows the previous one without a gap
+        self.frames = FrameReader(self.warn_throttled)
         self.create_subscription(Image, 'camera/image_raw', self.on_frame, NEWEST_FRAME)
         # Everything built so far lives as long as the process: out of the
         # collector's sight, so a collection during a step stays short.
@@ -152,7 +152,7 @@ class AgentNode(ManagedNode):
             self.step_gap.step_ended()
 
     def _act(self, msg: Image, received: int) -> None:
-        rgb = self.observation_from(msg)
+        rgb = self.frames.observation(msg)
         if rgb is None:
             return
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
@@ -243,7 +243,7 @@ class AgentNode(ManagedNode):
         if problem is None:
             self.syncs_ok += 1
             versions = ', '.join(f'{n} v{self.agent.versions[n]}' for n in names)
-            self.get_logger().info(f'new weights: {versions}')
+            self.get_logger().debug(f'new weights: {versions}')  # each round; /diagnostics has them
             response.results = [SetParametersResult(successful=True) for _ in names]
         else:
             self.syncs_refused += 1
@@ -268,7 +268,7 @@ class AgentNode(ManagedNode):
                              latency_p99_ms=lat['p99'], latency_max_ms=lat['max'],
                              step_p50_ms=step['p50'], step_p99_ms=step['p99'],
                              step_max_ms=step['max'],
-                             steps=self.agent.steps, dropped_frames=self.dropped_frames,
+                             steps=self.agent.steps, dropped_frames=self.frames.dropped,
                              syncs_ok=self.syncs_ok, syncs_refused=self.syncs_refused,
                              active=self.is_active,
                              **{f'version_{k}': v for k, v in self.agent.versions.items()})

@@ -1,5 +1,8 @@
 """camera: publishes frames of a video source (the OBS virtual camera by default).
 
+A little over 400 lines: the capture thread (open with back-off, read, pace)
+is this node's own job and is not shared, so it stays beside the node.
+
 Publishes:
   camera/image_raw   sensor_msgs/Image, rgb8, width x height (default 84x84),
                      header.stamp = capture time (node clock), at `fps`

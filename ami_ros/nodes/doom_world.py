@@ -5,7 +5,7 @@ It listens for VRChat's OSC input (`/input/Vertical`, `/input/Horizontal`,
 `/input/MoveLeft`, `/input/MoveRight`, `/input/LookLeft`, `/input/LookRight`,
 `/input/Jump`, `/input/Run` ints) on UDP, exactly where VRChat would, steps
 the game in real time with the held input, and publishes the frame as the
-camera node would. Control mapping: see ami_ros.core.doom.
+camera node would. Control mapping: see ami_ros.worlds.doom.
 
 Published topics (relative names; lifecycle publishers, nothing while inactive):
     camera/image_raw  sensor_msgs/Image     rgb8 width x height, stamped at capture
@@ -51,7 +51,11 @@ from rclpy.qos import DurabilityPolicy, QoSProfile
 from sensor_msgs.msg import Image
 from std_msgs.msg import UInt32
 
-from ami_ros.core.doom import (
+from ami_ros.core.timing import RateMeter
+from ami_ros.ros.diagnostics import NodeDiagnostics
+from ami_ros.ros.images import rgb_to_image
+from ami_ros.ros.managed_node import ManagedNode, run
+from ami_ros.worlds.doom import (
     DEFAULT_TURN_SPEED,
     DoomWorld,
     VRChatInputState,
@@ -59,10 +63,6 @@ from ami_ros.core.doom import (
     frame_skip_for,
     resolve_scenario,
 )
-from ami_ros.core.timing import RateMeter
-from ami_ros.ros.diagnostics import NodeDiagnostics
-from ami_ros.ros.images import rgb_to_image
-from ami_ros.ros.managed_node import ManagedNode, run
 
 
 def parse_start(spec: str) -> tuple[float, float] | None:

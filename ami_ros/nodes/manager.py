@@ -16,19 +16,8 @@ Topics:
                 saved and failed, the newest checkpoint; a warning when the
                 last save failed
 
-Parameters:
-  managed_nodes        names of the lifecycle nodes, in pause order
-  checkpointed_nodes   nodes that hold state: those of them among managed_nodes
-                       must take part in every checkpoint (the manager waits
-                       up to call_timeout for their save service)
-  call_timeout         seconds to wait for one node's answer, and for the nodes'
-                       services to be discovered before a pause, resume or shutdown
-  checkpoint_dir       where checkpoints go (checkpoints/ in the working directory)
-  checkpoint_interval  seconds between periodic checkpoints (0 = none)
-  keep_last            periodic and final checkpoints kept (0 = all); saved
-                       on request (ami/save_checkpoint) are never removed
-  save_on_shutdown     a final checkpoint at ami/shutdown
-  preset               the graph's preset, recorded in the manifest
+Parameters: declared in ManagerNode.__init__, each with its description and
+range; docs/parameters.md lists them (`ami-ros parameters`).
 """
 
 from __future__ import annotations

@@ -20,21 +20,9 @@ Publishes:
                         stale, breaks, overflow) and max_policy_lag
 
 Parameters: those of every trainer node (ami_ros/ros/trainer_node.py; no
-max_batches: a PPO round always uses its whole trajectory), where min_new
-overrides the preset's ppo_training.steps (steps per update); and
-  max_policy_lag   before each round, entries the agent made with a policy
-                   older than (trainer version - max_policy_lag) are dropped
-                   (default 2 versions); PPO's ratio corrects a small lag only
-  action_baseline  true: train on the curiosity reward less what each action
-                   part earns by itself (core/reward.py ActionRewardBaseline),
-                   so that turning as such stops paying; false (default): on
-                   the reward as the agent sent it. Read at start.
-  normalize_reward true: train on the reward less its running mean, divided
-                   by the running spread of its discounted return
-                   (core/reward.py ReturnNormalizer), so the critic's targets
-                   stay near unit scale; false (default): unscaled. Read at start.
-  entropy_coef     weight of PPO's entropy bonus; 0 (default) = the preset's
-                   (0.001). Read at start.
+max_batches: a PPO round always uses its whole trajectory; min_new
+overrides the preset's ppo_training.steps), max_policy_lag and entropy_coef;
+each is described where it is declared.
 """
 
 from __future__ import annotations
@@ -63,26 +51,16 @@ class PolicyTrainerNode(ExperienceTrainerNode):
         super().__init__('policy_trainer', **kwargs)
         self.max_policy_lag = self.declare(
             'max_policy_lag', 2, 'Drop entries made by a policy more than this many versions '
-            'older than the trainer\'s before a round.', low=0, high=1_000_000)
+            'older than the trainer\'s before a round (PPO\'s ratio corrects a small lag only).',
+            low=0, high=1_000_000)
 
     def make_trainer(self, preset: Preset, models: dict[str, nn.Module], device: str, seed: int,
                      max_batches: int) -> PPOTrainer:
-        action_baseline = self.declare(
-            'action_baseline', preset.ppo_training.action_baseline,
-            'Train on the curiosity reward less what each action part earns by itself, so that '
-            'turning in place stops paying; false = the raw reward.', read_only=True)
-        normalize_reward = self.declare(
-            'normalize_reward', preset.ppo_training.normalize_reward,
-            'Train on the reward less its running mean, divided by the running spread of its '
-            'discounted return (keeps the critic\'s targets near unit scale); false = unscaled.',
-            read_only=True)
         entropy_coef = self.declare(
             'entropy_coef', 0.0, 'Weight of the entropy bonus in the PPO loss; 0 = the preset\'s '
-            '(REFERENCE.md: 0.001). Larger keeps the policy from settling on one habit.',
+            '(docs/reference.md: 0.001). Larger keeps the policy from settling on one habit.',
             low=0.0, high=1.0, read_only=True)
-        overrides = {'action_baseline': bool(action_baseline), 'normalize_reward': bool(normalize_reward)}
-        if entropy_coef:
-            overrides['entropy_coef'] = float(entropy_coef)
+        overrides = {'entropy_coef': float(entropy_coef)} if entropy_coef else {}
         cfg = with_overrides(preset, ppo_training=overrides).ppo_training
         return PPOTrainer(models['policy'], cfg, device=device, seed=seed)
 
@@ -90,9 +68,8 @@ class PolicyTrainerNode(ExperienceTrainerNode):
         # Without the previous action's reward no trajectory may span this step.
         if not follows or step.reward is None:
             self.trainer.buffer.break_sequence()
-        # What the policy acted on: the frame, or the latent the agent's encoder
-        # made of it (and the dynamics hidden state the agent held then).
-        seen = policy_observation(self.preset.policy.input, step.observation, step.latent, step.hidden)
+        # What the policy acted on: the frame, or the latent the agent's encoder made of it.
+        seen = policy_observation(self.preset.policy.input, step.observation, step.latent)
         self.trainer.add(seen, step.action, step.log_prob, step.value,
                          0.0 if step.reward is None else step.reward,
                          policy_version=step.versions['policy'],
@@ -104,7 +81,7 @@ class PolicyTrainerNode(ExperienceTrainerNode):
         dropped = self.trainer.buffer.drop_older_than(oldest)
         if dropped:
             self.dropped_stale += dropped
-            self.get_logger().info(f'dropped {dropped} stale step(s) of policy versions < {oldest} '
+            self.get_logger().debug(f'dropped {dropped} stale step(s) of policy versions < {oldest} '
                                    f'({self.dropped_stale} in total)')
 
     def buffer_status(self) -> dict[str, object]:

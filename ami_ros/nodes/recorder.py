@@ -2,10 +2,12 @@
 
 One process writes the run, so several processes never write one run and
 no node ever waits on the tracking store: every callback here only appends
-to a buffer, and a writer thread (ami_ros.core.run_record.BackgroundRecorder)
+to a buffer, and a writer thread (ami_ros.record.mlflow_run.BackgroundRecorder)
 opens the run, writes metrics with one log_batch per `flush_interval` and
 logs the artifacts. A store that cannot be reached or created gives one
 error line (which URI, what to do) and the node runs on without recording.
+The experiment is marked as model training and the run's page is logged with
+that view selected: MLflow 3's UI otherwise lists the run as a GenAI evaluation.
 
 Subscribes (relative names, except /diagnostics; only while active, but
 /diagnostics keeps the summary current while paused):
@@ -23,9 +25,7 @@ Subscribes (relative names, except /diagnostics; only while active, but
                             logged as the next starts (how far the agent gets
                             from where it started; respawns do not count)
   camera/image_raw,         sensor_msgs/Image, only around a sample every
-  prediction/image_raw      `image_interval` s: the agent decodes predictions
-                            only while someone subscribes, so the recorder
-                            subscribes, takes one, and unsubscribes
+  prediction/image_raw      `image_interval` s (ami_ros.ros.prediction_samples)
 Publishes:
   /diagnostics              its own status: run id, metrics logged, pending, cells,
                             the current episode (-1 before the first) and its cells,
@@ -40,8 +40,7 @@ end, so the run's metrics end where its summary does.
 
 Run params: the launch arguments (`log_params`), and every node it hears
 on /diagnostics as `<node>/<parameter>` with the value the node runs with
-(asked once per node through its parameter services, the ones `ros2 param
-dump` uses: defaults, the parameters file and launch overrides alike);
+(asked once per node through its parameter services: ami_ros.ros.node_parameters);
 the same as a ROS 2 parameters file, artifact parameters.yaml, which
 `params_file:=` takes back.
 
@@ -51,22 +50,7 @@ exploration/cells.json (at the end), summary.json (at the end: steps,
 rounds per trainer, final losses, cells visited, reward mean over the last
 `summary_window` steps).
 
-Parameters:
-  tracking_uri      MLflow store; '' = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-                    in the working directory ('')
-  experiment        MLflow experiment name (ami_ros)
-  run_name          run name; '' = the start time YYYY-mm-dd_HH-MM-SS ('')
-  artifact_location where a newly created experiment keeps artifacts; '' = next to a
-                    sqlite store (<db dir>/mlruns/<experiment>), the server's default
-                    for an http store ('')
-  log_params        run params: 'k=v;k=v' or a list of 'k=v' (the graph's launch
-                    arguments) ('')
-  flush_interval    seconds between writes to the store (5.0)
-  cell_size         exploration map cell size in map units (64)
-  image_interval    seconds between frame/prediction samples; 0 = none (60.0)
-  map_interval      seconds between exploration map snapshots; 0 = only at the end (60.0)
-  summary_window    rewards averaged for the summary (100)
-  step_node         the node whose diagnostics' `steps` is the step axis (agent)
+Parameters: described where they are declared below, and in docs/parameters.md.
 
 The run ends (FINISHED, summary written) on SIGINT/SIGTERM or the lifecycle
 shutdown; stop the recorder after the nodes it records, so their last
@@ -79,60 +63,34 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import rclpy.logging
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import ParameterDescriptor
-from rcl_interfaces.srv import GetParameters, ListParameters
 from rclpy.impl.rcutils_logger import RcutilsLogger
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
-from rclpy.parameter import parameter_value_to_python
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import Image
+from rclpy.qos import DurabilityPolicy, QoSProfile
 from std_msgs.msg import Float32, UInt32
 
-from ami_ros.core.run_record import (
+from ami_ros.record.mlflow_run import (
     BackgroundRecorder,
-    ExplorationMap,
     RunRecorder,
-    RunStats,
     iter_numeric,
-    node_params,
-    parameters_file,
-    parse_params,
     resolve_tracking_uri,
-    side_by_side,
-    summary_line,
+    run_page_url,
 )
+from ami_ros.record.pictures import ExplorationMap
+from ami_ros.record.run_params import node_params, parameters_file, parse_params
+from ami_ros.record.summary import RunStats, summary_line
 from ami_ros.ros.diagnostics import NodeDiagnostics
-from ami_ros.ros.images import image_to_rgb
 from ami_ros.ros.managed_node import ManagedNode, run
+from ami_ros.ros.node_parameters import NodeParameterReader
+from ami_ros.ros.prediction_samples import PredictionSampler
 
-# Samples take what comes: best effort matches reliable and best-effort publishers.
-SAMPLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5,
-                        reliability=ReliabilityPolicy.BEST_EFFORT)
-SAMPLE_TIMEOUT = 10.0  # s to wait for a prediction and the frame after it
-SAMPLE_FRAMES = 32  # camera frames kept while sampling, to find the prediction's frame
 CLOSE_TIMEOUT = 8.0  # s for the last flush + artifacts; the launcher kills after 10 s
-PARAMETERS_RETRY = 30.0  # s before asking again a node that did not answer for its parameters
-
-
-def _stamp_ns(msg: Image) -> int:
-    return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
-
-
-@dataclass
-class _Sample:
-    """A frame/prediction sample in progress: its subscriptions and what they got."""
-
-    started: float
-    subscriptions: list = field(default_factory=list)
-    frames: dict[int, np.ndarray] = field(default_factory=dict)  # stamp ns -> RGB, arrival order
-    prediction: tuple[int, np.ndarray] | None = None
-    done: bool = False
 
 
 class RecorderNode(ManagedNode):
@@ -188,12 +146,10 @@ class RecorderNode(ManagedNode):
         self._episode: int | None = None
         self._episode_cells: set[tuple[int, int]] = set()
         self.images_logged = 0
-        self._sample: _Sample | None = None
+        self.samples = PredictionSampler(self, self._on_sample_picture)
+        self.node_parameters = NodeParameterReader(self, self._on_node_parameters)
         self._opened = False
         self._exiting = False
-        self._node_parameters: dict[str, dict] = {}  # node -> its parameters, once it answered
-        self._node_parameters_asked: dict[str, float] = {}  # node -> when they were asked for
-        self._node_parameter_clients: dict[str, tuple] = {}  # node -> (list, get) clients
 
         self.create_subscription(Float32, 'reward', self.on_reward, 100)
         self.create_subscription(Float32, 'prediction_error', self.on_prediction_error, 100)
@@ -216,7 +172,7 @@ class RecorderNode(ManagedNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._end_sample()
+        self.samples.stop()
         return super().on_deactivate(state)
 
     def _open_run(self) -> RunRecorder:
@@ -233,9 +189,12 @@ class RecorderNode(ManagedNode):
     def _on_open(self, rec: RunRecorder) -> None:
         self._opened = True
         self.diagnostics.set(run_id=rec.run_id, tracking_uri=rec.tracking_uri)
+        page = run_page_url(rec.tracking_uri, rec.experiment_id, rec.run_id)
+        if not rec.tracking_uri.startswith(('http://', 'https://')):  # no server yet: start the UI
+            page = f'mlflow ui --backend-store-uri {rec.tracking_uri}, then {page}'
         self.get_logger().info(
             f'recording to MLflow run {rec.run_id} ({rec.run_name}) at {rec.tracking_uri}; '
-            f'open with: mlflow ui --backend-store-uri {rec.tracking_uri}')
+            f'open with: {page}')
 
     def _run_logger(self) -> RcutilsLogger:
         if self._exiting:
@@ -295,7 +254,7 @@ class RecorderNode(ManagedNode):
             if node is None:
                 continue
             values = iter_numeric((kv.key, kv.value) for kv in status.values)
-            self._ask_parameters(node)
+            self.node_parameters.ask(node)
             if node == self.step_node and 'steps' in values:
                 self._agent_steps = int(values['steps'])
                 self._rewards_since_status = 0
@@ -308,46 +267,12 @@ class RecorderNode(ManagedNode):
                 self.writer.add_metric(name, value, step)
                 self._last_logged[name] = value
 
-    # -- the nodes' parameters ------------------------------------------------
-    def _ask_parameters(self, node: str) -> None:
-        """Ask `node` for its parameters once, without waiting for the answer."""
-        if node in self._node_parameters or (
-                time.monotonic() - self._node_parameters_asked.get(node, -math.inf) < PARAMETERS_RETRY):
-            return
-        clients = self._node_parameter_clients.get(node)
-        if clients is None:
-            clients = (self.create_client(ListParameters, f'{node}/list_parameters'),
-                       self.create_client(GetParameters, f'{node}/get_parameters'))
-            self._node_parameter_clients[node] = clients
-        lister, getter = clients
-        if not (lister.service_is_ready() and getter.service_is_ready()):
-            return  # not yet discovered (or not a node with parameters): at its next status
-        self._node_parameters_asked[node] = time.monotonic()
-        lister.call_async(ListParameters.Request()).add_done_callback(
-            lambda future: self._on_parameter_names(node, getter, future))
-
-    def _on_parameter_names(self, node: str, getter, future) -> None:
-        try:
-            names = list(future.result().result.names)
-        except Exception as exc:  # the node went away meanwhile: asked again later
-            self.warn_throttled('parameters', f'could not list the parameters of {node}: {exc}')
-            return
-        getter.call_async(GetParameters.Request(names=names)).add_done_callback(
-            lambda future: self._on_parameter_values(node, names, future))
-
-    def _on_parameter_values(self, node: str, names: list[str], future) -> None:
-        try:
-            values = future.result().values
-            parameters = {name: parameter_value_to_python(value)
-                          for name, value in zip(names, values, strict=True)}
-        except Exception as exc:
-            self.warn_throttled('parameters', f'could not read the parameters of {node}: {exc}')
-            return
-        self._node_parameters[node] = parameters
+    def _on_node_parameters(self, node: str, parameters: dict[str, Any]) -> None:
         if self.writer is None:
             return
         params = node_params(node, parameters)
-        text = parameters_file({f'{self._prefix}/{n}': p for n, p in self._node_parameters.items()})
+        answered = self.node_parameters.parameters
+        text = parameters_file({f'{self._prefix}/{n}': p for n, p in answered.items()})
         self.writer.submit(lambda rec: rec.log_params(params))
         # The whole file again: every node's answer completes it.
         self.writer.submit(lambda rec: rec.log_text('parameters.yaml', text))
@@ -388,9 +313,7 @@ class RecorderNode(ManagedNode):
     def _tick(self) -> None:
         if self._recording():
             self._log_cells()
-        sample = self._sample
-        if sample is not None and time.monotonic() - sample.started > SAMPLE_TIMEOUT:
-            self._finish_sample(timed_out=True)
+        self.samples.check_timeout()
         writer = self.writer
         self.diagnostics.set(
             recording=bool(writer and writer.recorder and not writer.failed),
@@ -414,84 +337,14 @@ class RecorderNode(ManagedNode):
 
     # -- frame / prediction samples --------------------------------------------
     def _start_sample(self) -> None:
-        if not self._recording() or self._sample is not None:
-            return
-        sample = _Sample(started=time.monotonic())
-        sample.subscriptions = [
-            self.create_subscription(Image, 'camera/image_raw', self._on_sample_frame, SAMPLE_QOS),
-            self.create_subscription(Image, 'prediction/image_raw', self._on_sample_prediction,
-                                     SAMPLE_QOS),
-        ]
-        self._sample = sample
+        if self._recording():
+            self.samples.start()
 
-    def _rgb(self, msg: Image) -> np.ndarray | None:
-        try:
-            return np.array(image_to_rgb(msg))  # a copy: the message buffer is reused
-        except ValueError as exc:
-            self.warn_throttled('sample-image', f'ignoring image for the sample: {exc}')
-            return None
-
-    def _on_sample_frame(self, msg: Image) -> None:
-        sample = self._sample
-        if sample is None or sample.done:
-            return
-        rgb = self._rgb(msg)
-        if rgb is None:
-            return
-        sample.frames[_stamp_ns(msg)] = rgb
-        while len(sample.frames) > SAMPLE_FRAMES:
-            del sample.frames[next(iter(sample.frames))]
-        self._finish_sample()
-
-    def _on_sample_prediction(self, msg: Image) -> None:
-        sample = self._sample
-        if sample is None or sample.done or sample.prediction is not None:
-            return
-        rgb = self._rgb(msg)
-        if rgb is not None:
-            # The agent stamps a prediction with the frame it predicts from.
-            sample.prediction = (_stamp_ns(msg), rgb)
-            self._finish_sample()
-
-    def _finish_sample(self, timed_out: bool = False) -> None:
-        """Save camera t | predicted t+1 | camera t+1 once all are in (what there is on timeout)."""
-        sample = self._sample
-        if sample is None or sample.done:
-            return
-        panels: list[tuple[str, np.ndarray]] = []
-        if sample.prediction is not None:
-            stamp, predicted = sample.prediction
-            before = [t for t in sample.frames if t <= stamp]
-            after = [t for t in sample.frames if t > stamp]
-            if not after and not timed_out:
-                return  # wait for the frame that shows what really came
-            if before:
-                panels.append(('camera t', sample.frames[stamp if stamp in sample.frames else max(before)]))
-            panels.append(('predicted t+1', predicted))
-            if after:
-                panels.append(('camera t+1', sample.frames[min(after)]))
-        elif timed_out and sample.frames:
-            panels.append(('camera (no prediction)', sample.frames[next(reversed(sample.frames))]))
-        elif not timed_out:
-            return
-        if panels and self.writer is not None:
-            picture = side_by_side(panels)
+    def _on_sample_picture(self, picture: np.ndarray) -> None:
+        if self.writer is not None:
             name = f'frames/step_{self._step():08d}.png'
             self.writer.submit(lambda rec: rec.log_image(name, picture))
             self.images_logged += 1
-        elif timed_out:
-            self.warn_throttled('sample-empty', f'no camera/image_raw within {SAMPLE_TIMEOUT:g} s '
-                                'for the image sample', 300.0)
-        self._end_sample()
-
-    def _end_sample(self) -> None:
-        sample, self._sample = self._sample, None
-        if sample is None:
-            return
-        sample.done = True
-        # Unsubscribing stops the agent decoding predictions (it publishes only to subscribers).
-        for sub in sample.subscriptions:
-            self.destroy_subscription(sub)
 
     # -- the end --------------------------------------------------------------
     def on_exit(self) -> None:

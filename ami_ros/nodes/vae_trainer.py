@@ -28,6 +28,7 @@ from torch import nn
 from ami_ros.core.observation import to_uint8_chw
 from ami_ros.core.presets import Preset
 from ami_ros.core.trainers import DEFAULT_MAX_BATCHES, VAETrainer
+from ami_ros.ros.images import FrameReader
 from ami_ros.ros.managed_node import run
 from ami_ros.ros.trainer_node import TrainerNode
 
@@ -44,6 +45,7 @@ class VAETrainerNode(TrainerNode):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('vae_trainer', **kwargs)
+        self.frames = FrameReader(self.warn_throttled)
         self.create_subscription(Image, 'camera/image_raw', self.on_frame, FRAMES)
 
     def make_trainer(self, preset: Preset, models: dict[str, nn.Module], device: str, seed: int,
@@ -54,8 +56,8 @@ class VAETrainerNode(TrainerNode):
     def on_frame(self, msg: Image) -> None:
         if not self.is_active:
             return
-        self.rhythm.frame(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
-        rgb = self.observation_from(msg)
+        self.pacing.frame(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
+        rgb = self.frames.observation(msg)
         if rgb is not None:
             self.trainer.add(to_uint8_chw(rgb))
 
@@ -65,7 +67,7 @@ class VAETrainerNode(TrainerNode):
                 'new_count': buffer.new_count}
 
     def node_status(self) -> dict[str, object]:
-        return {'dropped_frames': self.dropped_frames}
+        return {'dropped_frames': self.frames.dropped}
 
 
 def main(args: list[str] | None = None) -> int:

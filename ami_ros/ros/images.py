@@ -1,9 +1,18 @@
-"""sensor_msgs/Image <-> numpy RGB arrays, without cv_bridge (not on PyPI)."""
+"""sensor_msgs/Image <-> numpy RGB arrays, without cv_bridge (not on PyPI).
+
+`FrameReader` turns camera Images into the models' frames for a node that
+learns from them, counting the ones it cannot use.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from sensor_msgs.msg import Image
+
+from ami_ros.core.observation import center_crop_resize
+from ami_ros.core.presets import IMAGE_SHAPE
 
 # encoding -> (channels, index order that gives RGB)
 _LAYOUTS: dict[str, tuple[int, tuple[int, ...] | None]] = {
@@ -55,3 +64,27 @@ def rgb_to_image(rgb: np.ndarray, stamp, frame_id: str = 'camera') -> Image:
     # Assigning bytes is fast; a numpy array would be copied element by element.
     msg.data = np.ascontiguousarray(rgb).tobytes()
     return msg
+
+
+class FrameReader:
+    """Camera Images as the models' HxWx3 RGB frames; `dropped` counts the unusable ones.
+
+    Other sizes are centre-cropped and resized, other encodings converted;
+    what cannot be used is dropped with a warning naming it, through `warn`
+    (kind, text), a throttled warning such as `ManagedNode.warn_throttled`.
+    """
+
+    def __init__(self, warn: Callable[[str, str], None]) -> None:
+        self.warn = warn
+        self.dropped = 0
+
+    def observation(self, msg: Image) -> np.ndarray | None:
+        """The frame `msg` holds, or None (counted, warned)."""
+        try:
+            rgb = image_to_rgb(msg)
+        except ValueError as exc:
+            self.dropped += 1
+            kind = str(exc).split(' ', 1)[0]  # e.g. 'unsupported', 'data', 'step'
+            self.warn(f'frame-{kind}', f'dropping frame: {exc}')
+            return None
+        return center_crop_resize(rgb, IMAGE_SHAPE[1], IMAGE_SHAPE[2])

@@ -14,15 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import numpy as np
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-
-from ami_ros.core.observation import center_crop_resize
-from ami_ros.core.presets import IMAGE_SHAPE
-from ami_ros.ros.images import image_to_rgb
 
 N = TypeVar('N', bound='ManagedNode')
 
@@ -35,7 +30,7 @@ class ManagedNode(LifecycleNode):
         self.is_active = False
         self.finished = False
         self._warned_at: dict[str, float] = {}
-        self.dropped_frames = 0
+        self.declared_defaults: dict[str, Any] = {}  # name -> default as declared (docs/parameters.md)
         self.autostart = self.declare(
             'autostart', True, 'Configure and activate on start, without waiting for the manager.')
 
@@ -59,6 +54,7 @@ class ManagedNode(LifecycleNode):
             elif isinstance(default, float):
                 desc.floating_point_range = [FloatingPointRange(
                     from_value=float(low), to_value=float(high), step=float(step))]
+        self.declared_defaults[name] = default
         value = self.declare_parameter(name, default, desc).value
         if choices and value not in choices:
             raise ValueError(
@@ -77,21 +73,6 @@ class ManagedNode(LifecycleNode):
                 self._warned_at.clear()
             self._warned_at[kind] = now
             self.get_logger().warning(text)
-
-    def observation_from(self, msg) -> np.ndarray | None:
-        """A camera Image as the models' HxWx3 RGB frame, or None (counted, warned).
-
-        Other sizes are centre-cropped and resized, other encodings
-        converted; what cannot be used is dropped with a warning naming it.
-        """
-        try:
-            rgb = image_to_rgb(msg)
-        except ValueError as exc:
-            self.dropped_frames += 1
-            kind = str(exc).split(' ', 1)[0]  # e.g. 'unsupported', 'data', 'step'
-            self.warn_throttled(f'frame-{kind}', f'dropping frame: {exc}')
-            return None
-        return center_crop_resize(rgb, IMAGE_SHAPE[1], IMAGE_SHAPE[2])
 
     # -- lifecycle --------------------------------------------------------
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -142,7 +123,7 @@ def prefer_synchronous_publication() -> None:
     In asynchronous mode a message waits for a background thread to be
     scheduled, and on a busy 2-core machine that thread competes with the
     agent's own step: the action reached the bridge 2-6 ms later at the
-    p99 (README, Performance). A user's own RMW_FASTRTPS_PUBLICATION_MODE
+    p99 (docs/experiments.md). A user's own RMW_FASTRTPS_PUBLICATION_MODE
     wins; other RMWs ignore it.
     """
     os.environ.setdefault('RMW_FASTRTPS_PUBLICATION_MODE', 'SYNCHRONOUS')

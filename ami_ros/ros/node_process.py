@@ -27,7 +27,7 @@ def node_command(executable: str, name: str, params_files: Sequence[Path] = (),
     cmd = [sys.executable, '-u', '-m', 'ami_ros.cli', 'run', executable, '--ros-args',
            '-r', f'__node:={name}']
     if namespace:
-        cmd += ['-r', f'__ns:={namespace}']
+        cmd += ['-r', f'__ns:=/{namespace.lstrip("/")}']  # rcl takes only absolute ones
     for path in params_files:
         cmd += ['--params-file', str(path)]
     for src, dst in (remaps or {}).items():
