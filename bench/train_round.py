@@ -32,8 +32,14 @@ def _fill(preset_name: str, device: str) -> list[tuple[str, object]]:
                 torch.randn(hidden_shape, generator=gen).to(torch.complex64),
                 torch.randint(0, 2, (5,), generator=gen))
     ppo = PPOTrainer(models['policy'], preset.ppo_training, device=device)
+
+    def observation() -> torch.Tensor:  # what the preset's policy sees: the frame or the latent
+        if preset.policy.input == 'latent':
+            return torch.randn(preset.encoder.latent, generator=gen)
+        return torch.randint(0, 256, IMAGE_SHAPE, dtype=torch.uint8, generator=gen)
+
     for _ in range(preset.ppo_training.steps + 1):
-        ppo.add(torch.randint(0, 256, IMAGE_SHAPE, dtype=torch.uint8, generator=gen),
+        ppo.add(observation(),
                 torch.randint(0, 2, (5,), generator=gen), -torch.rand(5, generator=gen),
                 float(torch.randn((), generator=gen)), float(torch.rand((), generator=gen)), 0)
     return [('vae', vae), ('dynamics', dyn), ('ppo', ppo)]
