@@ -185,7 +185,10 @@ class StatusMonitor:
         from sensor_msgs.msg import Image, Joy
         from std_msgs.msg import Float32, String
 
+        from ami_ros.ros.images import stamp_ns
+
         self._rclpy = rclpy
+        self._stamp_ns = stamp_ns
         self.context = rclpy.Context()
         rclpy.init(context=self.context, args=['ami-ros-launch', '--ros-args', '--disable-rosout-logs'],
                    signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
@@ -220,7 +223,7 @@ class StatusMonitor:
     def _on_action(self, msg) -> None:
         self.actions.tick()
         now = self.node.get_clock().now().nanoseconds
-        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        stamp = self._stamp_ns(msg)
         if stamp:
             self.latency.add((now - stamp) / 1e6)
 

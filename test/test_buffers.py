@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ami_ros.core.buffers import DynamicsBuffer, ImageBuffer, TrajectoryBuffer, gae
+from ami_ros.core.buffers import DynamicsBuffer, ImageBuffer
+from ami_ros.core.trajectory import TrajectoryBuffer, gae
 
 
 def _through_disk(state):

@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
-from ami_ros.core.buffers import DynamicsBuffer, ImageBuffer, TrajectoryBuffer, gae
+from ami_ros.core.buffers import DynamicsBuffer, ImageBuffer
 from ami_ros.core.policy import with_persistence
 from ami_ros.core.presets import DynamicsTrainingConfig, PPOTrainingConfig, VAETrainingConfig
 from ami_ros.core.rewards.curiosity import prediction_nll
+from ami_ros.core.trajectory import TrajectoryBuffer, gae
 
 # A round over a big buffer stays bounded: at most this many minibatches per
 # epoch (with the reference settings, 2048 images / batch 8 = 256: the whole

@@ -64,7 +64,7 @@ from ami_ros.core.schemas import ExperienceStep, encode_experience
 from ami_ros.core.timing import LatencyWindow, RateMeter
 from ami_ros.ros.checkpoint_part import CheckpointPart
 from ami_ros.ros.diagnostics import NodeDiagnostics
-from ami_ros.ros.images import FrameReader, rgb_to_image
+from ami_ros.ros.images import FrameReader, rgb_to_image, stamp_ns
 from ami_ros.ros.managed_node import ManagedNode, run
 from ami_ros.ros.pacing import StepGap
 
@@ -155,7 +155,7 @@ class AgentNode(ManagedNode):
         rgb = self.frames.observation(msg)
         if rgb is None:
             return
-        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        stamp = stamp_ns(msg)
 
         def publish_action(action) -> None:
             axes, buttons = action_to_controls(action.tolist())

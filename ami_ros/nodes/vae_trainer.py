@@ -28,7 +28,7 @@ from torch import nn
 from ami_ros.core.observation import to_uint8_chw
 from ami_ros.core.presets import Preset
 from ami_ros.core.trainers import DEFAULT_MAX_BATCHES, VAETrainer
-from ami_ros.ros.images import FrameReader
+from ami_ros.ros.images import FrameReader, stamp_ns
 from ami_ros.ros.managed_node import run
 from ami_ros.ros.trainer_node import TrainerNode
 
@@ -56,7 +56,7 @@ class VAETrainerNode(TrainerNode):
     def on_frame(self, msg: Image) -> None:
         if not self.is_active:
             return
-        self.pacing.frame(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
+        self.pacing.frame(stamp_ns(msg) / 1e9)
         rgb = self.frames.observation(msg)
         if rgb is not None:
             self.trainer.add(to_uint8_chw(rgb))

@@ -14,6 +14,13 @@ from sensor_msgs.msg import Image
 from ami_ros.core.observation import center_crop_resize
 from ami_ros.core.presets import IMAGE_SHAPE
 
+
+def stamp_ns(msg: object) -> int:
+    """A stamped message's header stamp in nanoseconds (the frames' capture time)."""
+    stamp = msg.header.stamp
+    return stamp.sec * 1_000_000_000 + stamp.nanosec
+
+
 # encoding -> (channels, index order that gives RGB)
 _LAYOUTS: dict[str, tuple[int, tuple[int, ...] | None]] = {
     'rgb8': (3, None),

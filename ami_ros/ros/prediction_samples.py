@@ -17,7 +17,7 @@ from rclpy.subscription import Subscription
 from sensor_msgs.msg import Image
 
 from ami_ros.record.pictures import side_by_side
-from ami_ros.ros.images import image_to_rgb
+from ami_ros.ros.images import image_to_rgb, stamp_ns
 from ami_ros.ros.managed_node import ManagedNode
 
 # Samples take what comes: best effort matches reliable and best-effort publishers.
@@ -25,10 +25,6 @@ SAMPLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5,
                         reliability=ReliabilityPolicy.BEST_EFFORT)
 SAMPLE_TIMEOUT = 10.0  # s to wait for a prediction and the frame after it
 SAMPLE_FRAMES = 32  # camera frames kept while sampling, to find the prediction's frame
-
-
-def _stamp_ns(msg: Image) -> int:
-    return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
 
 
 @dataclass
@@ -97,7 +93,7 @@ class PredictionSampler:
         rgb = self._rgb(msg)
         if rgb is None:
             return
-        sample.frames[_stamp_ns(msg)] = rgb
+        sample.frames[stamp_ns(msg)] = rgb
         while len(sample.frames) > SAMPLE_FRAMES:
             del sample.frames[next(iter(sample.frames))]
         self._finish()
@@ -109,7 +105,7 @@ class PredictionSampler:
         rgb = self._rgb(msg)
         if rgb is not None:
             # The agent stamps a prediction with the frame it predicts from.
-            sample.prediction = (_stamp_ns(msg), rgb)
+            sample.prediction = (stamp_ns(msg), rgb)
             self._finish()
 
     def _finish(self, timed_out: bool = False) -> None:
