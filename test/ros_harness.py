@@ -7,6 +7,7 @@ discovery on localhost only and a ROS_DOMAIN_ID of this test run alone.
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters
+
+
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that nothing listens on now (for a world's OSC input)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.02,

@@ -1,24 +1,19 @@
 """The acting agent's core (no ROS): the action leaves before the rest of the step."""
 
 import math
-from dataclasses import replace
 from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
+from frame_policy_preset import ON_FRAME
 
 from ami_ros.core.agent import CuriosityAgent
 from ami_ros.core.checkpoint import begin_checkpoint, commit_checkpoint
 from ami_ros.core.observation import to_observation
 from ami_ros.core.policy import with_persistence
-from ami_ros.core.presets import ACTION_CHOICES, get_preset
+from ami_ros.core.presets import ACTION_CHOICES
 from ami_ros.core.rewards.curiosity import prediction_nll
-
-# The cpu preset's small sizes with the policy on the frame through its own
-# conv trunk, as ami's and large's policies act.
-ON_FRAME = replace(get_preset('cpu'), name='cpu-on-frame',
-                   policy=replace(get_preset('cpu').policy, input='image'))
 
 
 def frames(n, seed=0):

@@ -11,17 +11,11 @@ from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
 from pythonosc.udp_client import SimpleUDPClient
 from rclpy.qos import DurabilityPolicy, QoSProfile
-from ros_harness import NodeStatus, wait_for
+from ros_harness import NodeStatus, free_udp_port, wait_for
 from sensor_msgs.msg import Image
 from std_msgs.msg import UInt32
 
 START_TIMEOUT = 30.0  # a cold start imports rclpy, torch and ViZDoom on a shared CPU
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def stamp_seconds(msg) -> float:

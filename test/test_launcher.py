@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ros_harness import wait_for
-from test_doom_world import free_udp_port
+from ros_harness import free_udp_port, wait_for
 
 from ami_ros.launcher import STATUS_WIDTH, GraphStatus, StatusPrinter
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_doom_world import free_udp_port
+from ros_harness import free_udp_port
 
 DURATION = 60
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from frame_policy_preset import ON_FRAME
 from torch.distributions import Normal
 
 from ami_ros.core.dynamics import PREDICTION_STD, ForwardDynamics
@@ -20,10 +20,6 @@ from ami_ros.core.models import (
 )
 from ami_ros.core.policy import MultiCategorical, policy_observation, with_persistence
 from ami_ros.core.presets import ACTION_CHOICES, IMAGE_SHAPE, PolicyConfig, Preset, get_preset
-
-# The cpu preset's small sizes with the policy on the frame, as ami's and large's act.
-ON_FRAME = replace(get_preset('cpu'), name='cpu-on-frame',
-                   policy=replace(get_preset('cpu').policy, input='image'))
 
 
 def random_actions(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -7,9 +7,8 @@ ROS keeps absolute by convention.
 """
 
 import pytest
-from ros_harness import NodeStatus, ami_ros, start_graph, stop_graph, wait_for
+from ros_harness import NodeStatus, ami_ros, free_udp_port, start_graph, stop_graph, wait_for
 from sensor_msgs.msg import Joy
-from test_doom_world import free_udp_port
 
 NS = '/robot1'
 NODES = {'doom_world', 'agent', 'osc_bridge', 'vae_trainer', 'dynamics_trainer', 'policy_trainer',

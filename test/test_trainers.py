@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
 
 import pytest
 import torch
+from frame_policy_preset import ON_FRAME
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -17,10 +17,6 @@ from ami_ros.core.policy import MultiCategorical, with_persistence
 from ami_ros.core.presets import Preset, get_preset, with_overrides
 from ami_ros.core.rewards.curiosity import prediction_nll
 from ami_ros.core.trainers import DynamicsTrainer, PPOTrainer, VAETrainer, ppo_loss
-
-# The cpu preset's small sizes with the policy on the frame, as ami's and large's act.
-ON_FRAME = replace(get_preset('cpu'), name='cpu-on-frame',
-                   policy=replace(get_preset('cpu').policy, input='image'))
 
 
 def _through_disk(state):
