@@ -120,7 +120,8 @@ def restore_point(arg: str, checkpoint_dir: str, preset: str) -> Path:
     A missing, damaged or foreign (other preset) checkpoint is refused with
     the one-line reason of ami_ros.core.checkpoint.
     """
-    from ami_ros.core.checkpoint import CheckpointError, load_manifest, resolve_checkpoint
+    from ami_ros.core.checkpoint import CheckpointError, load_manifest
+    from ami_ros.core.checkpoint_store import resolve_checkpoint
 
     try:
         path = resolve_checkpoint(arg, checkpoint_dir)

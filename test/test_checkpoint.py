@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ami_ros.core import checkpoint as ck
+from ami_ros.core import checkpoint_store as store
 from ami_ros.core.envelope import TensorSpec, specs_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_round_trip_is_bit_identical_and_manifest_lists_files(tmp_path):
     info = {'rounds': 12, 'lr': 1e-4, 'betas': [0.9, 0.999], 'name': 'vae', 'nested': {'a': [1, None]}}
     stage = ck.begin_checkpoint(tmp_path, now=T0)
     assert stage.name == '.2024-05-01_12-00-00.partial'
-    assert ck.list_checkpoints(tmp_path) == []  # a stage is never listed
+    assert store.list_checkpoints(tmp_path) == []  # a stage is never listed
     ck.write_tensors(stage, 'trainers/vae/state.safetensors', tensors, 'trainer/vae', {'version': 4})
     ck.write_json(stage, 'trainers/vae/state.json', info)
     ck.write_json(stage, 'interaction/environment/camera.json', {'fps': 10})
@@ -76,11 +77,11 @@ def test_round_trip_is_bit_identical_and_manifest_lists_files(tmp_path):
 
     assert path == tmp_path / '2024-05-01_12-00-00'
     assert not stage.exists()
-    assert ck.list_checkpoints(tmp_path) == [path]
-    assert ck.latest_checkpoint(tmp_path) == path
-    assert ck.resolve_checkpoint('latest', tmp_path) == path
-    assert ck.resolve_checkpoint(path.name, tmp_path) == path
-    assert ck.resolve_checkpoint(str(path), tmp_path) == path
+    assert store.list_checkpoints(tmp_path) == [path]
+    assert store.latest_checkpoint(tmp_path) == path
+    assert store.resolve_checkpoint('latest', tmp_path) == path
+    assert store.resolve_checkpoint(path.name, tmp_path) == path
+    assert store.resolve_checkpoint(str(path), tmp_path) == path
 
     env = ck.read_tensors(path, 'trainers/vae/state.safetensors', 'trainer/vae', specs_of(tensors))
     _assert_bit_identical(env.tensors, tensors)
@@ -213,30 +214,30 @@ def test_sigkill_during_save_leaves_previous_checkpoint_latest(tmp_path, ending)
         manifest = ck.load_manifest(stage, expected_preset='cpu', verify=True)
         assert manifest['name'] == stage.name[1:-len(ck.PARTIAL_SUFFIX)]
 
-    assert ck.list_checkpoints(tmp_path) == [previous]
-    assert ck.latest_checkpoint(tmp_path) == previous
-    assert ck.resolve_checkpoint('latest', tmp_path) == previous
+    assert store.list_checkpoints(tmp_path) == [previous]
+    assert store.latest_checkpoint(tmp_path) == previous
+    assert store.resolve_checkpoint('latest', tmp_path) == previous
     ck.load_manifest(previous, expected_preset='cpu', verify=True)
     env_prev = ck.read_tensors(previous, 'models/encoder.safetensors', 'weights/encoder')
     assert torch.equal(env_prev.tensors['w'], torch.arange(6.0).reshape(2, 3))
     assert ck.read_json(previous, 'trainers/vae/state.json') == {'rounds': 7}
     with pytest.raises(ck.CheckpointError, match='unfinished'):
-        ck.resolve_checkpoint(str(stage), tmp_path)
+        store.resolve_checkpoint(str(stage), tmp_path)
 
     # A fresh partial is not cleaned (it could be a save in progress); an old one is.
-    assert ck.clean_partials(tmp_path, older_than_s=3600) == []
-    assert ck.clean_partials(tmp_path, older_than_s=0) == [stage]
+    assert store.clean_partials(tmp_path, older_than_s=3600) == []
+    assert store.clean_partials(tmp_path, older_than_s=0) == [stage]
     assert not stage.exists()
-    assert ck.list_checkpoints(tmp_path) == [previous]
+    assert store.list_checkpoints(tmp_path) == [previous]
 
 
 # Dies while retention removes a checkpoint: hidden, one file gone, manifest.json still there.
 _KILL_MID_RETENTION = """
 import os, shutil, signal, sys
 from pathlib import Path
-from ami_ros.core import checkpoint as ck
+from ami_ros.core import checkpoint_store as store
 
-class DieMidRemoval:  # shutil as checkpoint.py sees it, but removing a tree kills half-way
+class DieMidRemoval:  # shutil as checkpoint_store.py sees it, but removing a tree kills half-way
     def __getattr__(self, name):
         return getattr(shutil, name)
     def rmtree(self, path, ignore_errors=False):
@@ -244,8 +245,8 @@ class DieMidRemoval:  # shutil as checkpoint.py sees it, but removing a tree kil
         (Path(path) / 'models' / 'encoder.safetensors').unlink()
         os.kill(os.getpid(), signal.SIGKILL)
 
-ck.shutil = DieMidRemoval()  # module globals: checkpoint.py alone sees it
-ck.apply_retention(sys.argv[1], keep_last=1)
+store.shutil = DieMidRemoval()  # module globals: checkpoint_store.py alone sees it
+store.apply_retention(sys.argv[1], keep_last=1)
 """
 
 
@@ -261,19 +262,19 @@ def test_sigkill_during_retention_leaves_every_other_checkpoint_whole(tmp_path):
     assert (removing / ck.MANIFEST).is_file() and not (removing / 'models/encoder.safetensors').exists()
     assert not automatic[0].exists()
     with pytest.raises(ck.CheckpointError, match='deleted'):
-        ck.resolve_checkpoint(str(removing), tmp_path)
+        store.resolve_checkpoint(str(removing), tmp_path)
     # Every other checkpoint, the next doomed one included, is whole.
-    assert ck.list_checkpoints(tmp_path) == [*automatic[1:], manual]
-    assert ck.latest_checkpoint(tmp_path) == manual
+    assert store.list_checkpoints(tmp_path) == [*automatic[1:], manual]
+    assert store.latest_checkpoint(tmp_path) == manual
     for path in (*automatic[1:], manual):
         ck.load_manifest(path, expected_preset='cpu', verify=True)
         env = ck.read_tensors(path, 'models/encoder.safetensors', 'weights/encoder')
         assert torch.equal(env.tensors['w'], torch.arange(6.0).reshape(2, 3))
         assert ck.read_json(path, 'trainers/vae/state.json') == {'rounds': 7}
     # The next retention finishes the job; cleaning takes the half-removed one.
-    assert ck.apply_retention(tmp_path, keep_last=1) == [automatic[1]]
-    assert ck.clean_partials(tmp_path, older_than_s=0) == [removing]
-    assert ck.list_checkpoints(tmp_path) == [automatic[2], manual]
+    assert store.apply_retention(tmp_path, keep_last=1) == [automatic[1]]
+    assert store.clean_partials(tmp_path, older_than_s=0) == [removing]
+    assert store.list_checkpoints(tmp_path) == [automatic[2], manual]
 
 
 def test_commit_refuses_missing_required_part_and_late_writes(tmp_path):
@@ -281,14 +282,14 @@ def test_commit_refuses_missing_required_part_and_late_writes(tmp_path):
     ck.write_json(stage, 'trainers/vae/state.json', {})
     with pytest.raises(ck.CheckpointError, match='missing trainers/ppo/state.json'):
         ck.commit_checkpoint(stage, {'preset': 'cpu'}, require=['trainers/ppo/state.json'])
-    assert stage.is_dir() and ck.list_checkpoints(tmp_path) == []
+    assert stage.is_dir() and store.list_checkpoints(tmp_path) == []
     with pytest.raises(ValueError, match='files'):
         ck.commit_checkpoint(stage, {'files': {}})
     path = ck.commit_checkpoint(stage, {'preset': 'cpu'})
     with pytest.raises(ck.CheckpointError, match='gone'):
         ck.write_json(stage, 'trainers/ppo/state.json', {})
     assert not stage.exists()  # the late writer did not recreate the stage
-    assert ck.list_checkpoints(tmp_path) == [path]
+    assert store.list_checkpoints(tmp_path) == [path]
     with pytest.raises(ck.CheckpointError, match='not a checkpoint staging directory'):
         ck.write_json(path, 'x.json', {})  # a committed checkpoint is not a stage
     for bad in ('../x.json', '/abs.json', 'models/.hidden.json', 'manifest.json', 'models/x.txt'):
@@ -306,7 +307,7 @@ def test_same_second_saves_get_distinct_names(tmp_path):
     pc = ck.commit_checkpoint(c, {'preset': 'cpu'})
     assert [p.name for p in (pa, pb, pc)] == ['2024-05-01_12-00-00', '2024-05-01_12-00-00-1',
                                               '2024-05-01_12-00-00-2']
-    assert ck.list_checkpoints(tmp_path) == [pa, pb, pc]
+    assert store.list_checkpoints(tmp_path) == [pa, pb, pc]
 
 
 # ----------------------------------------------------------------------------- retention
@@ -318,16 +319,16 @@ def test_retention_keeps_newest_automatic_and_every_manual(tmp_path):
     flagged = _save(tmp_path, T0 - timedelta(days=2), manifest={'manual': True})
     stage = ck.begin_checkpoint(tmp_path, now=T0 - timedelta(days=3))  # a save in progress
 
-    assert ck.list_checkpoints(tmp_path) == [flagged, named, *auto]
-    assert ck.apply_retention(tmp_path, keep_last=0) == []
-    assert ck.apply_retention(tmp_path, keep_last=2) == auto[:3]
-    assert ck.list_checkpoints(tmp_path) == [flagged, named, *auto[3:]]
+    assert store.list_checkpoints(tmp_path) == [flagged, named, *auto]
+    assert store.apply_retention(tmp_path, keep_last=0) == []
+    assert store.apply_retention(tmp_path, keep_last=2) == auto[:3]
+    assert store.list_checkpoints(tmp_path) == [flagged, named, *auto[3:]]
     assert not any(p.exists() for p in auto[:3])
     assert stage.is_dir()
     assert ck.load_manifest(named)['manual'] is True
-    assert ck.apply_retention(tmp_path, keep_last=1) == [auto[3]]
-    assert ck.apply_retention(tmp_path, keep_last=1) == []
-    assert ck.latest_checkpoint(tmp_path) == auto[4]
+    assert store.apply_retention(tmp_path, keep_last=1) == [auto[3]]
+    assert store.apply_retention(tmp_path, keep_last=1) == []
+    assert store.latest_checkpoint(tmp_path) == auto[4]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [flagged.name, named.name, auto[4].name, stage.name])  # nothing half-deleted left over
 
@@ -393,13 +394,13 @@ def test_corrupt_manifest_is_named(tmp_path):
     _one_line_naming(info.value, 'manifest.json')
     assert 'damaged' in str(info.value)
     # It still counts as complete (listing does not parse it), so `latest` leads to this clear error.
-    assert ck.latest_checkpoint(tmp_path) == path
+    assert store.latest_checkpoint(tmp_path) == path
     (path / 'manifest.json').write_text(json.dumps(['not', 'a', 'manifest']))
     with pytest.raises(ck.CheckpointError) as info:
         ck.load_manifest(path)
     _one_line_naming(info.value, 'manifest.json')
     (path / 'manifest.json').unlink()
-    assert ck.list_checkpoints(tmp_path) == []
+    assert store.list_checkpoints(tmp_path) == []
     with pytest.raises(ck.CheckpointError) as info:
         ck.load_manifest(path)
     _one_line_naming(info.value, 'manifest.json')
@@ -416,8 +417,8 @@ def test_wrong_tensor_schema_or_shape_is_refused(tmp_path):
 
 def test_resolve_without_checkpoints_is_clear(tmp_path):
     with pytest.raises(ck.CheckpointError, match='no checkpoint in'):
-        ck.resolve_checkpoint('latest', tmp_path / 'none')
+        store.resolve_checkpoint('latest', tmp_path / 'none')
     with pytest.raises(ck.CheckpointError, match='does not exist'):
-        ck.resolve_checkpoint('2020-01-01_00-00-00', tmp_path)
-    assert ck.list_checkpoints(tmp_path / 'none') == []
-    assert ck.latest_checkpoint(tmp_path) is None
+        store.resolve_checkpoint('2020-01-01_00-00-00', tmp_path)
+    assert store.list_checkpoints(tmp_path / 'none') == []
+    assert store.latest_checkpoint(tmp_path) is None

@@ -13,7 +13,8 @@ from sensor_msgs.msg import Image, Joy
 from std_msgs.msg import UInt8MultiArray
 
 from ami_ros.core.agent import CuriosityAgent
-from ami_ros.core.checkpoint import list_checkpoints, read_tensors
+from ami_ros.core.checkpoint import read_tensors
+from ami_ros.core.checkpoint_store import list_checkpoints
 from ami_ros.core.models import build_models
 from ami_ros.core.observation import to_observation, to_uint8_chw
 from ami_ros.core.policy import policy_observation

@@ -175,7 +175,7 @@ def test_sigterm_pauses_saves_and_shuts_down_the_graph_in_order(test_node, tmp_p
     from sensor_msgs.msg import Joy
     from std_srvs.srv import Trigger
 
-    from ami_ros.core.checkpoint import latest_checkpoint
+    from ami_ros.core.checkpoint_store import latest_checkpoint
 
     # Every node's lifecycle transitions, stamped by the node as it made them
     # (DDS source time, the system clock all processes share).

@@ -22,7 +22,7 @@ def main_job(tmp_path_factory):
          f'vrchat_port:={free_udp_port()}', f'duration:={DURATION}'],
         cwd=tmp, env={**os.environ, 'MLFLOW_TRACKING_URI': uri}, capture_output=True, text=True,
         timeout=DURATION + 120)
-    from ami_ros.core.checkpoint import latest_checkpoint
+    from ami_ros.core.checkpoint_store import latest_checkpoint
 
     return proc, uri, tmp, latest_checkpoint(tmp / 'checkpoints')
 
@@ -112,7 +112,8 @@ def test_main_job_learns_while_acting_and_records_it(main_job):
 
 def test_ctrl_c_checkpoint_lets_the_main_job_continue(main_job):
     """The main job's final checkpoint restores every node: checkpoint:=latest."""
-    from ami_ros.core.checkpoint import latest_checkpoint, read_json
+    from ami_ros.core.checkpoint import read_json
+    from ami_ros.core.checkpoint_store import latest_checkpoint
 
     first, _, tmp, latest = main_job
     assert 'final checkpoint' in first.stdout

@@ -11,7 +11,7 @@ from sensor_msgs.msg import Joy
 from std_msgs.msg import UInt8MultiArray
 
 from ami_ros.core.agent import CuriosityAgent
-from ami_ros.core.checkpoint import list_checkpoints
+from ami_ros.core.checkpoint_store import list_checkpoints
 from ami_ros.core.presets import get_preset
 from ami_ros.core.schemas import decode_experience
 

@@ -1,7 +1,7 @@
 """Checkpoint I/O of the learning core (no ROS): one directory per checkpoint.
 
-Over 400 lines on purpose: writing, listing, reading and cleaning all rest on
-the layout and the atomicity rules below, which belong in one place.
+This module writes and reads one checkpoint; `core/checkpoint_store.py`
+lists, resolves and removes the checkpoints of a directory.
 
 The whole graph saves one checkpoint together: the manager begins it, every
 node writes its own part into it, and the manager commits it. Layout::
@@ -55,7 +55,6 @@ import os
 import re
 import secrets
 import shutil
-import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -91,7 +90,7 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a directory's entries (creations, renames) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -119,7 +118,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _check_relpath(relpath: str | os.PathLike[str], suffix: str) -> Path:
@@ -280,12 +279,12 @@ def commit_checkpoint(stage: str | os.PathLike[str], manifest: Mapping[str, Any]
     (stage / _STAGE_INFO).unlink()
     # Every directory entry of the stage is durable before the rename publishes it.
     for dirpath, _, _ in os.walk(stage, topdown=False):
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
     final = stage.parent / final_name
     if final.exists():  # begin_checkpoint's reservation makes this unreachable unless someone meddled
         raise CheckpointError(f'checkpoint {final} already exists; the save stays in {stage}')
     os.rename(stage, final)
-    _fsync_dir(stage.parent)
+    fsync_dir(stage.parent)
     return final
 
 
@@ -296,70 +295,6 @@ def abort_checkpoint(stage: str | os.PathLike[str]) -> None:
         shutil.rmtree(stage, ignore_errors=True)
     else:
         _stage_name(stage)  # refuses anything that is not a stage
-
-
-# --------------------------------------------------------------------------- listing
-
-
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith('.') and (path / MANIFEST).is_file()
-
-
-def _peek_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest for sorting and retention, or None when it does not parse."""
-    try:
-        data = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _sort_key(path: Path) -> tuple[float, str]:
-    manifest = _peek_manifest(path)
-    created = manifest.get('created_unix') if manifest else None
-    if not isinstance(created, (int, float)):
-        # A damaged manifest still lists (loading it says what is wrong); order it by file time.
-        try:
-            created = (path / MANIFEST).stat().st_mtime
-        except OSError:
-            created = 0.0
-    return float(created), path.name
-
-
-def list_checkpoints(checkpoint_dir: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoints in `checkpoint_dir`, oldest first (created time, then name)."""
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if _is_complete(p)), key=_sort_key)
-
-
-def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    found = list_checkpoints(checkpoint_dir)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(arg: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str]) -> Path:
-    """The checkpoint named by a launch argument: 'latest', a path, or a name in `checkpoint_dir`."""
-    if str(arg) == LATEST:
-        found = latest_checkpoint(checkpoint_dir)
-        if found is None:
-            raise CheckpointError(f'no checkpoint in {checkpoint_dir} (none was saved yet); '
-                                  'start without checkpoint:= or give a checkpoint directory')
-        return found
-    path = Path(arg).expanduser()
-    if not path.is_absolute() and not path.exists() and (Path(checkpoint_dir) / path).exists():
-        path = Path(checkpoint_dir) / path
-    if not path.is_dir():
-        raise CheckpointError(f'checkpoint {path} does not exist; give a directory from {checkpoint_dir} '
-                              f'or checkpoint:={LATEST}')
-    if path.name.startswith('.'):
-        raise CheckpointError(f'checkpoint {path} is an unfinished or deleted save; use another checkpoint')
-    if not (path / MANIFEST).is_file():
-        raise CheckpointError(f'checkpoint {path} has no {MANIFEST} (not a checkpoint or an unfinished '
-                              'save); use another checkpoint')
-    return path
 
 
 def load_manifest(path: str | os.PathLike[str], expected_preset: str | None = None,
@@ -459,71 +394,3 @@ def read_json(ckpt: str | os.PathLike[str], relpath: str | os.PathLike[str]) -> 
     except ValueError as exc:
         raise CheckpointError(f'checkpoint {ckpt}: {Path(relpath).as_posix()} is damaged (not JSON: {exc}); '
                               'use another checkpoint') from None
-
-
-# --------------------------------------------------------------------------- cleaning
-
-
-def _remove_dir(path: Path) -> None:
-    """Hide, then delete: a crash half-way leaves a hidden directory, never half a checkpoint."""
-    hidden = path.parent / f'.{path.name}.{secrets.token_hex(3)}{DELETING_SUFFIX}'
-    os.rename(path, hidden)
-    _fsync_dir(path.parent)
-    shutil.rmtree(hidden, ignore_errors=True)
-
-
-def apply_retention(checkpoint_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
-    """Remove all but the newest `keep_last` automatic checkpoints; returns what was removed.
-
-    Manual checkpoints (a name given to begin_checkpoint, or manifest
-    ``manual: true``) and ones whose manifest cannot be read are never
-    removed. keep_last=0 keeps everything.
-    """
-    if keep_last < 0:
-        raise ValueError(f'keep_last must be >= 0, got {keep_last}')
-    if keep_last == 0:
-        return []
-    automatic = []
-    for path in list_checkpoints(checkpoint_dir):
-        manifest = _peek_manifest(path)
-        if manifest is not None and manifest.get('manual') is False:
-            automatic.append(path)
-    doomed = automatic[:-keep_last] if len(automatic) > keep_last else []
-    for path in doomed:
-        _remove_dir(path)
-    return doomed
-
-
-def _newest_mtime(path: Path) -> float:
-    newest = path.stat().st_mtime
-    for dirpath, _, filenames in os.walk(path):
-        for name in [*filenames, '.']:
-            with contextlib.suppress(OSError):
-                newest = max(newest, (Path(dirpath) / name).stat().st_mtime)
-    return newest
-
-
-def clean_partials(checkpoint_dir: str | os.PathLike[str], older_than_s: float = 3600.0,
-                   now: float | None = None) -> list[Path]:
-    """Remove unfinished saves (and interrupted deletions) untouched for `older_than_s` seconds.
-
-    The age is that of the newest file inside, so a save still being
-    written is left alone. Returns what was removed.
-    """
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return []
-    current = time.time() if now is None else now
-    removed = []
-    for path in sorted(root.iterdir()):
-        if not (path.is_dir() and path.name.startswith('.')
-                and path.name.endswith((PARTIAL_SUFFIX, DELETING_SUFFIX))):
-            continue
-        try:
-            age = current - _newest_mtime(path)
-        except OSError:
-            continue  # removed under our feet
-        if age >= older_than_s:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed

@@ -50,10 +50,10 @@ from std_srvs.srv import Trigger
 from ami_ros.core.checkpoint import (
     CheckpointError,
     abort_checkpoint,
-    apply_retention,
     begin_checkpoint,
     commit_checkpoint,
 )
+from ami_ros.core.checkpoint_store import apply_retention
 from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.managed_node import prefer_synchronous_publication, spin_until_finished
 
