@@ -4,6 +4,8 @@
     ami-ros launch [ARG:=VALUE ...]     start the whole graph (like `ros2 launch`)
     ami-ros status|pause|resume|save|shutdown   call the manager's ami/* services
     ami-ros parameters [NODE ...] [--markdown]  every node's parameters (docs/parameters.md)
+
+More commands live one per module in ami_ros/commands/ (`ami-ros --help` lists them).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 from collections.abc import Sequence
 
 import ami_ros.nodes
+from ami_ros.commands import add_command_parsers
 
 
 def available_nodes() -> list[str]:
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         control.add_argument('--namespace', default='', help='namespace of the graph')
         control.add_argument('--timeout', type=float, default=120.0 if command in ('save', 'shutdown')
                              else 15.0, help='seconds to wait for the manager')
+    add_command_parsers(sub)
     return parser
 
 
@@ -166,6 +170,8 @@ def control(command: str, namespace: str, timeout: float) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if hasattr(args, 'command_run'):
+        return int(args.command_run(args) or 0)
     if args.command == 'run':
         return run_node(args.node, args.ros_args)
     if args.command == 'launch':

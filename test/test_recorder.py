@@ -14,7 +14,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from rclpy.qos import DurabilityPolicy, QoSProfile
 from ros_harness import wait_for
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, Joy
 from std_msgs.msg import Float32, UInt32
 
 from ami_ros.record.run_params import node_params
@@ -71,13 +71,14 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
     probe = node.get_fully_qualified_name()
     diagnostics = node.create_publisher(DiagnosticArray, '/diagnostics', 10)
     rewards = node.create_publisher(Float32, 'reward', 50)
+    actions = node.create_publisher(Joy, 'action', 50)
     errors = node.create_publisher(Float32, 'prediction_error', 50)
     poses = node.create_publisher(PoseStamped, 'world/pose', 50)
     episodes = node.create_publisher(UInt32, 'world/episode', QoSProfile(
         depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
     own_status = test_node.collect(DiagnosticArray, '/diagnostics')
     wait_for(lambda: 'recording to MLflow run' in recorder.output(), 30, message='the run to open')
-    for pub in (diagnostics, rewards, errors, poses, episodes):
+    for pub in (diagnostics, rewards, actions, errors, poses, episodes):
         wait_for(lambda pub=pub: pub.get_subscription_count() > 0, 10, message=f'{pub.topic} matched')
 
     feeder = CameraAndAgent(node)
@@ -87,7 +88,9 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
             _status('/vae_trainer', rounds='3', loss='0.25'), _status(probe),
             _status('/elsewhere/agent', steps='999999')]))  # another namespace: not this run's
         time.sleep(0.3)
-        for i in range(20):
+        for i in range(20):  # a step: its action, then its reward, as the agent sends them
+            actions.publish(Joy())
+            time.sleep(0.01)
             rewards.publish(Float32(data=float(i)))
             errors.publish(Float32(data=0.5))
             time.sleep(0.01)
@@ -157,8 +160,11 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
         return sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
 
     reward = history('reward')
-    assert [m.value for m in reward] == [float(i) for i in range(20)]
-    assert [m.step for m in reward] == list(range(101, 121))  # the agent's steps
+    assert sorted(m.value for m in reward) == [float(i) for i in range(20)]
+    # The agent's steps, counted by its actions from the status's 100. Two topics
+    # keep no order between them, so a reward may take its step one late.
+    steps = [m.step for m in sorted(reward, key=lambda m: m.value)]
+    assert steps == sorted(steps) and 101 <= steps[0] <= 102 and 120 <= steps[-1] <= 121, steps
     assert len(history('prediction_error')) == 20
     assert [m.value for m in history('agent/latency_p99_ms')] == [12.5, 13.0]
     assert max(m.value for m in history('agent/steps')) == 120

@@ -13,6 +13,7 @@ Subscribes (relative names, except /diagnostics; only while active, but
 /diagnostics keeps the summary current while paused):
   reward, prediction_error  std_msgs/Float32 from the agent -> metrics `reward`,
                             `prediction_error`
+  action                    sensor_msgs/Joy, one per agent step -> the metric step
   /diagnostics              diagnostic_msgs/DiagnosticArray: every value of a
                             status named <namespace>/<node> (this recorder's
                             namespace) that parses as a finite float -> metric
@@ -32,8 +33,9 @@ Publishes:
                             the agent's steps last heard (-1 before any)
 
 Metric steps: the agent's step count (its diagnostics' `steps`, advanced by
-one per reward message between two diagnostics), else seconds since start
-until the agent is heard. MLflow also keeps each value's wall time. A
+one per action between two diagnostics: every step publishes one action, but
+the first step of a run has no reward), else seconds since start until the
+agent is heard. MLflow also keeps each value's wall time. A
 diagnostic value that changed while the recorder was paused (the counters of
 a final checkpoint, saved with the graph paused) is logged once more at the
 end, so the run's metrics end where its summary does.
@@ -73,6 +75,7 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.impl.rcutils_logger import RcutilsLogger
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile
+from sensor_msgs.msg import Joy
 from std_msgs.msg import Float32, UInt32
 
 from ami_ros.record.mlflow_run import (
@@ -139,7 +142,7 @@ class RecorderNode(ManagedNode):
         self.writer: BackgroundRecorder | None = None
         self._t0 = time.monotonic()
         self._agent_steps: int | None = None
-        self._rewards_since_status = 0
+        self._actions_since_status = 0
         self._last_step = 0
         self._cells_dirty = False
         self._poses = 0
@@ -151,6 +154,9 @@ class RecorderNode(ManagedNode):
         self._opened = False
         self._exiting = False
 
+        # Before `reward`: rclpy takes ready messages in this order, so a step's
+        # action, sent first, counts before its reward is logged.
+        self.create_subscription(Joy, 'action', self.on_action, 100)
         self.create_subscription(Float32, 'reward', self.on_reward, 100)
         self.create_subscription(Float32, 'prediction_error', self.on_prediction_error, 100)
         self.create_subscription(DiagnosticArray, '/diagnostics', self.on_diagnostics, 50)
@@ -218,7 +224,7 @@ class RecorderNode(ManagedNode):
         if self._agent_steps is None:
             step = int(time.monotonic() - self._t0)
         else:
-            step = self._agent_steps + self._rewards_since_status
+            step = self._agent_steps + self._actions_since_status
         self._last_step = max(self._last_step, step)
         return self._last_step
 
@@ -226,9 +232,11 @@ class RecorderNode(ManagedNode):
     def on_reward(self, msg: Float32) -> None:
         if not self._recording() or not math.isfinite(msg.data):
             return
-        self._rewards_since_status += 1  # the agent publishes one reward per step
         self.stats.add_reward(msg.data)
         self.writer.add_metric('reward', msg.data, self._step())
+
+    def on_action(self, _msg: Joy) -> None:
+        self._actions_since_status += 1
 
     def on_prediction_error(self, msg: Float32) -> None:
         if self._recording() and math.isfinite(msg.data):
@@ -257,7 +265,7 @@ class RecorderNode(ManagedNode):
             self.node_parameters.ask(node)
             if node == self.step_node and 'steps' in values:
                 self._agent_steps = int(values['steps'])
-                self._rewards_since_status = 0
+                self._actions_since_status = 0
             self.stats.update(node, values)
             if not recording:
                 continue
