@@ -8,7 +8,9 @@ and the parameters each gets on top of the parameters file.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +44,14 @@ LAUNCH_ARGUMENTS: dict[str, LaunchArgument] = {
     'checkpoint': LaunchArgument('', "restore the graph from a checkpoint: a directory, 'latest' "
                                  "(the newest in checkpoint_dir), or '' to start fresh"),
     'checkpoint_dir': LaunchArgument('checkpoints', 'where checkpoints are saved and looked up'),
+    'bag': LaunchArgument('', "record the graph's topics into this new bag directory while it runs "
+                          "('' = no bag; ami-ros bag info/play read it)"),
     'params_file': LaunchArgument('', 'ROS 2 parameters file (empty: the package\'s config/ami.yaml)'),
     'namespace': LaunchArgument('', 'namespace for every node of the graph'),
+    'network': LaunchArgument(
+        'localhost', 'who can reach the graph: localhost = this machine only, whatever the '
+        'environment says; subnet = other machines too (ROS_STATIC_PEERS passes through): '
+        'secure it with SROS2 first (docs/security.md)', ('localhost', 'subnet')),
 }
 
 TRAINERS = ('vae_trainer', 'dynamics_trainer', 'policy_trainer')
@@ -91,8 +99,9 @@ def describe(given: dict[str, str]) -> list[NodeSpec]:
     args = resolve_arguments(given)
     port = int(args['vrchat_port'])
     checkpoint_dir = str(Path(args['checkpoint_dir']).absolute())
-    restore = {'checkpoint': str(restore_point(args['checkpoint'], checkpoint_dir, args['preset']))
-               } if args['checkpoint'] else {}
+    # Nodes that hold state save only into stages under checkpoint_dir, and restore from `checkpoint`.
+    restore = {'checkpoint_dir': checkpoint_dir, **({'checkpoint': str(restore_point(
+        args['checkpoint'], checkpoint_dir, args['preset']))} if args['checkpoint'] else {})}
     nodes: list[NodeSpec] = []
     if args['world'] == 'doom':
         nodes.append(NodeSpec('doom_world', 'doom_world', {'port': port}))
@@ -107,11 +116,48 @@ def describe(given: dict[str, str]) -> list[NodeSpec]:
         nodes += [NodeSpec(t, t, {'preset': args['preset'], 'device': device, **restore})
                   for t in TRAINERS]
     if args['record'] == 'true':
-        nodes.append(NodeSpec('recorder', 'recorder', {'log_params': _run_params(args)}))
+        # The nodes whose statuses it records: this graph's, no name a peer makes up.
+        known = [n.name for n in nodes] + ['manager'] + (['bag_recorder'] if args['bag'] else [])
+        nodes.append(NodeSpec('recorder', 'recorder', {'log_params': _run_params(args),
+                                                       'nodes': known}))
     nodes.append(NodeSpec('manager', 'manager', {'managed_nodes': [n.name for n in nodes],
                                                  'checkpoint_dir': checkpoint_dir,
                                                  'preset': args['preset']}))
+    if args['bag']:
+        # Not among the manager's nodes: a pause does not pause the recording, and it stops last.
+        nodes.append(NodeSpec('bag_recorder', 'bag_recorder', {'output': str(Path(args['bag']).absolute())}))
     return nodes
+
+
+# Distributions that predate ROS_AUTOMATIC_DISCOVERY_RANGE (Iron): ROS_LOCALHOST_ONLY=1 does it
+# there, and their rmw_fastrtps binds it to the loopback interface.
+_LOCALHOST_ONLY_DISTROS = ('foxy', 'galactic', 'humble')
+# Distributions on Fast DDS 2, which reads its profile from FASTRTPS_DEFAULT_PROFILES_FILE
+# (Fast DDS 3 reads FASTDDS_DEFAULT_PROFILES_FILE and warns about the old name).
+_FASTDDS2_DISTROS = (*_LOCALHOST_ONLY_DISTROS, 'iron', 'jazzy')
+
+
+def discovery_environment(args: dict[str, str], environ: Mapping[str, str] | None = None
+                          ) -> dict[str, str]:
+    """The DDS discovery variables the graph's processes run with (`network`).
+
+    localhost overrides the user's environment, so a shell profile that widens
+    discovery or names static peers does not open the graph: discovery range
+    LOCALHOST, no static peers, and Fast DDS's transports on the loopback
+    interface only (config/fastdds_localhost.xml; LOCALHOST alone still answers
+    a peer that unicasts to this machine's address). subnet keeps the
+    environment's ROS_STATIC_PEERS and Fast DDS profile. The deprecated
+    ROS_LOCALHOST_ONLY is emptied (rcl reads empty as unset) where the range
+    exists: it would override both, with a warning in every node.
+    """
+    distro = (os.environ if environ is None else environ).get('ROS_DISTRO', '')
+    if args['network'] == 'subnet':
+        return {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SUBNET',
+                'ROS_LOCALHOST_ONLY': '0' if distro in _LOCALHOST_ONLY_DISTROS else ''}
+    profile = 'FASTRTPS' if distro in _FASTDDS2_DISTROS else 'FASTDDS'
+    return {'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_STATIC_PEERS': '',
+            'ROS_LOCALHOST_ONLY': '1' if distro in _LOCALHOST_ONLY_DISTROS else '',
+            f'{profile}_DEFAULT_PROFILES_FILE': str(package_share() / 'config' / 'fastdds_localhost.xml')}
 
 
 def restore_point(arg: str, checkpoint_dir: str, preset: str) -> Path:

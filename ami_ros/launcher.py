@@ -13,25 +13,32 @@ trainers and the recorder), saves a final checkpoint, and takes them through
 their lifecycle shutdown in the same order. Nodes still running then get
 SIGINT, in the same order. It exits 0 when every node stopped cleanly, 1 when
 one died or stopped with an error.
+
+The nodes and the launcher's own monitor discover as `network:=` says
+(ami_ros.graph.discovery_environment: this machine only by default). What it
+prints of node output and of the graph's topics is stripped of control
+characters first: a peer's text must not move the cursor or rewrite the terminal.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from ami_ros.core.timing import LatencyWindow, RateMeter
-from ami_ros.graph import describe, params_file, resolve_arguments
+from ami_ros.graph import describe, discovery_environment, params_file, resolve_arguments
 from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters
 
 STOP_TIMEOUT = 10.0
@@ -41,6 +48,16 @@ ERASE_LINE = '\r\x1b[K'  # carriage return, then ANSI "erase to the end of the l
 NODE_LOG_FORMAT = '{severity} {message}'
 REWARD_WINDOW = 100
 TRAINER_LABELS = {'vae_trainer': 'vae', 'dynamics_trainer': 'dyn', 'policy_trainer': 'ppo'}
+# ESC-introduced sequences, whole: CSI (ESC [ ... final byte), OSC and other strings up to
+# BEL or ST, two-character escapes. Removing only the ESC would leave '[2J' behind.
+_ESCAPE_SEQUENCE = re.compile(r'\x1b(\[[0-?]*[ -/]*[@-~]|[\]PX^_][^\x07\x1b]*(\x07|\x1b\\)?|[0-~])')
+
+
+def printable(text: str) -> str:
+    """`text` without escape sequences and control characters (C0, C1, DEL, bidi and other
+    format characters); a tab becomes a space."""
+    text = _ESCAPE_SEQUENCE.sub('', text.replace('\t', ' '))
+    return ''.join(ch for ch in text if unicodedata.category(ch) not in ('Cc', 'Cf'))
 
 
 def parse_launch_arguments(items: list[str]) -> dict[str, str]:
@@ -137,6 +154,7 @@ class StatusPrinter:
         return max(20, min(STATUS_WIDTH, columns - 1))
 
     def line(self, text: str) -> None:
+        text = printable(text)
         with self.lock:
             if self.shown:
                 self.stream.write(ERASE_LINE)
@@ -150,7 +168,7 @@ class StatusPrinter:
         with self.lock:
             self.latest, self.latest_printed = status, False
             if self.tty:
-                self.shown = status.render(self.width())
+                self.shown = printable(status.render(self.width()))
                 self.stream.write(ERASE_LINE + self.shown)
                 self.stream.flush()
             elif now - self.last_plain >= self.plain_interval:
@@ -159,7 +177,7 @@ class StatusPrinter:
     def _print_plain(self, now: float) -> None:
         assert self.latest is not None
         prefix = '[status] '
-        self.stream.write(prefix + self.latest.render(STATUS_WIDTH - len(prefix)) + '\n')
+        self.stream.write(prefix + printable(self.latest.render(STATUS_WIDTH - len(prefix))) + '\n')
         self.stream.flush()
         self.latest_printed, self.last_plain = True, now
 
@@ -286,6 +304,9 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
     # chose a format).
     log_format = {'RCUTILS_CONSOLE_OUTPUT_FORMAT':
                   os.environ.get('RCUTILS_CONSOLE_OUTPUT_FORMAT', NODE_LOG_FORMAT)}
+    discovery = discovery_environment(args)
+    # The monitor below is a node of this process: it discovers as the graph does.
+    os.environ.update(discovery)
     stop_requested = threading.Event()
 
     def on_signal(signum, _frame) -> None:
@@ -302,11 +323,11 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                                              spec.parameters)
                 cmd = node_command(spec.executable, spec.name, [params, overrides],
                                    namespace=args['namespace'])
-                procs.append(NodeProcess(spec.name, cmd, env=log_format,
+                procs.append(NodeProcess(spec.name, cmd, env={**log_format, **discovery},
                                          on_line=lambda text, n=spec.name: printer.line(f'[{n}] {text}')))
             printer.line(f'[launch] started {", ".join(p.name for p in procs)}')
             printer.line(f'[launch] world:={args["world"]} preset:={args["preset"]} '
-                         f'device:={args["device"]}; Ctrl-C stops')
+                         f'device:={args["device"]} network:={args["network"]}; Ctrl-C stops')
             monitor = StatusMonitor(args['namespace'])
             started = time.monotonic()
             last_status = 0.0

@@ -1,11 +1,13 @@
 """ros2 launch ami_ros ami.launch.py [world:=vrchat|doom] [preset:=cpu] ...
 
 The nodes, their names and their parameters come from ami_ros.graph, the
-same description `ami-ros launch` uses, so the two cannot drift apart.
+same description `ami-ros launch` uses, so the two cannot drift apart; so do
+the DDS discovery variables the nodes run with (`network:=`, localhost by
+default: the graph stays on this machine).
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -16,7 +18,10 @@ def _nodes(context, *args, **kwargs):
     given = {name: LaunchConfiguration(name).perform(context) for name in graph.LAUNCH_ARGUMENTS}
     resolved = graph.resolve_arguments(given)
     params = str(graph.params_file(resolved))
-    return [
+    # Set before the nodes: a launch's processes take the environment as it is when they start.
+    environment = [SetEnvironmentVariable(name, value)
+                   for name, value in graph.discovery_environment(resolved).items()]
+    return environment + [
         Node(package='ami_ros', executable=spec.executable, name=spec.name,
              namespace=resolved['namespace'], output='screen', emulate_tty=True,
              parameters=[params, spec.parameters])

@@ -6,6 +6,7 @@ discovery on localhost only and a ROS_DOMAIN_ID of this test run alone.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -49,13 +50,14 @@ def ami_ros(*args: str, timeout: float = 60.0, cwd: Path | None = None) -> subpr
                           text=True, timeout=timeout, cwd=cwd)
 
 
-def start_graph(cwd: Path, *arguments: str) -> subprocess.Popen:
+def start_graph(cwd: Path, *arguments: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`ami-ros launch <arguments>` in `cwd` (its checkpoints/ land there), its
-    output in `proc.log_path`; `stop_graph` ends it."""
+    output in `proc.log_path`, `env` on top of this process's; `stop_graph` ends it."""
     log_path = cwd / 'launch.log'
     with open(log_path, 'wb') as log:
         proc = subprocess.Popen([sys.executable, '-m', 'ami_ros.cli', 'launch', *arguments],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+                                stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                env={**os.environ, **(env or {})})
     proc.log_path = log_path
     return proc
 

@@ -9,9 +9,10 @@ from ros_harness import wait_for
 from sensor_msgs.msg import Image, Joy
 from std_msgs.msg import Float32, UInt8MultiArray
 
+from ami_ros.core.observation import SUPPORTED_ENCODINGS
 from ami_ros.core.presets import get_preset
 from ami_ros.core.schemas import decode_experience
-from ami_ros.ros.images import SUPPORTED_ENCODINGS, rgb_to_image
+from ami_ros.ros.images import rgb_to_image
 
 PRESET = get_preset('cpu')
 

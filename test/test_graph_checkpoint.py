@@ -27,7 +27,7 @@ PRESET = get_preset('cpu')
 
 @pytest.fixture
 def graph(launch, test_node, tmp_path):
-    agent = launch('agent', parameters={'preset': 'cpu'})
+    agent = launch('agent', parameters={'preset': 'cpu', 'checkpoint_dir': str(tmp_path / 'ckpt')})
     manager = launch('manager', parameters={
         'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'cpu',
         'checkpoint_interval': 0.0})
@@ -200,7 +200,7 @@ def test_a_save_waits_for_a_node_that_is_still_starting(launch, tmp_path):
     # Still waiting a second later (the old manager answered at once).
     with pytest.raises(subprocess.TimeoutExpired):
         saving.wait(timeout=1.0)
-    launch('agent', parameters={'preset': 'cpu'})
+    launch('agent', parameters={'preset': 'cpu', 'checkpoint_dir': str(tmp_path / 'ckpt')})
     out, err = saving.communicate(timeout=90)
     assert saving.returncode == 0, out + err
     manifest = json.loads((Path(out.strip()) / 'manifest.json').read_text())
@@ -220,7 +220,7 @@ def test_a_save_without_a_node_that_holds_state_names_it(launch, tmp_path):
 
 
 def test_periodic_checkpoints_keep_the_newest_and_every_manual_one(launch, test_node, tmp_path):
-    launch('agent', parameters={'preset': 'cpu'})
+    launch('agent', parameters={'preset': 'cpu', 'checkpoint_dir': str(tmp_path / 'ckpt')})
     launch('manager', parameters={
         'managed_nodes': ['agent'], 'checkpoint_dir': str(tmp_path / 'ckpt'), 'preset': 'cpu',
         'checkpoint_interval': 1.0, 'keep_last': 2})

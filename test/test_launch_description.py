@@ -41,6 +41,7 @@ def launch_file(monkeypatch):
     actions = types.ModuleType('launch.actions')
     actions.DeclareLaunchArgument = _Recorder
     actions.OpaqueFunction = _Recorder
+    actions.SetEnvironmentVariable = _Recorder
     subs = types.ModuleType('launch.substitutions')
     subs.LaunchConfiguration = _LaunchConfiguration
     launch_ros = types.ModuleType('launch_ros')
@@ -64,11 +65,16 @@ def _run(launch_file, **given):
     config = {name: arg.default for name, arg in graph.LAUNCH_ARGUMENTS.items()}
     config.update(given)
     context = types.SimpleNamespace(launch_configurations=config)
-    return declared, opaque.kwargs['function'](context)
+    started = opaque.kwargs['function'](context)
+    nodes = [e for e in started if 'executable' in e.kwargs]
+    # Every environment variable is set before the first node starts.
+    environment = dict(e.args for e in started[:len(started) - len(nodes)])
+    assert started[len(started) - len(nodes):] == nodes
+    return declared, nodes, environment
 
 
 def test_declares_every_graph_argument_with_description_and_choices(launch_file):
-    declared, _ = _run(launch_file)
+    declared, _, _ = _run(launch_file)
     assert set(declared) == set(graph.LAUNCH_ARGUMENTS)
     for name, arg in graph.LAUNCH_ARGUMENTS.items():
         assert declared[name]['default_value'] == arg.default
@@ -79,7 +85,7 @@ def test_declares_every_graph_argument_with_description_and_choices(launch_file)
 
 @pytest.mark.parametrize('world', ['vrchat', 'doom'])
 def test_starts_the_graph_nodes_with_the_params_file(launch_file, world):
-    _, nodes = _run(launch_file, world=world, preset='ami', vrchat_port='9123', namespace='bot')
+    _, nodes, _ = _run(launch_file, world=world, preset='ami', vrchat_port='9123', namespace='bot')
     specs = graph.describe({'world': world, 'preset': 'ami', 'vrchat_port': '9123',
                             'namespace': 'bot'})
     assert [n.kwargs['executable'] for n in nodes] == [s.executable for s in specs]
@@ -97,6 +103,19 @@ def test_starts_the_graph_nodes_with_the_params_file(launch_file, world):
     assert agent.kwargs['parameters'][1]['preset'] == 'ami'
     bridge = nodes[executables.index('osc_bridge')]
     assert bridge.kwargs['parameters'][1]['port'] == 9123
+
+
+@pytest.mark.parametrize('network', ['localhost', 'subnet'])
+def test_the_nodes_discover_as_the_network_argument_says(launch_file, network):
+    given = {} if network == 'localhost' else {'network': network}  # localhost is the default
+    _, _, environment = _run(launch_file, **given)
+    assert environment == graph.discovery_environment(graph.resolve_arguments(given))
+    assert environment['ROS_AUTOMATIC_DISCOVERY_RANGE'] == network.upper()
+    # Static peers and a Fast DDS profile from a shell profile: replaced on localhost (by the
+    # loopback-only profile), passed through on subnet.
+    assert environment.get('ROS_STATIC_PEERS', 'inherited') == ('' if network == 'localhost' else 'inherited')
+    profiles = [v for k, v in environment.items() if k.endswith('_DEFAULT_PROFILES_FILE')]
+    assert len(profiles) == (network == 'localhost') and all(Path(p).is_file() for p in profiles)
 
 
 def test_bad_arguments_are_refused_with_the_choices(launch_file):

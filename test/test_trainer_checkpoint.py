@@ -113,7 +113,8 @@ def test_trainers_save_their_part_and_a_new_process_continues_from_it(launch, te
     restored: list = []
     try:
         launch('agent', parameters={'preset': 'cpu'})
-        procs = {name: launch(name, parameters=FAST) for name in TRAINERS}
+        saves = {'checkpoint_dir': str(tmp_path / 'checkpoints')}  # where they may write parts
+        procs = {name: launch(name, parameters={**FAST, **saves}) for name in TRAINERS}
         wait_for(lambda: all(float(status.get(n, 'rounds', '0')) >= 2 for n in TRAINERS), 120,
                  interval=0.2, message='two rounds of each trainer')
 
@@ -142,7 +143,7 @@ def test_trainers_save_their_part_and_a_new_process_continues_from_it(launch, te
         for name in TRAINERS:
             # Each round's line is a DEBUG line.
             restored.append(start_node(name, tmp_path / 'restored', parameters={
-                **FAST, 'checkpoint': str(ckpt), 'autostart': False},
+                **FAST, **saves, 'checkpoint': str(ckpt), 'autostart': False},
                 extra_args=['--log-level', f'{name}:=debug']))
         wait_for(lambda: all(status.get(n, 'restored_from') == str(ckpt) for n in TRAINERS), 60,
                  interval=0.2, message='diagnostics of the restored trainers')

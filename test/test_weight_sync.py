@@ -101,7 +101,8 @@ def test_malformed_sync_requests_are_refused_and_acting_goes_on(acting, test_nod
     wrong_shape = _good_state('dynamics')
     key = next(k for k, v in wrong_shape.items() if v.ndim == 2)
     wrong_shape[key] = torch.zeros(3, 3)
-    wrong_dtype = {k: (v.double() if v.is_floating_point() else v)
+    # Same size, other dtype (float64 would be refused earlier, as larger than the model needs).
+    wrong_dtype = {k: (v.to(torch.int32) if v.is_floating_point() else v)
                    for k, v in _good_state('dynamics').items()}
     with_nan = _good_state('dynamics')
     with_nan[key] = with_nan[key].clone()
@@ -111,15 +112,16 @@ def test_malformed_sync_requests_are_refused_and_acting_goes_on(acting, test_nod
         'truncated': (weights_parameter('dynamics', good[: len(good) // 2]), 'truncated'),
         'unknown model': (weights_parameter('critic', good), "unknown model 'critic'"),
         'wrong shape': (dynamics(wrong_shape), f'{key} has shape [3, 3]'),
-        'wrong dtype': (dynamics(wrong_dtype), 'dtype float64, expected float32'),
+        'wrong dtype': (dynamics(wrong_dtype), 'dtype int32, expected float32'),
         'NaN': (dynamics(with_nan), 'NaN'),
         'other preset': (dynamics(_good_state('dynamics'), 'ami'), "preset 'ami', this node runs 'cpu'"),
         'wrong schema': (weights_parameter('dynamics', encode(_good_state('dynamics'), 'weights/policy')),
                          "expected 'weights/dynamics'"),
         'not bytes': (weights_parameter('dynamics', value=ParameterValue(
             type=ParameterType.PARAMETER_INTEGER, integer_value=3)), 'byte_array'),
+        # Outside the trainers' sync folder: refused unread, its existence not told.
         'no such file': (weights_parameter('dynamics', value=ParameterValue(
-            type=ParameterType.PARAMETER_STRING, string_value=missing.as_uri())), str(missing)),
+            type=ParameterType.PARAMETER_STRING, string_value=missing.as_uri())), 'read only from'),
     }
     first_frame = len(frames.published)
     for name, (param, reason) in cases.items():

@@ -53,8 +53,8 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
+import stat
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -64,6 +64,7 @@ import torch
 
 from ami_ros import __version__
 from ami_ros.core.envelope import Envelope, EnvelopeError, TensorSpec, decode, encode
+from ami_ros.core.private_files import DIR_MODE, make_dirs, write_private
 
 FORMAT = 'ami_ros-checkpoint'
 FORMAT_VERSION = 1
@@ -100,24 +101,14 @@ def fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one.
+    """Write `path` (0600, its folders 0700) so readers see the old file or the whole new one, durably.
 
     The temporary file lives in the same directory (so os.replace is a rename
     on one filesystem) and is hidden (so a leftover from a crash is never
     taken for a part).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    make_dirs(path.parent)
+    write_private(path, data, durable=True)  # the data is on disk before the name points at it
     fsync_dir(path.parent)
 
 
@@ -150,6 +141,33 @@ def _stage_name(stage: Path) -> str:
     return name[1:-len(PARTIAL_SUFFIX)]
 
 
+def confined_stage(directory: str, checkpoint_dir: str | os.PathLike[str]) -> Path:
+    """The staging directory a save request names, if it may be written to; else CheckpointError.
+
+    Anyone on the ROS domain can ask a node to save, so the request is held
+    to the rules: an absolute path without '.' or '..', a `.<name>.partial`
+    stage directly under `checkpoint_dir`, itself a real folder (not a
+    symlink) of this user that others cannot write to.
+    """
+    root = Path(os.path.abspath(checkpoint_dir))
+    if not os.path.isabs(directory):
+        raise CheckpointError('save_checkpoint needs an absolute staging directory')
+    if any(part in ('.', '..') for part in directory.split('/')):
+        raise CheckpointError("save_checkpoint refuses '.' and '..' in the staging directory")
+    stage = Path(directory)
+    if stage.parent != root:
+        raise CheckpointError(f'save_checkpoint writes only stages directly under {root} '
+                              "(this node's checkpoint_dir)")
+    _stage_name(stage)
+    info = stage.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise CheckpointError('save_checkpoint refuses a staging directory that is a symlink')
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise CheckpointError('save_checkpoint refuses a staging directory of another user '
+                              'or one others can write to')
+    return stage
+
+
 def begin_checkpoint(checkpoint_dir: str | os.PathLike[str], name: str | None = None,
                      now: datetime | None = None) -> Path:
     """Reserve a new checkpoint and return its staging directory.
@@ -165,12 +183,12 @@ def begin_checkpoint(checkpoint_dir: str | os.PathLike[str], name: str | None = 
         raise ValueError(f'checkpoint name {name!r} must be letters, digits, "_", "-", "." '
                          'and start with a letter or digit')
     base = name if name is not None else when.strftime(_TIME_FORMAT)
-    root.mkdir(parents=True, exist_ok=True)
+    make_dirs(root)
     for attempt in range(10_000):
         final = base if attempt == 0 else f'{base}-{attempt}'
         stage = root / f'.{final}{PARTIAL_SUFFIX}'
         try:
-            stage.mkdir()  # atomic reservation: fails if another save holds this name
+            stage.mkdir(DIR_MODE)  # atomic reservation: fails if another save holds this name
         except FileExistsError:
             continue
         # Checked after the reservation: the rename from stage to final is atomic, so

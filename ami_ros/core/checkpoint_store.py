@@ -92,6 +92,52 @@ def resolve_checkpoint(arg: str | os.PathLike[str], checkpoint_dir: str | os.Pat
 
 
 
+def manual_checkpoints(checkpoint_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoints saved on request (never removed by retention), oldest first."""
+    return [p for p in list_checkpoints(checkpoint_dir)
+            if (manifest := _peek_manifest(p)) is None or manifest.get('manual') is not False]
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """The size of a checkpoint's files."""
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                total += (Path(dirpath) / name).lstat().st_size
+    return total
+
+
+def save_refusal(checkpoint_dir: str | os.PathLike[str], max_manual: int | None,
+                 reserve: int) -> str | None:
+    """Why a new checkpoint may not be saved, or None.
+
+    `max_manual`: for a save on request, how many manual checkpoints may be
+    kept (retention never removes them). Free space: a save needs the newest
+    checkpoint's size (the next one is about as large) and leaves `reserve`
+    bytes free.
+    """
+    try:
+        if max_manual is not None:
+            count = len(manual_checkpoints(checkpoint_dir))
+            if count >= max_manual:
+                return (f'checkpoint not saved: {checkpoint_dir} holds {count} checkpoints saved on '
+                        f'request already (max_manual_checkpoints {max_manual}); remove some by hand first')
+        folder = Path(checkpoint_dir)
+        while not folder.exists():  # not made yet: the disk it will be on
+            folder = folder.parent
+        newest = latest_checkpoint(checkpoint_dir)
+        needed = reserve + (checkpoint_bytes(newest) if newest is not None else 0)
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        return f'checkpoint not saved: cannot look into {checkpoint_dir} ({exc.strerror})'
+    if free >= needed:
+        return None
+    mib = 1 << 20
+    return (f'checkpoint not saved: {free / mib:.0f} MiB free in {checkpoint_dir}, {needed / mib:.0f} MiB '
+            'needed (the newest checkpoint plus min_free_mb)')
+
+
 # --------------------------------------------------------------------------- cleaning
 
 

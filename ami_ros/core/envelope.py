@@ -14,6 +14,7 @@ before anything is used.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,21 @@ def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
     return {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in tensors.items()}
 
 
+def size_limit(expected: Mapping[str, TensorSpec], metadata_bytes: int = 4096) -> int:
+    """The most bytes an envelope of exactly these tensors can take, to refuse a larger blob unread.
+
+    The data is exact; the JSON header is bounded generously (names escaped
+    at worst, 20-digit numbers) plus `metadata_bytes` for the metadata.
+    """
+    total = 8 + 8 + metadata_bytes  # header length, header alignment padding
+    for name, spec in expected.items():
+        if any(d is None for d in spec.shape):
+            raise ValueError(f'{name}: the size of {spec.describe()} is not known in advance')
+        itemsize = torch.empty((), dtype=spec.dtype).element_size()
+        total += math.prod(spec.shape) * itemsize + 6 * len(name) + 96 + 21 * len(spec.shape)
+    return total
+
+
 def encode(tensors: Mapping[str, torch.Tensor], schema: str,
            metadata: Mapping[str, object] | None = None) -> bytes:
     """Pack tensors and string metadata into one envelope blob."""
@@ -114,14 +130,18 @@ def read_header(blob: bytes) -> tuple[dict[str, dict], dict[str, str]]:
 
 def decode(blob: bytes, schema: str | None = None,
            expected: Mapping[str, TensorSpec] | None = None, *,
-           allow_extra: bool = False, require_finite: bool = True) -> Envelope:
+           allow_extra: bool = False, require_finite: bool = True,
+           max_bytes: int | None = None) -> Envelope:
     """Unpack and validate an envelope.
 
     `schema`: the schema name the receiver expects (None: any). `expected`:
     the tensors it needs, by name; missing ones, unexpected ones (unless
     `allow_extra`), and any dtype or shape mismatch are refused. With
-    `require_finite`, NaN or infinite floating values are refused too.
+    `require_finite`, NaN or infinite floating values are refused too. A blob
+    longer than `max_bytes` is refused before any of it is read.
     """
+    if max_bytes is not None and len(blob) > max_bytes:
+        raise EnvelopeError(f'envelope is larger than the {max_bytes} bytes expected')
     blob = bytes(blob)
     _, metadata = read_header(blob)
     got_schema = metadata.get('schema')

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -31,6 +31,43 @@ def center_crop_resize(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     shrinking = rgb.shape[0] > height
     return cv2.resize(np.ascontiguousarray(rgb), (width, height),
                       interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+# encoding -> (channels, index order that gives RGB)
+_LAYOUTS: dict[str, tuple[int, tuple[int, ...] | None]] = {
+    'rgb8': (3, None),
+    'bgr8': (3, (2, 1, 0)),
+    'rgba8': (4, (0, 1, 2)),
+    'bgra8': (4, (2, 1, 0)),
+    'mono8': (1, None),
+}
+SUPPORTED_ENCODINGS = tuple(_LAYOUTS)
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """An HxWx3 uint8 RGB view/copy of a sensor_msgs/Image (rclpy's or a decoded
+    bag's: anything with its fields); ValueError saying why not."""
+    layout = _LAYOUTS.get(msg.encoding)
+    if layout is None:
+        raise ValueError(
+            f'unsupported encoding {msg.encoding!r}; use one of {", ".join(SUPPORTED_ENCODINGS)}')
+    channels, order = layout
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height <= 0 or width <= 0:
+        raise ValueError(f'empty image {width}x{height}')
+    if step < width * channels:
+        raise ValueError(f'step {step} is smaller than width*channels {width * channels}')
+    data = np.frombuffer(msg.data, dtype=np.uint8)  # bytes-like: no per-element copy
+    if data.size < step * height:
+        raise ValueError(f'data holds {data.size} bytes, {step * height} expected for '
+                         f'{width}x{height} {msg.encoding}')
+    rows = data[:step * height].reshape(height, step)[:, :width * channels]
+    pixels = rows.reshape(height, width, channels)
+    if channels == 1:
+        return np.repeat(pixels, 3, axis=2)
+    if order is None:
+        return pixels
+    return pixels[:, :, list(order)]
 
 
 def to_observation(rgb: np.ndarray) -> torch.Tensor:

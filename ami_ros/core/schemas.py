@@ -18,6 +18,8 @@ experience (schema 'experience', one per agent step; std_msgs/UInt8MultiArray)
             stamp int64 []                frame stamp, ns
   metadata  preset, step, continues (0/1: follows the previous step without a
             gap), reward_valid (0/1), version_<model> for each model
+  A blob larger than the preset's step can be (`experience_max_bytes`) is
+  refused before any of it is parsed: anyone on the graph can publish one.
 
 weights (schema 'weights/<model>'; a byte_array Parameter of agent/sync_weights)
   tensors   the model's state_dict
@@ -26,7 +28,8 @@ weights (schema 'weights/<model>'; a byte_array Parameter of agent/sync_weights)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +40,9 @@ from ami_ros.core.models import MODEL_NAMES
 from ami_ros.core.presets import ACTION_CHOICES, IMAGE_SHAPE, Preset
 
 EXPERIENCE_SCHEMA = 'experience'
+# Room for the safetensors header (tensor names, dtypes, shapes, offsets, metadata):
+# about 1 KiB in a real step, whatever the preset.
+EXPERIENCE_HEADER_BYTES = 16 * 1024
 
 
 def experience_specs(preset: Preset) -> dict[str, TensorSpec]:
@@ -53,6 +59,12 @@ def experience_specs(preset: Preset) -> dict[str, TensorSpec]:
         'reward': TensorSpec(torch.float32, ()),
         'stamp': TensorSpec(torch.int64, ()),
     }
+
+
+def experience_max_bytes(preset: Preset) -> int:
+    """The largest experience blob a step of `preset` can make: its tensors and a header."""
+    data = sum(spec.dtype.itemsize * math.prod(spec.shape) for spec in experience_specs(preset).values())
+    return 8 + EXPERIENCE_HEADER_BYTES + data
 
 
 @dataclass
@@ -100,7 +112,12 @@ def _check_preset(envelope_preset: str | None, preset: Preset, what: str) -> Non
         raise EnvelopeError(f'{what} is of preset {envelope_preset!r}, this node runs {preset.name!r}')
 
 
-def decode_experience(blob: bytes, preset: Preset) -> ExperienceStep:
+def decode_experience(blob: bytes | Sequence[int], preset: Preset) -> ExperienceStep:
+    """The step a blob holds (bytes, or a message's uint8 array: its size is checked first)."""
+    limit = experience_max_bytes(preset)
+    if len(blob) > limit:
+        raise EnvelopeError(f'experience of {len(blob)} bytes is larger than a {preset.name} step '
+                            f'can be ({limit} bytes)')
     env = decode(blob, EXPERIENCE_SCHEMA, experience_specs(preset))
     _check_preset(env.metadata.get('preset'), preset, 'experience')
     t = env.tensors

@@ -247,6 +247,23 @@ class VAETrainer(_Trainer):
     def ready(self) -> bool:
         return len(self.buffer) >= 2 and self.buffer.new_count >= self.cfg.min_new
 
+    def train_batch(self, images: Tensor) -> dict[str, float]:
+        """One optimiser step on uint8 images [B>=2, 3, H, W] (a round's minibatch,
+        or offline training's); its loss, reconstruction, kl and grad_norm."""
+        x = _to_float_image(images.to(self.device))
+        posterior: Normal = self.encoder(x)
+        recon = self.decoder(posterior.rsample())
+        rec = F.mse_loss(recon, x)
+        prior = Normal(torch.zeros_like(posterior.mean), torch.ones_like(posterior.stddev))
+        # Mean per element like the MSE: kl_coef then weighs two
+        # per-element means (a per-image sum over the latent made the
+        # KL dominate and the posterior collapse in trials).
+        kl = kl_divergence(posterior, prior).mean()
+        loss = rec + self.cfg.kl_coef * kl
+        norm = self._step(loss, None)
+        return {'loss': float(loss.detach()), 'reconstruction': float(rec.detach()),
+                'kl': float(kl.detach()), 'grad_norm': norm}
+
     def _round(self) -> dict[str, float]:
         images = self.buffer.snapshot(mark_trained=True)
         if len(images) < 2:
@@ -255,20 +272,8 @@ class VAETrainer(_Trainer):
         batches = 0
         for _ in range(self.cfg.epochs):
             for idx in self._minibatches(len(images), self.cfg.batch_size, self.max_batches, 2):
-                x = _to_float_image(images[idx].to(self.device))
-                posterior: Normal = self.encoder(x)
-                recon = self.decoder(posterior.rsample())
-                rec = F.mse_loss(recon, x)
-                prior = Normal(torch.zeros_like(posterior.mean), torch.ones_like(posterior.stddev))
-                # Mean per element like the MSE: kl_coef then weighs two
-                # per-element means (a per-image sum over the latent made the
-                # KL dominate and the posterior collapse in trials).
-                kl = kl_divergence(posterior, prior).mean()
-                loss = rec + self.cfg.kl_coef * kl
-                norm = self._step(loss, None)
-                for key, value in (('loss', loss), ('reconstruction', rec), ('kl', kl)):
-                    totals[key] += float(value.detach())
-                totals['grad_norm'] += norm
+                for key, value in self.train_batch(images[idx]).items():
+                    totals[key] += value
                 batches += 1
         metrics = {k: v / max(batches, 1) for k, v in totals.items()}
         metrics.update(batches=float(batches), samples=float(len(images)))
@@ -314,6 +319,14 @@ class DynamicsTrainer(_Trainer):
         pred, _ = self.dynamics(z, h0, a)
         return prediction_nll(pred, target).mean()
 
+    def train_batch(self, z: Tensor, h0: Tensor, a: Tensor, target: Tensor) -> dict[str, float]:
+        """One optimiser step on a minibatch of chunks (a round's, or offline
+        training's): z, a [B, T, .], h0 [B, depth, dim], target [B, T, L]; loss, grad_norm."""
+        dev = self.device
+        loss = self._loss(z.to(dev), h0.to(dev), a.to(dev), target.to(dev))
+        norm = self._step(loss, self.max_grad_norm)
+        return {'loss': float(loss.detach()), 'grad_norm': norm}
+
     def _round(self) -> dict[str, float]:
         z, h0, a, target = self.buffer.chunks(self.cfg.chunk, mark_trained=True)
         if len(z) == 0:
@@ -324,10 +337,9 @@ class DynamicsTrainer(_Trainer):
         for epoch in range(self.cfg.epochs):
             epoch_loss, epoch_batches = 0.0, 0
             for idx in self._minibatches(len(z), self.cfg.batch_size, self.max_batches):
-                dev = self.device
-                loss = self._loss(z[idx].to(dev), h0[idx].to(dev), a[idx].to(dev), target[idx].to(dev))
-                totals['grad_norm'] += self._step(loss, self.max_grad_norm)
-                epoch_loss += float(loss.detach())
+                metrics = self.train_batch(z[idx], h0[idx], a[idx], target[idx])
+                totals['grad_norm'] += metrics['grad_norm']
+                epoch_loss += metrics['loss']
                 epoch_batches += 1
             totals['loss'] += epoch_loss
             batches += epoch_batches

@@ -23,7 +23,10 @@ Serves:
                           model ('encoder', 'decoder', 'dynamics', 'policy'),
                           its byte_array_value a weights envelope, or its
                           string_value 'file:///path' of one (same machine:
-                          no copy through DDS). The whole request is checked
+                          no copy through DDS), read only from the private
+                          folder of sync_dir (core/private_files.py: a regular
+                          file of this user, no symlinks, at most the size the
+                          model needs). The whole request is checked
                           before anything changes; the new models are built
                           on a worker thread in the idle time after a step
                           and swapped in between two steps.
@@ -31,7 +34,7 @@ Serves:
   agent/save_checkpoint   its part of a checkpoint (models/, interaction/agent/)
 
 Parameters: preset, device, seed, reward, deterministic, persistence, torch_threads,
-publish_prediction, checkpoint (see docs/parameters.md).
+publish_prediction, sync_dir, checkpoint, checkpoint_dir (see docs/parameters.md).
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ import math
 import sys
 import threading
 import time
-from pathlib import Path
 
 import rclpy
 import torch
@@ -55,10 +57,11 @@ from std_msgs.msg import Float32, UInt8MultiArray
 
 from ami_ros.core.action import action_to_controls
 from ami_ros.core.agent import CuriosityAgent
-from ami_ros.core.envelope import EnvelopeError
+from ami_ros.core.envelope import EnvelopeError, size_limit, specs_of
 from ami_ros.core.observation import to_uint8_chw
 from ami_ros.core.policy import MAX_PERSISTENCE
 from ami_ros.core.presets import DEFAULT_PRESET, PRESETS
+from ami_ros.core.private_files import read_confined, weights_root
 from ami_ros.core.rewards import reward_names
 from ami_ros.core.schemas import ExperienceStep, encode_experience
 from ami_ros.core.timing import LatencyWindow, RateMeter
@@ -112,6 +115,14 @@ class AgentNode(ManagedNode):
         self.prediction_pub = self.create_lifecycle_publisher(Image, 'prediction/image_raw', 1)
         # Deep enough that a trainer busy for a moment loses no step.
         self.experience_pub = self.create_lifecycle_publisher(UInt8MultiArray, 'experience', 100)
+        # Anyone on the domain may call sync_weights: files are read from the
+        # trainers' private folder only, and no blob larger than its model needs is read.
+        self.weights_root = weights_root(self.declare(
+            'sync_dir', '', "Folder whose ami_ros_weights folder holds the trainers' weight files "
+            "(the trainers' sync_dir); '' = $XDG_RUNTIME_DIR, else /dev/shm. 'file://' weights "
+            'are read from there only. Read at start.', read_only=True))
+        self.weights_limit = {name: size_limit(specs_of(model.state_dict()))
+                              for name, model in self.agent.models.items()}
         self.syncs_ok = 0
         self.syncs_refused = 0
         self.step_gap = StepGap()
@@ -225,7 +236,7 @@ class AgentNode(ManagedNode):
         self.step_gap.wait(self._prepare_seconds, timeout=SYNC_GAP_WAIT)
         started = time.monotonic()
         try:
-            blobs = {p.name: _envelope_bytes(p) for p in request.parameters}
+            blobs = {p.name: self._envelope_bytes(p) for p in request.parameters}
             if len(blobs) != len(names):
                 raise EnvelopeError('a model is named twice in one request')
             if not blobs:
@@ -251,6 +262,25 @@ class AgentNode(ManagedNode):
             response.results = [SetParametersResult(successful=False, reason=problem) for _ in names]
         return response
 
+    def _envelope_bytes(self, parameter) -> bytes:
+        """The weights envelope a sync Parameter carries, inline or in a file, unread if too large."""
+        value, name = parameter.value, parameter.name
+        if name not in self.weights_limit:
+            raise EnvelopeError(f'unknown model {name!r}; models: {", ".join(self.weights_limit)}')
+        limit = self.weights_limit[name]
+        if value.type == ParameterType.PARAMETER_BYTE_ARRAY:
+            if len(value.byte_array_value) > limit:
+                raise EnvelopeError(f'{name}: weights may hold at most {limit} bytes')
+            return b''.join(value.byte_array_value)  # rclpy hands byte[] over as a list of bytes
+        if value.type == ParameterType.PARAMETER_STRING and value.string_value.startswith('file://'):
+            try:
+                return read_confined(value.string_value.removeprefix('file://'), self.weights_root,
+                                     limit, what='weights file')
+            except ValueError as exc:
+                raise EnvelopeError(f'{name}: {exc}') from None
+        raise EnvelopeError(f'{name}: weights come as a byte_array value or a '
+                            f"'file://' string, not parameter type {value.type}")
+
     def on_exit(self) -> None:
         # The sync thread must have left rclpy before the node and the
         # context go: destroying them under a thread still waiting in rcl
@@ -272,17 +302,6 @@ class AgentNode(ManagedNode):
                              syncs_ok=self.syncs_ok, syncs_refused=self.syncs_refused,
                              active=self.is_active,
                              **{f'version_{k}': v for k, v in self.agent.versions.items()})
-
-
-def _envelope_bytes(parameter) -> bytes:
-    """The weights envelope a sync Parameter carries, inline or in a file."""
-    value = parameter.value
-    if value.type == ParameterType.PARAMETER_BYTE_ARRAY:
-        return b''.join(value.byte_array_value)  # rclpy hands byte[] over as a list of bytes
-    if value.type == ParameterType.PARAMETER_STRING and value.string_value.startswith('file://'):
-        return Path(value.string_value.removeprefix('file://')).read_bytes()
-    raise EnvelopeError(f'{parameter.name}: weights come as a byte_array value or a '
-                        f"'file://' string, not parameter type {value.type}")
 
 
 def main(args: list[str] | None = None) -> int:

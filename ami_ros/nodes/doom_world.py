@@ -131,7 +131,10 @@ class DoomWorldNode(ManagedNode):
 
     # -- OSC input ----------------------------------------------------------
     def _open_osc(self) -> BlockingOSCUDPServer:
-        dispatcher = Dispatcher()
+        # Without strict timing: python-osc would sleep on the one OSC thread until a
+        # bundle's timetag, so a bundle timed an hour ahead would stop all input for an
+        # hour. Applied on arrival instead, as VRChat does.
+        dispatcher = Dispatcher(strict_timing=False)
         dispatcher.set_default_handler(self._on_osc)
         try:
             # One blocking server on its own thread: no thread per datagram.

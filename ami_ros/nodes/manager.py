@@ -7,7 +7,10 @@ Services (std_srvs/srv/Trigger, relative names):
   ami/status    each node's lifecycle state, in `message`
   ami/save_checkpoint  pause, have every node write its part into one new
                 checkpoint directory, commit it atomically, resume only if the
-                graph was running; answers with the directory in `message`
+                graph was running; answers with the directory in `message`.
+                Refused, with the reason, beyond max_manual_checkpoints or when
+                the disk lacks the space (min_free_mb); crashed saves' stages
+                are removed at start (clean_partials)
   ami/shutdown  pause the graph, save a final checkpoint (save_on_shutdown),
                 take every node through its lifecycle shutdown, then exit
 Topics:
@@ -53,7 +56,12 @@ from ami_ros.core.checkpoint import (
     begin_checkpoint,
     commit_checkpoint,
 )
-from ami_ros.core.checkpoint_store import apply_retention
+from ami_ros.core.checkpoint_store import (
+    apply_retention,
+    clean_partials,
+    save_refusal,
+)
+from ami_ros.core.private_files import use_private_umask
 from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.managed_node import prefer_synchronous_publication, spin_until_finished
 
@@ -104,6 +112,18 @@ class Manager(Node):
                 description='Periodic and final checkpoints kept (0 = all); checkpoints saved '
                             'on request are never removed.',
                 integer_range=[IntegerRange(from_value=0, to_value=100000, step=1)])).value)
+        self.max_manual = int(self.declare_parameter(
+            'max_manual_checkpoints', 20, ParameterDescriptor(
+                description='Checkpoints saved on request (ami/save_checkpoint) kept at most: '
+                            'retention never removes them and anyone on the ROS domain can ask '
+                            'for one, so one more is refused until some are removed by hand.',
+                integer_range=[IntegerRange(from_value=1, to_value=100000, step=1)])).value)
+        self.min_free_mb = int(self.declare_parameter(
+            'min_free_mb', 256, ParameterDescriptor(
+                description="Free disk space (MiB) a checkpoint must leave on checkpoint_dir's disk; "
+                            'a save that needs more than is free (the newest checkpoint\'s size plus '
+                            'this) is refused.',
+                integer_range=[IntegerRange(from_value=0, to_value=10**7, step=1)])).value)
         self.save_on_shutdown = bool(self.declare_parameter(
             'save_on_shutdown', True, ParameterDescriptor(
                 description='Save a final checkpoint at ami/shutdown.')).value)
@@ -139,7 +159,18 @@ class Manager(Node):
                               ('save_checkpoint', self._save_checkpoint)):
             self.create_service(Trigger, f'ami/{name}', handler, callback_group=group)
         self._publish_state()
+        self._clean_partials()
         self.get_logger().info(f'managing {", ".join(self.managed)}')
+
+    def _clean_partials(self) -> None:
+        """Remove the stages of saves that crashed (untouched for an hour: not a save under way)."""
+        try:
+            removed = clean_partials(self.checkpoint_dir)
+        except OSError as exc:
+            self.get_logger().warning(f'could not clean up unfinished saves in {self.checkpoint_dir}: {exc}')
+            return
+        if removed:
+            self.get_logger().info(f'removed {len(removed)} unfinished save(s) from {self.checkpoint_dir}')
 
     def _publish_state(self) -> None:
         self._state_pub.publish(String(data=self.state))
@@ -294,6 +325,12 @@ class Manager(Node):
             return False, 'a checkpoint is being saved already'
         while self._saving:
             await self._save_done
+        # Before pausing anything: a refused save leaves the graph as it was.
+        problem = save_refusal(self.checkpoint_dir, self.max_manual if manual else None,
+                               self.min_free_mb << 20)
+        if problem:
+            self.get_logger().error(problem)
+            return self._save_failed(problem)
         self._saving = True
         self._save_done = Future()
         self.get_logger().info('saving a checkpoint' + (' (on request)' if manual else ''))
@@ -362,6 +399,7 @@ class Manager(Node):
 
 
 def main(args: list[str] | None = None) -> int:
+    use_private_umask()  # checkpoints and logs: the owner's only
     prefer_synchronous_publication()
     rclpy.init(args=args)
     node = Manager()

@@ -18,9 +18,11 @@ Subscribes (relative names, except /diagnostics; only while active, but
                             status named <namespace>/<node> (this recorder's
                             namespace) that parses as a finite float -> metric
                             `<node>/<key>` (agent/latency_p99_ms, vae_trainer/loss,
-                            policy_trainer/rounds, ...)
+                            policy_trainer/rounds, ...); only the `nodes` of the
+                            graph, and names MLflow takes (ami_ros.record.admission)
   world/pose                geometry_msgs/PoseStamped (doom_world) -> exploration
-                            map; metric `world/cells_visited`
+                            map; metric `world/cells_visited`; a pose outside
+                            +-`map_extent` is ignored
   world/episode             std_msgs/UInt32 (doom_world) -> metric
                             `world/episode_cells`: the cells one episode visited,
                             logged as the next starts (how far the agent gets
@@ -30,7 +32,8 @@ Subscribes (relative names, except /diagnostics; only while active, but
 Publishes:
   /diagnostics              its own status: run id, metrics logged, pending, cells,
                             the current episode (-1 before the first) and its cells,
-                            the agent's steps last heard (-1 before any)
+                            the agent's steps last heard (-1 before any), and
+                            `refused`: what it ignored of what peers sent
 
 Metric steps: the agent's step count (its diagnostics' `steps`, advanced by
 one per action between two diagnostics: every step publishes one action, but
@@ -74,10 +77,12 @@ from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.impl.rcutils_logger import RcutilsLogger
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile
 from sensor_msgs.msg import Joy
 from std_msgs.msg import Float32, UInt32
 
+from ami_ros.record.admission import MAP_EXTENT, MAX_NODES, NodeAdmission, pose_problem, recordable
 from ami_ros.record.mlflow_run import (
     BackgroundRecorder,
     RunRecorder,
@@ -124,6 +129,12 @@ class RecorderNode(ManagedNode):
                               low=1, high=1_000_000)
         self.step_node = self.declare('step_node', 'agent',
                                       "Node whose diagnostics' `steps` is the metrics' step axis.")
+        self.map_extent = self.declare('map_extent', MAP_EXTENT, 'Poses farther than this from the '
+                                       'map origin (map units) are ignored.', low=1.0, high=1e9)
+        self.declared_defaults['nodes'] = []
+        nodes = self.declare_parameter('nodes', Parameter.Type.STRING_ARRAY, ParameterDescriptor(
+            description='Nodes whose statuses are recorded (the launch gives the graph\'s); '
+                        f'none = the first {MAX_NODES} node names heard.')).value or []
 
         try:
             self.run_params = parse_params(raw_params if raw_params else None)
@@ -132,10 +143,9 @@ class RecorderNode(ManagedNode):
             self.run_params = {'log_params': str(raw_params)}
         self.run_params.setdefault('cell_size', str(self.cell_size))
         self.tracking_uri = resolve_tracking_uri(uri)
-        namespace = self.get_namespace()
-        self._prefix = '' if namespace == '/' else namespace  # statuses of this namespace only
-        self._own_name = self.get_fully_qualified_name()
 
+        self.admission = NodeAdmission(self.get_namespace(), self.get_fully_qualified_name(), nodes)
+        self.refused = 0  # statuses, metrics and poses refused
         self.map = ExplorationMap(self.cell_size)
         self.stats = RunStats(window, self.step_node)
         self._last_logged: dict[str, float] = {}  # '<node>/<key>' -> the value last logged
@@ -188,7 +198,7 @@ class RecorderNode(ManagedNode):
         for name in ('mlflow', 'alembic'):
             logging.getLogger(name).setLevel(logging.WARNING)
         return RunRecorder(self.tracking_uri, self.experiment, self.run_name, self.run_params,
-                           tags={'ami_ros.recorder': self._own_name,
+                           tags={'ami_ros.recorder': self.admission.own_name,
                                  'ami_ros.namespace': self.get_namespace()},
                            artifact_location=self.artifact_location)
 
@@ -218,6 +228,11 @@ class RecorderNode(ManagedNode):
     def _recording(self) -> bool:
         return self.is_active and self.writer is not None and not self.writer.failed
 
+    def _refuse(self, kind: str, reason: str) -> None:
+        """One warning line per kind at most every 5 s: a peer's flood must not flood the log."""
+        self.refused += 1
+        self.warn_throttled(f'refused-{kind}', f'ignoring {reason}')
+
     # -- steps ----------------------------------------------------------------
     def _step(self) -> int:
         """The agent's step now, never going back; seconds since start until it is heard."""
@@ -242,14 +257,6 @@ class RecorderNode(ManagedNode):
         if self._recording() and math.isfinite(msg.data):
             self.writer.add_metric('prediction_error', msg.data, self._step())
 
-    def _node_key(self, status_name: str) -> str | None:
-        """'agent' for '<namespace>/agent'; None for other namespaces and other names."""
-        head = self._prefix + '/'
-        if not status_name.startswith(head) or status_name == self._own_name:
-            return None
-        rest = status_name[len(head):]
-        return rest if rest and '/' not in rest else None
-
     def on_diagnostics(self, msg: DiagnosticArray) -> None:
         # Paused, the recorder logs no metrics but keeps the summary current:
         # the nodes report the counters of the final checkpoint (a round that
@@ -258,10 +265,15 @@ class RecorderNode(ManagedNode):
             return
         recording = self._recording()
         for status in msg.status:
-            node = self._node_key(status.name)
+            node = self.admission.node_of(status.name)
             if node is None:
                 continue
+            if problem := self.admission.problem(node):
+                self._refuse('node', problem)
+                continue
             values = iter_numeric((kv.key, kv.value) for kv in status.values)
+            for kind, reason in recordable(node, values, self.step_node):
+                self._refuse(kind, reason)
             self.node_parameters.ask(node)
             if node == self.step_node and 'steps' in values:
                 self._agent_steps = int(values['steps'])
@@ -280,7 +292,7 @@ class RecorderNode(ManagedNode):
             return
         params = node_params(node, parameters)
         answered = self.node_parameters.parameters
-        text = parameters_file({f'{self._prefix}/{n}': p for n, p in answered.items()})
+        text = parameters_file({f'{self.admission.prefix}/{n}': p for n, p in answered.items()})
         self.writer.submit(lambda rec: rec.log_params(params))
         # The whole file again: every node's answer completes it.
         self.writer.submit(lambda rec: rec.log_text('parameters.yaml', text))
@@ -288,12 +300,14 @@ class RecorderNode(ManagedNode):
     def on_pose(self, msg: PoseStamped) -> None:
         if not self._recording():
             return
-        self._poses += 1
         x, y = msg.pose.position.x, msg.pose.position.y
+        if problem := pose_problem(x, y, self.map_extent):
+            self._refuse('pose', problem)
+            return
+        self._poses += 1
         if self.map.visit(x, y):
             self._cells_dirty = True  # logged once a second by _tick, not per pose
-        if math.isfinite(x) and math.isfinite(y):
-            self._episode_cells.add(self.map.cell(x, y))
+        self._episode_cells.add(self.map.cell(x, y))
 
     def on_episode(self, msg: UInt32) -> None:
         # The first message (the latched current episode) only starts the
@@ -331,7 +345,7 @@ class RecorderNode(ManagedNode):
             images_logged=self.images_logged, cells_visited=self.map.cells_visited,
             episode=-1 if self._episode is None else self._episode,
             episode_cells=len(self._episode_cells),
-            agent_steps=-1 if self._agent_steps is None else self._agent_steps)
+            agent_steps=-1 if self._agent_steps is None else self._agent_steps, refused=self.refused)
         if writer is not None and writer.failed:
             self.diagnostics.warn('not recording: ' + (writer.error or '')[:200])
 

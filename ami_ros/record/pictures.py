@@ -71,6 +71,13 @@ class ExplorationMap:
         lo = cells.min(axis=0) - 1
         hi = cells.max(axis=0) + 1
         nx, ny = (hi - lo + 1).tolist()
+        if max(nx, ny) > max_size:  # wider than the picture: k x k cells become one
+            k = math.ceil(max(nx, ny) / max_size)
+            coarse = ExplorationMap(self.cell_size * k, self.max_points)
+            for (i, j), count in self.visits.items():  # floor(floor(x/c)/k) == floor(x/(c*k))
+                coarse.visits[i // k, j // k] = coarse.visits.get((i // k, j // k), 0) + count
+            coarse.trajectory = self.trajectory
+            return coarse.render(max_size)
         px = int(max(2, min(32, max_size // max(nx, ny))))
         image = np.full((ny * px, nx * px, 3), 32, np.uint8)
         counts = np.array(list(self.visits.values()), dtype=np.float64)

@@ -5,10 +5,13 @@ atomicity: `ami_ros/core/checkpoint.py`). Each node that holds state serves
 
   <node name>/save_checkpoint   rcl_interfaces/srv/SetParameters with one
                                 string Parameter 'directory': the staging
-                                directory of the checkpoint being written.
-                                The node writes its files there (write_tensors
-                                / write_json) and answers successful, or not
-                                with a one-line reason.
+                                directory of the checkpoint being written,
+                                which must be a stage directly under the node's
+                                `checkpoint_dir` (core/checkpoint.confined_stage:
+                                no '..', no symlink, this user's). The node
+                                writes its files there (write_tensors /
+                                write_json, owner-only) and answers successful,
+                                or not with a one-line reason.
 
 calls `after_save` once its part is written (the nodes publish their
 diagnostics then, so the run record ends on the counters the checkpoint
@@ -25,7 +28,7 @@ from pathlib import Path
 from rcl_interfaces.msg import ParameterType, SetParametersResult
 from rcl_interfaces.srv import SetParameters
 
-from ami_ros.core.checkpoint import CheckpointError, load_manifest
+from ami_ros.core.checkpoint import CheckpointError, confined_stage, load_manifest
 
 
 class CheckpointPart:
@@ -37,6 +40,11 @@ class CheckpointPart:
         self._save = save
         self._after_save = after_save
         self.restored_from: Path | None = None
+        # Read-only: a save request may name only a stage in the folder the launch gave.
+        self.checkpoint_dir = Path(node.declare(
+            'checkpoint_dir', 'checkpoints', "The manager's checkpoint_dir (relative: to the working "
+            'directory): save_checkpoint writes only into stages directly under it. Read at start.',
+            read_only=True)).absolute()
         arg = node.declare('checkpoint', '', 'Checkpoint directory to restore this node from at '
                            "start ('' = start fresh); the launchers resolve checkpoint:=latest.")
         if arg:
@@ -55,7 +63,7 @@ class CheckpointPart:
         try:
             if not directory:
                 raise CheckpointError("save_checkpoint needs a string parameter 'directory'")
-            self._save(Path(directory))
+            self._save(confined_stage(directory, self.checkpoint_dir))
             result = SetParametersResult(successful=True)
         except (CheckpointError, OSError, ValueError, RuntimeError) as exc:
             self.node.get_logger().error(f'could not save checkpoint part: {exc}')

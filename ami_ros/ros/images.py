@@ -1,7 +1,9 @@
 """sensor_msgs/Image <-> numpy RGB arrays, without cv_bridge (not on PyPI).
 
 `FrameReader` turns camera Images into the models' frames for a node that
-learns from them, counting the ones it cannot use.
+learns from them, counting the ones it cannot use. Anyone on the graph can
+publish a frame: its size is checked against MAX_FRAME_PIXELS before any
+pixel is read, and its data against the size its header claims.
 """
 
 from __future__ import annotations
@@ -11,50 +13,18 @@ from collections.abc import Callable
 import numpy as np
 from sensor_msgs.msg import Image
 
-from ami_ros.core.observation import center_crop_resize
+from ami_ros.core.observation import center_crop_resize, image_to_rgb
 from ami_ros.core.presets import IMAGE_SHAPE
+
+# 8K UHD: a larger screen capture is not a camera, and its crop and resize would
+# cost the agent seconds of CPU per frame.
+MAX_FRAME_PIXELS = 7680 * 4320
 
 
 def stamp_ns(msg: object) -> int:
     """A stamped message's header stamp in nanoseconds (the frames' capture time)."""
     stamp = msg.header.stamp
     return stamp.sec * 1_000_000_000 + stamp.nanosec
-
-
-# encoding -> (channels, index order that gives RGB)
-_LAYOUTS: dict[str, tuple[int, tuple[int, ...] | None]] = {
-    'rgb8': (3, None),
-    'bgr8': (3, (2, 1, 0)),
-    'rgba8': (4, (0, 1, 2)),
-    'bgra8': (4, (2, 1, 0)),
-    'mono8': (1, None),
-}
-SUPPORTED_ENCODINGS = tuple(_LAYOUTS)
-
-
-def image_to_rgb(msg: Image) -> np.ndarray:
-    """An HxWx3 uint8 RGB view/copy of an Image; ValueError saying why not."""
-    layout = _LAYOUTS.get(msg.encoding)
-    if layout is None:
-        raise ValueError(
-            f'unsupported encoding {msg.encoding!r}; use one of {", ".join(SUPPORTED_ENCODINGS)}')
-    channels, order = layout
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    if height <= 0 or width <= 0:
-        raise ValueError(f'empty image {width}x{height}')
-    if step < width * channels:
-        raise ValueError(f'step {step} is smaller than width*channels {width * channels}')
-    data = np.frombuffer(msg.data, dtype=np.uint8)  # bytes-like: no per-element copy
-    if data.size < step * height:
-        raise ValueError(f'data holds {data.size} bytes, {step * height} expected for '
-                         f'{width}x{height} {msg.encoding}')
-    rows = data[:step * height].reshape(height, step)[:, :width * channels]
-    pixels = rows.reshape(height, width, channels)
-    if channels == 1:
-        return np.repeat(pixels, 3, axis=2)
-    if order is None:
-        return pixels
-    return pixels[:, :, list(order)]
 
 
 def rgb_to_image(rgb: np.ndarray, stamp, frame_id: str = 'camera') -> Image:
@@ -88,6 +58,9 @@ class FrameReader:
     def observation(self, msg: Image) -> np.ndarray | None:
         """The frame `msg` holds, or None (counted, warned)."""
         try:
+            if int(msg.width) * int(msg.height) > MAX_FRAME_PIXELS:
+                raise ValueError(f'oversized frame {msg.width}x{msg.height}: more than '
+                                 f'{MAX_FRAME_PIXELS} pixels (8K)')
             rgb = image_to_rgb(msg)
         except ValueError as exc:
             self.dropped += 1

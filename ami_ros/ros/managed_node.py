@@ -19,6 +19,8 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
+from ami_ros.core.private_files import use_private_umask
+
 N = TypeVar('N', bound='ManagedNode')
 
 
@@ -138,6 +140,7 @@ def run(factory: Callable[[], N], args: Sequence[str] | None = None,
     """
     # rclpy's default handlers turn SIGINT and SIGTERM into a context
     # shutdown, which ends the loop below and still runs on_exit().
+    use_private_umask()  # every file a node writes (checkpoints, weights, logs): the owner's only
     prefer_synchronous_publication()
     rclpy.init(args=args)
     node: ManagedNode | None = None

@@ -2,16 +2,8 @@
 
 The manager pauses the graph, then calls `<node name>/save_checkpoint`
 (`ami_ros/ros/checkpoint_part.py`). A trainer's part, in the checkpoint
-directory:
-
-  trainers/<node name>/state.safetensors  envelope 'trainer/<node name>':
-                                          model weights, optimiser tensors,
-                                          the minibatch generator
-  trainers/<node name>/state.json         counters (rounds, version), the
-                                          optimiser's non-tensor state
-  data/<node name>/buffer.safetensors     envelope 'buffer/<node name>': the
-                                          buffer's contents and generator
-  data/<node name>/buffer.json            the buffer's counters
+directory (trainers/<node name>/, data/<node name>/), is written and read by
+`ami_ros/core/trainer_part.py`, which has its layout.
 
 A save waits (up to SAVE_WAIT_S) for a running round to end, so the state is
 never caught half-way through one; it is taken while no round runs and the
@@ -35,17 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ami_ros.core.checkpoint import (
-    CheckpointError,
-    load_manifest,
-    read_json,
-    read_tensors,
-    write_json,
-    write_tensors,
-)
+from ami_ros.core.checkpoint import CheckpointError, load_manifest, read_tensors
 from ami_ros.core.envelope import EnvelopeError, specs_of
-from ami_ros.core.json_values import plain_json
 from ami_ros.core.schemas import weights_schema
+from ami_ros.core.trainer_part import read_trainer_part, trainer_part_paths, write_trainer_part
 from ami_ros.ros.weight_push import WeightPush
 
 if TYPE_CHECKING:
@@ -53,8 +38,6 @@ if TYPE_CHECKING:
 
 # How long a checkpoint save waits for a running training round to end.
 SAVE_WAIT_S = 120.0
-# Format of the JSON files of a trainer's checkpoint part.
-PART_FORMAT = 1
 
 
 class TrainerCheckpoint:
@@ -73,11 +56,7 @@ class TrainerCheckpoint:
         self.round_lock = round_lock
         self.buffer_status = buffer_status
         self.restored_part = ''
-        name = node.get_name()
-        self.paths = {'state': f'trainers/{name}/state.safetensors',
-                      'state_json': f'trainers/{name}/state.json',
-                      'buffer': f'data/{name}/buffer.safetensors',
-                      'buffer_json': f'data/{name}/buffer.json'}
+        self.paths = trainer_part_paths(node.get_name())
 
     def save(self, stage: Path) -> None:
         """Write this trainer's part into the staging directory `stage`.
@@ -95,27 +74,10 @@ class TrainerCheckpoint:
             buffer_tensors, buffer_info = self.trainer.buffer.state_dict()
         finally:
             self.round_lock.release()
-        paths = self.paths
-        meta = {'node': name, 'trainer': self.trainer.kind, 'preset': self.preset_name,
-                'rounds': int(info['rounds']), 'version': int(info['version'])}
-        # JSON first: a failure there leaves no tensor file without its counters.
-        state_json = {'format': PART_FORMAT, **meta, 'state': self._plain(info, paths['state_json'])}
-        buffer_json = {'format': PART_FORMAT, 'node': name,
-                       'state': self._plain(buffer_info, paths['buffer_json'])}
-        write_tensors(stage, paths['state'], tensors, f'trainer/{name}', meta)
-        write_json(stage, paths['state_json'], state_json)
-        write_tensors(stage, paths['buffer'], buffer_tensors, f'buffer/{name}',
-                      {'node': name, 'buffer': str(buffer_info.get('kind', ''))})
-        write_json(stage, paths['buffer_json'], buffer_json)
+        meta = write_trainer_part(stage, name, self.trainer.kind, self.preset_name,
+                                  (tensors, info), (buffer_tensors, buffer_info))
         self.node.get_logger().info(f'saved checkpoint part: {meta["rounds"]} rounds, version '
                                     f'{meta["version"]}, buffer {self.buffer_status()["buffer_len"]}')
-
-    @staticmethod
-    def _plain(value: Any, relpath: str) -> Any:
-        try:
-            return plain_json(value, where=relpath)
-        except ValueError as exc:
-            raise CheckpointError(f'cannot save {exc}') from None
 
     def restore(self, ckpt: Path) -> None:
         """Restore from checkpoint `ckpt` (its manifest is already checked); see the module doc."""
@@ -131,27 +93,13 @@ class TrainerCheckpoint:
             f'restored ({self.restored_part}): {self.trainer.rounds} rounds, version '
             f'{self.trainer.version}, buffer {self.buffer_status()["buffer_len"]}')
 
-    @staticmethod
-    def _state_of(ckpt: Path, relpath: str) -> dict[str, Any]:
-        data = read_json(ckpt, relpath)
-        if not isinstance(data, dict) or not isinstance(data.get('state'), dict):
-            raise CheckpointError(f'checkpoint {ckpt}: {relpath} is damaged (no "state" object); '
-                                  'use another checkpoint')
-        if data.get('format') != PART_FORMAT:
-            raise CheckpointError(f'checkpoint {ckpt}: {relpath} has format {data.get("format")!r}, '
-                                  f'this ami_ros reads {PART_FORMAT}; use another checkpoint')
-        return data['state']
-
     def _restore_trainer(self, ckpt: Path) -> None:
         name = self.node.get_name()
         paths = self.paths
-        state = read_tensors(ckpt, paths['state'], f'trainer/{name}')
-        info = self._state_of(ckpt, paths['state_json'])
-        buffer = read_tensors(ckpt, paths['buffer'], f'buffer/{name}')
-        buffer_info = self._state_of(ckpt, paths['buffer_json'])
-        for relpath, load in ((paths['state'], lambda: self.trainer.load_state_dict(state.tensors, info)),
+        (state, info), (buffer, buffer_info) = read_trainer_part(ckpt, name)
+        for relpath, load in ((paths['state'], lambda: self.trainer.load_state_dict(state, info)),
                               (paths['buffer'], lambda: self.trainer.buffer.load_state_dict(
-                                  dict(buffer.tensors), buffer_info))):
+                                  buffer, buffer_info))):
             try:
                 load()
             except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:

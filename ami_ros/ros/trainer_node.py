@@ -305,7 +305,7 @@ class ExperienceTrainerNode(TrainerNode):
         if not self.is_active:
             return
         try:
-            step = decode_experience(bytes(msg.data), self.preset)
+            step = decode_experience(msg.data, self.preset)  # sized before it is copied
         except EnvelopeError as exc:
             self.undecodable += 1
             kind = str(exc).split(' ', 2)[:2]  # one throttle per kind of problem

@@ -19,9 +19,10 @@ is inactive (paused).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import tempfile
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.task import Future
 
+from ami_ros.core.private_files import PrivateFileError, private_dir, weights_root, write_private
 from ami_ros.core.schemas import encode_weights
 
 if TYPE_CHECKING:
@@ -42,32 +44,44 @@ if TYPE_CHECKING:
 
 
 class WeightFiles:
-    """Weight envelopes handed to the agent as files, the newest few per model."""
+    """Weight envelopes handed to the agent as files, the newest few per model.
+
+    They live in `<weights_root(sync_dir)>/<name>/`: a private folder (0700,
+    this user's, checked when it exists already, so no other local user can
+    pre-create it and swap the weights), written with O_EXCL|O_NOFOLLOW.
+    PrivateFileError when the folder cannot be private.
+    """
 
     KEEP = 3  # the agent may still be reading the one before the newest
 
-    def __init__(self, base: str, name: str) -> None:
-        root = Path(base) if base else Path('/dev/shm' if os.path.isdir('/dev/shm')
-                                            else tempfile.gettempdir())
-        self.dir = root / 'ami_ros_weights' / name
+    def __init__(self, sync_dir: str, name: str) -> None:
+        root = weights_root(sync_dir)
+        private_dir(root)
+        self.dir = root / name
+        self._remove_orphans(root)
+        # Removed at close only if made here: never a folder someone else made.
+        self.created = private_dir(self.dir)
         self.written: dict[str, list[Path]] = {}
-        self._remove_orphans(self.dir.parent)
 
     @staticmethod
-    def _remove_orphans(parent: Path) -> None:
-        """Remove directories of trainers that died without cleaning up (SIGKILL)."""
-        for old in parent.glob('*-*'):
+    def _remove_orphans(root: Path) -> None:
+        """Remove the folders of trainers that died without cleaning up (SIGKILL).
+
+        Only inside the private root, and only real folders of this user.
+        """
+        for old in root.glob('*-*'):
             pid = old.name.rsplit('-', 1)[1]
-            if pid.isdigit() and not Path(f'/proc/{pid}').exists():
-                shutil.rmtree(old, ignore_errors=True)
+            if not pid.isdigit() or Path(f'/proc/{pid}').exists():
+                continue
+            with contextlib.suppress(OSError):
+                info = old.lstat()
+                if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+                    shutil.rmtree(old, ignore_errors=True)
 
     def write(self, model: str, version: int, blob: bytes) -> str:
         """Write atomically (the agent never sees half a file); the file:// URL."""
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f'{model}-v{version}.safetensors'
-        tmp = path.with_suffix('.tmp')
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
+        write_private(path, blob)
         paths = self.written.setdefault(model, [])
         paths.append(path)
         while len(paths) > self.KEEP:
@@ -75,7 +89,8 @@ class WeightFiles:
         return f'file://{path}'
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.created:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass
@@ -107,9 +122,17 @@ class WeightPush:
             "in sync_dir named by a file:// string (same machine; no copy through DDS, which "
             "costs the agent's interpreter time); 'bytes' = inline byte arrays (any machine).",
             choices=('file', 'bytes'))
-        sync_dir = node.declare('sync_dir', '', "Directory for 'file' transport; '' = /dev/shm "
-                                '(memory) if present, else the temporary directory.')
-        self.files = WeightFiles(sync_dir, f'{node.get_name()}-{os.getpid()}')
+        sync_dir = node.declare(
+            'sync_dir', '', "Folder for 'file' transport: the files go to a private (0700) "
+            "ami_ros_weights folder in it; '' = $XDG_RUNTIME_DIR, else a per-user folder in "
+            "/dev/shm. The agent's sync_dir must be the same. Read at start.", read_only=True)
+        self.files: WeightFiles | None = None
+        if self.transport == 'file':
+            try:
+                self.files = WeightFiles(sync_dir, f'{node.get_name()}-{os.getpid()}')
+            except (PrivateFileError, OSError) as exc:
+                node.get_logger().warning(f"weights go inline ('bytes' transport), not as files: {exc}")
+                self.transport = 'bytes'
         self._lock = threading.Lock()
         self._pending: PendingWeights | None = None  # under _lock
         # Executor-side state.
@@ -136,7 +159,7 @@ class WeightPush:
         for name in self.models:
             with slot(f'encode {name}') if slot is not None else nullcontext():
                 blob = encode_weights(name, weights[name], version, self.preset_name)
-                blobs[name] = self.files.write(name, version, blob) if self.transport == 'file' else blob
+                blobs[name] = self.files.write(name, version, blob) if self.files is not None else blob
         return PendingWeights(version, blobs)
 
     def offer(self, pending: PendingWeights) -> None:
@@ -161,7 +184,8 @@ class WeightPush:
         return self.last_sync not in ('ok', 'nothing pushed yet')
 
     def close(self) -> None:
-        self.files.remove()
+        if self.files is not None:
+            self.files.remove()
 
     # -- executor -------------------------------------------------------------
     def _tick(self) -> None:
