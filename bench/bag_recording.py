@@ -28,10 +28,10 @@ from ami_ros.core.timing import percentile  # noqa: E402
 from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters  # noqa: E402
 
 
-def latency_pairs(preset: str, segments: int, seconds: float, log_dir: Path) -> None:
+def latency_pairs(preset: str, segments: int, seconds: float, log_dir: Path, nices: list[int]) -> None:
     chain = Chain(preset, log_dir)
     without: list[float] = []
-    with_bag: list[float] = []
+    with_bag: dict[int, list[float]] = {nice: [] for nice in nices}
     try:
         chain.wait_ready()
         time.sleep(1.0)
@@ -39,25 +39,29 @@ def latency_pairs(preset: str, segments: int, seconds: float, log_dir: Path) -> 
             r = chain.run(10.0, seconds)
             without += chain.latencies
             print(f'  segment {i} without bag: p99 {r["p99"]:.2f} ms, missed {r["missed"]}', flush=True)
-            bag = log_dir / f'bag_{i}'
-            params = write_parameters(log_dir / f'bag_{i}.yaml', 'bag_recorder',
-                                      {'output': str(bag), 'status_interval': 0.0})
-            before = chain.node.count_subscribers('action')
-            recorder = NodeProcess('bag_recorder', node_command('bag_recorder', 'bag_recorder', [params]),
-                                   log_path=log_dir / f'bag_{i}.log')
-            deadline = time.monotonic() + 30
-            while chain.node.count_subscribers('action') <= before and time.monotonic() < deadline:
-                time.sleep(0.1)  # until the recorder has found the topics
-            r = chain.run(10.0, seconds)
-            with_bag += chain.latencies
-            recorder.stop()
-            print(f'  segment {i} with bag:    p99 {r["p99"]:.2f} ms, missed {r["missed"]}', flush=True)
+            for nice in nices:
+                bag = log_dir / f'bag_{i}_nice{nice}'
+                params = write_parameters(log_dir / f'{bag.name}.yaml', 'bag_recorder',
+                                          {'output': str(bag), 'status_interval': 0.0, 'nice': nice})
+                before = chain.node.count_subscribers('action')
+                recorder = NodeProcess('bag_recorder', node_command('bag_recorder', 'bag_recorder', [params]),
+                                       log_path=log_dir / f'{bag.name}.log')
+                deadline = time.monotonic() + 30
+                while chain.node.count_subscribers('action') <= before and time.monotonic() < deadline:
+                    time.sleep(0.1)  # until the recorder has found the topics
+                r = chain.run(10.0, seconds)
+                with_bag[nice] += chain.latencies
+                recorder.stop()
+                print(f'  segment {i} with bag (nice {nice}): p99 {r["p99"]:.2f} ms, missed {r["missed"]}',
+                      flush=True)
     finally:
         chain.close()
     p99_without = percentile(sorted(without), 0.99)
-    p99_with = percentile(sorted(with_bag), 0.99)
-    print(f'[{preset}] frame->action p99 without bag {p99_without:.2f} ms ({len(without)} steps), '
-          f'with bag {p99_with:.2f} ms ({len(with_bag)} steps): ratio {p99_with / p99_without:.3f}')
+    print(f'[{preset}] frame->action p99 without bag {p99_without:.2f} ms ({len(without)} steps)')
+    for nice, latencies in with_bag.items():
+        p99_with = percentile(sorted(latencies), 0.99)
+        print(f'[{preset}] with bag, recorder nice {nice}: p99 {p99_with:.2f} ms ({len(latencies)} steps): '
+              f'ratio {p99_with / p99_without:.3f}')
 
 
 def writer_throughput(directory: Path, megabytes: float) -> None:
@@ -102,13 +106,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--preset', default='cpu')
     parser.add_argument('--segments', type=int, default=3)
+    parser.add_argument('--nice', type=int, nargs='+', default=[10],
+                        help="the bag recorder's niceness, one segment each (19 = SCHED_IDLE)")
     parser.add_argument('--seconds', type=float, default=20.0, help='length of each segment')
     parser.add_argument('--megabytes', type=float, default=200.0, help='data written by part 2')
     args = parser.parse_args()
     print(f'machine: {platform.node()} {platform.processor() or platform.machine()}, '
           f'{os.cpu_count()} cores, Python {platform.python_version()}')
     with tempfile.TemporaryDirectory() as tmp:
-        latency_pairs(args.preset, args.segments, args.seconds, Path(tmp))
+        latency_pairs(args.preset, args.segments, args.seconds, Path(tmp), args.nice)
     with tempfile.TemporaryDirectory(dir='.') as tmp:  # the disk bags usually go to
         writer_throughput(Path(tmp), args.megabytes)
 
