@@ -19,6 +19,9 @@ import importlib
 import pkgutil
 from types import ModuleType
 
+# One line for each group of commands, in `ami-ros --help`.
+GROUP_HELP = {('bag',): 'record, inspect and play rosbag2 bags'}
+
 
 def command_modules() -> list[ModuleType]:
     """Every command module of this package, in name order."""
@@ -39,7 +42,7 @@ def add_command_parsers(sub: argparse._SubParsersAction) -> None:
             prefix = words[:depth]
             if prefix not in groups:
                 group = groups[words[:depth - 1]].add_parser(
-                    prefix[-1], help=f'{" ".join(prefix)} commands',
+                    prefix[-1], help=GROUP_HELP.get(prefix, f'{" ".join(prefix)} commands'),
                     description=f'ami-ros {" ".join(prefix)} COMMAND')
                 groups[prefix] = group.add_subparsers(dest=f'command_{depth}', required=True,
                                                       metavar='COMMAND')
