@@ -19,6 +19,7 @@ NODES = [
     'policy_trainer',
     'recorder',
     'bag_recorder',
+    'web_api',
 ]
 
 setup(
@@ -29,7 +30,8 @@ setup(
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
         ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
-        ('share/' + package_name + '/config', glob('config/*.yaml') + glob('config/*.xml')),
+        ('share/' + package_name + '/config', glob('config/*.yaml') + glob('config/*.xml')
+         + glob('config/*.rviz') + glob('config/*.perspective')),
     ],
     install_requires=['setuptools'],
     zip_safe=False,

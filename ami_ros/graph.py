@@ -9,6 +9,8 @@ and the parameters each gets on top of the parameters file.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +50,12 @@ LAUNCH_ARGUMENTS: dict[str, LaunchArgument] = {
                           "('' = no bag; ami-ros bag info/play read it)"),
     'params_file': LaunchArgument('', 'ROS 2 parameters file (empty: the package\'s config/ami.yaml)'),
     'namespace': LaunchArgument('', 'namespace for every node of the graph'),
+    'rviz': LaunchArgument('false', 'also start rviz2 with config/ami.rviz (the world map, trail, '
+                           'pose, camera and prediction) where rviz2 is installed', ('false', 'true')),
+    'web_api_host': LaunchArgument(
+        '127.0.0.1', 'address of the AMI control API (pamiq-console, HTTP): 127.0.0.1 = this '
+        'machine only; anyone who reaches it can pause or shut the graph down'),
+    'web_api_port': LaunchArgument('8391', 'TCP port of the AMI control API; 0 = none'),
     'network': LaunchArgument(
         'localhost', 'who can reach the graph: localhost = this machine only, whatever the '
         'environment says; subnet = other machines too (ROS_STATIC_PEERS passes through): '
@@ -87,6 +95,9 @@ def resolve_arguments(given: dict[str, str]) -> dict[str, str]:
         port = 0
     if not 1 <= port <= 65535:
         raise GraphArgumentError(f'vrchat_port:={args["vrchat_port"]} is not a UDP port (1..65535)')
+    if not re.fullmatch('[0-9]{1,5}', args['web_api_port']) or int(args['web_api_port']) > 65535:
+        raise GraphArgumentError(f'web_api_port:={args["web_api_port"]} is not a TCP port (0 = none, '
+                                 '1..65535)')
     return args
 
 
@@ -123,6 +134,11 @@ def describe(given: dict[str, str]) -> list[NodeSpec]:
     nodes.append(NodeSpec('manager', 'manager', {'managed_nodes': [n.name for n in nodes],
                                                  'checkpoint_dir': checkpoint_dir,
                                                  'preset': args['preset']}))
+    if int(args['web_api_port']):
+        # After the manager, not among its nodes: a paused graph still answers, and it ends
+        # by itself once the manager has shut down.
+        nodes.append(NodeSpec('web_api', 'web_api', {'web_api_host': args['web_api_host'],
+                                                     'web_api_port': int(args['web_api_port'])}))
     if args['bag']:
         # Not among the manager's nodes: a pause does not pause the recording, and it stops last.
         nodes.append(NodeSpec('bag_recorder', 'bag_recorder', {'output': str(Path(args['bag']).absolute())}))
@@ -201,6 +217,20 @@ def package_share() -> Path:
         if (candidate / 'config' / 'ami.yaml').exists():
             return candidate
     raise FileNotFoundError('cannot find share/ami_ros/config/ami.yaml; reinstall ami_ros')
+
+
+RVIZ_MISSING = ('rviz:=true but rviz2 is not on PATH: install ROS 2\'s rviz2 (ros-<distro>-rviz2) '
+                'or open config/ami.rviz with rviz2 -d elsewhere; the graph runs without it')
+
+
+def rviz_command(args: dict[str, str]) -> list[str] | None:
+    """rviz2 -d <share>/config/ami.rviz in the graph's namespace, or None where rviz2 is missing."""
+    rviz2 = shutil.which('rviz2')
+    if rviz2 is None:
+        return None
+    # Its topics are relative: in the namespace it finds the graph's.
+    namespace = ['--ros-args', '-r', f'__ns:=/{args["namespace"].strip("/")}'] if args['namespace'] else []
+    return [rviz2, '-d', str(package_share() / 'config' / 'ami.rviz'), *namespace]
 
 
 def default_params_file() -> Path:

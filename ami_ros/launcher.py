@@ -2,7 +2,8 @@
 
 It does what `ros2 launch ami_ros ami.launch.py` does on a ROS 2 install,
 for pip installs without launch_ros: one process per node with the same
-parameters file and arguments, node output prefixed with the node's name, and
+parameters file and arguments, node output prefixed with the node's name,
+rviz2 with config/ami.rviz on `rviz:=true` (where rviz2 is installed), and
 a status line (`StatusPrinter`: kept at the bottom of a terminal, a plain line
 every 10 s in a pipe).
 
@@ -38,7 +39,14 @@ from pathlib import Path
 from typing import IO
 
 from ami_ros.core.timing import LatencyWindow, RateMeter
-from ami_ros.graph import describe, discovery_environment, params_file, resolve_arguments
+from ami_ros.graph import (
+    RVIZ_MISSING,
+    describe,
+    discovery_environment,
+    params_file,
+    resolve_arguments,
+    rviz_command,
+)
 from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters
 
 STOP_TIMEOUT = 10.0
@@ -297,6 +305,11 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
     """
     args = resolve_arguments(given)
     specs = describe(args)
+    # The graph proper: the manager and the nodes it manages. The others (bag_recorder,
+    # web_api) serve it: once the graph is gone (ami-ros shutdown, the HTTP API) they are
+    # stopped too, rather than keeping the launch alive.
+    manager = next(s for s in specs if s.name == 'manager')
+    graph_names = {'manager', *manager.parameters['managed_nodes']}
     params = params_file(args)
     printer = StatusPrinter(sys.stdout)
     # The launcher names each line's node already, and the status line tells
@@ -314,6 +327,7 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     procs: list[NodeProcess] = []
+    viewer: NodeProcess | None = None  # rviz2: not a node of the graph, its exit code not the graph's
     monitor: StatusMonitor | None = None
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix='ami_ros_launch_') as tmp:
@@ -326,6 +340,13 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                 procs.append(NodeProcess(spec.name, cmd, env={**log_format, **discovery},
                                          on_line=lambda text, n=spec.name: printer.line(f'[{n}] {text}')))
             printer.line(f'[launch] started {", ".join(p.name for p in procs)}')
+            if args['rviz'] == 'true':
+                rviz = rviz_command(args)
+                if rviz is None:
+                    printer.line(f'[launch] {RVIZ_MISSING}')
+                else:
+                    viewer = NodeProcess('rviz2', rviz, env=discovery,
+                                         on_line=lambda text: printer.line(f'[rviz2] {text}'))
             printer.line(f'[launch] world:={args["world"]} preset:={args["preset"]} '
                          f'device:={args["device"]} network:={args["network"]}; Ctrl-C stops')
             monitor = StatusMonitor(args['namespace'])
@@ -343,7 +364,7 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                                          'see its output above')
                         else:
                             printer.line(f'[launch] {p.name} exited')
-                if all(p.proc.poll() is not None for p in procs):
+                if all(p.proc.poll() is not None for p in procs if p.name in graph_names):
                     break
                 if duration and time.monotonic() - started >= duration:
                     printer.line(f'[launch] duration {duration:g}s reached, stopping')
@@ -362,7 +383,8 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                 answer = monitor.shutdown_graph(timeout=SHUTDOWN_TIMEOUT)
                 printer.line(f'[launch] {answer}')
                 deadline = time.monotonic() + STOP_TIMEOUT
-                while any(p.alive() for p in procs) and time.monotonic() < deadline:
+                while (any(p.alive() for p in procs if p.name in graph_names)
+                       and time.monotonic() < deadline):
                     time.sleep(0.1)
             # In graph order: frames stop first, then the agent, then the
             # bridge, which releases every input.
@@ -371,6 +393,8 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                 if code != 0 and p.name not in failed:
                     failed.append(p.name)
                     printer.line(f'[launch] {p.name} stopped with exit code {code}')
+            if viewer is not None:
+                viewer.stop(signal.SIGINT, STOP_TIMEOUT)
             if monitor is not None:
                 monitor.close()
             for s, handler in old_handlers.items():

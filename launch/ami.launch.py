@@ -7,7 +7,13 @@ default: the graph stays on this machine).
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
+from launch.actions import (
+    DeclareLaunchArgument,
+    ExecuteProcess,
+    LogInfo,
+    OpaqueFunction,
+    SetEnvironmentVariable,
+)
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -21,12 +27,18 @@ def _nodes(context, *args, **kwargs):
     # Set before the nodes: a launch's processes take the environment as it is when they start.
     environment = [SetEnvironmentVariable(name, value)
                    for name, value in graph.discovery_environment(resolved).items()]
-    return environment + [
+    nodes = [
         Node(package='ami_ros', executable=spec.executable, name=spec.name,
              namespace=resolved['namespace'], output='screen', emulate_tty=True,
              parameters=[params, spec.parameters])
         for spec in graph.describe(resolved)
     ]
+    viewers = []
+    if resolved['rviz'] == 'true':
+        rviz = graph.rviz_command(resolved)
+        viewers.append(ExecuteProcess(cmd=rviz, name='rviz2', output='screen') if rviz
+                       else LogInfo(msg=graph.RVIZ_MISSING))
+    return environment + nodes + viewers
 
 
 def generate_launch_description() -> LaunchDescription:

@@ -28,6 +28,13 @@ def free_udp_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a graph's control API)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.02,
              message: str | Callable[[], str] = 'condition') -> Any:
     """Poll until `condition()` is truthy; fail the test after `timeout` s.
@@ -54,6 +61,9 @@ def start_graph(cwd: Path, *arguments: str, env: dict[str, str] | None = None) -
     """`ami-ros launch <arguments>` in `cwd` (its checkpoints/ land there), its
     output in `proc.log_path`, `env` on top of this process's; `stop_graph` ends it."""
     log_path = cwd / 'launch.log'
+    # No control API unless a test asks for one: graphs of tests never take port 8391.
+    if not any(a.startswith('web_api_port:=') for a in arguments):
+        arguments = (*arguments, 'web_api_port:=0')
     with open(log_path, 'wb') as log:
         proc = subprocess.Popen([sys.executable, '-m', 'ami_ros.cli', 'launch', *arguments],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=cwd,

@@ -42,6 +42,8 @@ def launch_file(monkeypatch):
     actions.DeclareLaunchArgument = _Recorder
     actions.OpaqueFunction = _Recorder
     actions.SetEnvironmentVariable = _Recorder
+    actions.ExecuteProcess = _Recorder
+    actions.LogInfo = _Recorder
     subs = types.ModuleType('launch.substitutions')
     subs.LaunchConfiguration = _LaunchConfiguration
     launch_ros = types.ModuleType('launch_ros')
@@ -116,6 +118,21 @@ def test_the_nodes_discover_as_the_network_argument_says(launch_file, network):
     assert environment.get('ROS_STATIC_PEERS', 'inherited') == ('' if network == 'localhost' else 'inherited')
     profiles = [v for k, v in environment.items() if k.endswith('_DEFAULT_PROFILES_FILE')]
     assert len(profiles) == (network == 'localhost') and all(Path(p).is_file() for p in profiles)
+
+
+def test_rviz_starts_rviz2_with_the_package_config_or_says_it_is_missing(launch_file, monkeypatch,
+                                                                          tmp_path):
+    monkeypatch.setenv('PATH', str(tmp_path))
+    started = launch_file._nodes(types.SimpleNamespace(launch_configurations={
+        **{n: a.default for n, a in graph.LAUNCH_ARGUMENTS.items()}, 'rviz': 'true'}))
+    assert started[-1].kwargs == {'msg': graph.RVIZ_MISSING}
+    (tmp_path / 'rviz2').write_text('#!/bin/sh\n')
+    (tmp_path / 'rviz2').chmod(0o755)
+    started = launch_file._nodes(types.SimpleNamespace(launch_configurations={
+        **{n: a.default for n, a in graph.LAUNCH_ARGUMENTS.items()}, 'rviz': 'true', 'namespace': 'bot'}))
+    assert started[-1].kwargs['cmd'] == [str(tmp_path / 'rviz2'), '-d', str(ROOT / 'config' / 'ami.rviz'),
+                                         '--ros-args', '-r', '__ns:=/bot']
+    assert (ROOT / 'config' / 'ami.rviz').is_file()
 
 
 def test_bad_arguments_are_refused_with_the_choices(launch_file):

@@ -13,6 +13,16 @@ Published topics (relative names; lifecycle publishers, nothing while inactive):
     world/episode     std_msgs/UInt32       the episode number, sent when an episode
                       starts (transient local: a late subscriber gets the current one),
                       before that episode's first pose
+    world/map         nav_msgs/OccupancyGrid  the level's walls (100 = a blocking line
+                      passes through the cell, 0 = inside the level, -1 = outside), sent
+                      once per level, transient local
+    world/visited     nav_msgs/OccupancyGrid  cells of `visited_cell_size` the player
+                      visited this episode (100, else 0), every `view_interval` s when it
+                      changed, transient local; the recorder's exploration map cells
+    world/path        nav_msgs/Path          this episode's trail, every `view_interval` s
+                      when it changed and as an episode starts (empty), transient local
+All in frame `frame_id` and world/pose's coordinates (map units): rviz shows them
+without TF (config/ami.rviz). Grids: ami_ros.worlds.world_map.
 
 Also /diagnostics (1 Hz): steps per second (and the rate asked for), steps,
 episode, OSC messages taken and ignored.
@@ -32,7 +42,15 @@ Parameters:
                       inside the map); '' = the scenario's own spawn spots ('')
     turn_speed        degrees per second of game time at full LookHorizontal (~123,
                       Doom's keyboard turn)
-    frame_id          frame of world/pose (map)
+    frame_id          frame of world/pose, world/map, world/visited, world/path (map)
+    map_resolution    map units per cell side of world/map, 1..256 (16: the player is
+                      32 wide, so a free cell always separates it from a wall cell)
+    visited_cell_size map units per cell side of world/visited, 1..1000000 (64: the
+                      recorder's cell_size, so both count the same cells)
+    view_interval     seconds between updates of world/visited and world/path, 0.1..60 (1.0)
+    path_spacing      map units between two poses of world/path, 0..1024 (8.0)
+    path_length       poses world/path keeps, the latest, 2..100000 (2000: a whole
+                      my_way_home episode, 2100 tics, at 10 steps/s)
     camera_frame_id   frame of camera/image_raw (camera)
 """
 
@@ -43,7 +61,8 @@ import math
 import sys
 import threading
 
-from geometry_msgs.msg import PoseStamped
+from geometry_msgs.msg import Pose, PoseStamped
+from nav_msgs.msg import OccupancyGrid, Path
 from pythonosc.dispatcher import Dispatcher
 from pythonosc.osc_server import BlockingOSCUDPServer
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
@@ -63,6 +82,7 @@ from ami_ros.worlds.doom import (
     frame_skip_for,
     resolve_scenario,
 )
+from ami_ros.worlds.world_map import GridGeometry, Trail, visited_grid, wall_grid
 
 
 def parse_start(spec: str) -> tuple[float, float] | None:
@@ -104,7 +124,19 @@ class DoomWorldNode(ManagedNode):
         self.turn_speed = self.declare(
             'turn_speed', DEFAULT_TURN_SPEED,
             'Turn rate in degrees per second of game time at LookHorizontal = 1.', low=1.0, high=1440.0)
-        self.frame_id = self.declare('frame_id', 'map', 'Frame of world/pose.')
+        self.frame_id = self.declare('frame_id', 'map',
+                                     'Frame of world/pose, world/map, world/visited and world/path.')
+        self.map_resolution = self.declare('map_resolution', 16.0,
+                                           'Map units per cell side of world/map.', low=1.0, high=256.0)
+        self.visited_cell_size = self.declare(
+            'visited_cell_size', 64, "Map units per cell side of world/visited (the recorder's "
+            'cell_size, so both count the same cells).', low=1, high=1_000_000)
+        self.view_interval = self.declare('view_interval', 1.0, 'Seconds between updates of '
+                                          'world/visited and world/path.', low=0.1, high=60.0)
+        self.path_spacing = self.declare('path_spacing', 8.0, 'Map units between two poses of '
+                                         'world/path.', low=0.0, high=1024.0)
+        self.path_length = self.declare('path_length', 2000, 'Poses world/path keeps (the latest).',
+                                        low=2, high=100_000)
         self.camera_frame_id = self.declare('camera_frame_id', 'camera', 'Frame of camera/image_raw.')
 
         # Fail before anything starts: a bad scenario or a busy port ends the process.
@@ -116,7 +148,15 @@ class DoomWorldNode(ManagedNode):
         self._pose_pub = None
         self._episode_pub = None
         self._episode_sent: int | None = None
+        self._map_pub = self._visited_pub = self._path_pub = None
+        self._map_sent = False
+        self._visited_geometry: GridGeometry | None = None
+        self._visited: set[tuple[int, int]] = set()
+        self._visited_sent: int | None = None  # how many cells the last world/visited had
+        self.trail = Trail(self.path_spacing, self.path_length)
+        self._trail_sent = -1
         self._timer = None
+        self._view_timer = None
         self.rate = RateMeter()
         self.steps = 0
         self.osc_taken = 0  # counted on the OSC thread
@@ -183,9 +223,18 @@ class DoomWorldNode(ManagedNode):
         self._episode_pub = self.create_lifecycle_publisher(
             UInt32, 'world/episode', QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self._episode_sent = None
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self._map_pub = self.create_lifecycle_publisher(OccupancyGrid, 'world/map', latched)
+        self._visited_pub = self.create_lifecycle_publisher(OccupancyGrid, 'world/visited', latched)
+        self._path_pub = self.create_lifecycle_publisher(Path, 'world/path', latched)
+        self._map_sent = False
+        lines = [line for sector in self.world.sectors for line in sector]
+        self._visited_geometry = GridGeometry.covering(lines, float(self.visited_cell_size))
         rate = self.fps * self.time_scale
         self._timer = self.create_timer(1.0 / rate, self._step)
         self._timer.cancel()  # runs only while active
+        self._view_timer = self.create_timer(self.view_interval, self._publish_views)
+        self._view_timer.cancel()
         self.get_logger().info(
             f'scenario {self.config_path}; OSC input on udp://{self.host}:{self.port}; '
             f'{rate:g} steps/s (fps {self.fps:g} x time_scale {self.time_scale:g}), '
@@ -193,13 +242,19 @@ class DoomWorldNode(ManagedNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        if self._timer is not None:
-            self._timer.reset()
-        return super().on_activate(state)
+        result = super().on_activate(state)  # activates the publishers
+        if self.world is not None and not self._map_sent:
+            self._publish_map()
+        for timer in (self._timer, self._view_timer):
+            if timer is not None:
+                timer.reset()
+        return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._view_timer):
+            if timer is not None:
+                timer.cancel()
+        self._publish_views()  # a paused world shows where it stopped, not up to view_interval before
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -217,13 +272,16 @@ class DoomWorldNode(ManagedNode):
             self.world = None
 
     def _release_world(self) -> None:
-        if self._timer is not None:
-            self.destroy_timer(self._timer)
-            self._timer = None
-        for pub in (self._image_pub, self._pose_pub, self._episode_pub):
+        for timer in (self._timer, self._view_timer):
+            if timer is not None:
+                self.destroy_timer(timer)
+        self._timer = self._view_timer = None
+        for pub in (self._image_pub, self._pose_pub, self._episode_pub, self._map_pub,
+                    self._visited_pub, self._path_pub):
             if pub is not None:
                 self.destroy_lifecycle_publisher(pub)
         self._image_pub = self._pose_pub = self._episode_pub = None
+        self._map_pub = self._visited_pub = self._path_pub = None
         if self.world is not None:
             self.world.close()
             self.world = None
@@ -239,8 +297,58 @@ class DoomWorldNode(ManagedNode):
         if snap.episode != self._episode_sent:
             self._episode_pub.publish(UInt32(data=snap.episode))
             self._episode_sent = snap.episode
+            # Restarted before this episode's first pose: no trail crosses two episodes.
+            self._visited = set()
+            self._visited_sent = None
+            self.trail.restart()
         self._image_pub.publish(rgb_to_image(snap.frame, stamp, self.camera_frame_id))
         self._pose_pub.publish(self._pose(snap, stamp))
+        self._visited.add(self._visited_geometry.cell(snap.x, snap.y))
+        if self.trail.add(snap.x, snap.y, snap.angle) and len(self.trail.poses) == 1:
+            self._publish_views()  # an episode's start shows at once: the old trail goes
+
+    # -- the world's views for rviz -----------------------------------------------
+    def _publish_map(self) -> None:
+        lines = [line for sector in self.world.sectors for line in sector]
+        geometry = GridGeometry.covering(lines, self.map_resolution)
+        self._map_pub.publish(self._grid(wall_grid(self.world.sectors, geometry), geometry))
+        self._map_sent = True
+        self.get_logger().info(f'world/map: {geometry.width}x{geometry.height} cells of '
+                               f'{self.map_resolution:g} map units, {len(lines)} lines')
+
+    def _publish_views(self) -> None:
+        if not self.is_active or self._visited_geometry is None:
+            return
+        if len(self._visited) != self._visited_sent:  # cells are only ever added within an episode
+            grid = visited_grid(self._visited, self._visited_geometry)
+            self._visited_pub.publish(self._grid(grid, self._visited_geometry))
+            self._visited_sent = len(self._visited)
+        if self.trail.version != self._trail_sent:
+            self._path_pub.publish(self._path())
+            self._trail_sent = self.trail.version
+
+    def _grid(self, grid, geometry: GridGeometry) -> OccupancyGrid:
+        msg = OccupancyGrid()
+        msg.header.stamp = msg.info.map_load_time = self.get_clock().now().to_msg()
+        msg.header.frame_id = self.frame_id
+        msg.info.resolution = geometry.resolution
+        msg.info.width, msg.info.height = geometry.width, geometry.height
+        msg.info.origin.position.x, msg.info.origin.position.y = geometry.origin
+        msg.info.origin.orientation.w = 1.0
+        msg.data = grid.ravel().tolist()
+        return msg
+
+    def _path(self) -> Path:
+        msg = Path()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.header.frame_id = self.frame_id
+        for x, y, angle in self.trail.poses:
+            pose = PoseStamped()
+            pose.header = msg.header
+            pose.pose.position.x, pose.pose.position.y = x, y
+            _set_yaw(pose.pose, angle)
+            msg.poses.append(pose)
+        return msg
 
     def _update_diagnostics(self) -> None:
         episode = -1 if self._episode_sent is None else self._episode_sent  # -1: no step yet
@@ -253,11 +361,15 @@ class DoomWorldNode(ManagedNode):
         msg.header.stamp = stamp
         msg.header.frame_id = self.frame_id
         msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = snap.x, snap.y, snap.z
-        # Doom's ANGLE is degrees counter-clockwise from +x: a ROS yaw (REP 103).
-        half = math.radians(snap.angle) / 2.0
-        msg.pose.orientation.z = math.sin(half)
-        msg.pose.orientation.w = math.cos(half)
+        _set_yaw(msg.pose, snap.angle)
         return msg
+
+
+def _set_yaw(pose: Pose, degrees: float) -> None:
+    # Doom's ANGLE is degrees counter-clockwise from +x: a ROS yaw (REP 103).
+    half = math.radians(degrees) / 2.0
+    pose.orientation.z = math.sin(half)
+    pose.orientation.w = math.cos(half)
 
 
 def main(args=None) -> int:

@@ -140,6 +140,8 @@ class Manager(Node):
                                                  callback_group=group) for n in self.managed}
         self._saving = False
         self._save_done = Future()  # completed when the save under way ends
+        self._moving = Future()  # completed when the pause or resume under way ends
+        self._moving.set_result(None)
         if self.checkpoint_interval > 0:
             self.create_timer(self.checkpoint_interval, self._periodic_save, callback_group=group)
         self._change = {n: self.create_client(ChangeState, f'{n}/change_state', callback_group=group)
@@ -257,7 +259,15 @@ class Manager(Node):
 
     async def _move_graph(self, names: Sequence[str], transition: int, only_from: int,
                           state: str, response):
-        problems = await self._apply(names, transition, only_from)
+        # One pause or resume at a time (from ROS or the web API): two at once would
+        # race on the same node's transition, and one of them would be refused.
+        while not self._moving.done():
+            await self._moving
+        self._moving = Future()
+        try:
+            problems = await self._apply(names, transition, only_from)
+        finally:
+            self._moving.set_result(None)
         self.state = state
         self._publish_state()
         response.success = not problems

@@ -1,0 +1,1 @@
+"""Ways to control a running graph from outside ROS (no ROS imports here)."""
