@@ -104,8 +104,9 @@ def resolve_arguments(given: dict[str, str]) -> dict[str, str]:
 def describe(given: dict[str, str]) -> list[NodeSpec]:
     """The nodes to start for these launch arguments, in start order.
 
-    The manager comes last: it manages the nodes started before it, in the
-    order its `managed_nodes` lists them (the order pause applies).
+    The manager manages the nodes started before it, in the order its
+    `managed_nodes` lists them (the order pause applies). web_api and
+    bag_recorder, which serve the graph but are not managed, come after it.
     """
     args = resolve_arguments(given)
     port = int(args['vrchat_port'])
