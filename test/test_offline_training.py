@@ -162,7 +162,10 @@ def test_train_lowers_the_losses_and_the_graph_continues_from_its_checkpoint(doo
     finally:
         stop_graph(graph)
     steps = [decode_experience(bytes(m.data), get_preset('cpu')) for _, m in experience]
-    assert all(step.versions == manifest['versions'] for step in steps), [s.versions for s in steps[:3]]
+    # The first steps act with exactly the checkpoint's versions; later ones may already
+    # carry the carrying-on trainers' next rounds, never anything older.
+    assert all(step.versions == manifest['versions'] for step in steps[:5]), [s.versions for s in steps[:5]]
+    assert all(step.versions[m] >= v for step in steps for m, v in manifest['versions'].items())
     assert min(step.step for step in steps) < 20  # seen from (about) the start
     log = graph.log_path.read_text()
     assert log.count('restored (trainer)') == 2 and 'restored (models)' in log, log[-3000:]

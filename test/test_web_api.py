@@ -114,7 +114,7 @@ def test_the_control_api_drives_the_whole_graph(graph, test_node, launch, tmp_pa
              message=lambda: f'the bridge inactive and released: {health.status.get("osc_bridge")}')
     time.sleep(0.5)  # an action already on its way
     count = len(actions)
-    time.sleep(2.0)
+    time.sleep(2.0)  # two seconds of pause: nothing may act
     assert len(actions) == count, 'the agent acted while paused'
     assert consistent(test_node, port) == 'paused'
 

@@ -1,7 +1,8 @@
 """Trainers of the learning core: VAE, forward dynamics, PPO policy.
 
-A little over 400 lines on purpose: the three trainers share one base class
-(rounds, versions, weights, state) whose contract is easiest to check in one file.
+About 400 lines on purpose: the three trainers share one base class (rounds,
+versions, weights, state) whose contract is easiest to check in one file. An
+optimiser's state as tensors and JSON is core/optimizer_state.py.
 
 Each trainer owns its models, an optimiser and a buffer. A node adds data from
 its executor thread and calls `train_round()` from a training thread; when
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from ami_ros.core.buffers import DynamicsBuffer, ImageBuffer
+from ami_ros.core.optimizer_state import flatten_optimizer, load_optimizer, unflatten_optimizer
 from ami_ros.core.policy import with_persistence
 from ami_ros.core.presets import DynamicsTrainingConfig, PPOTrainingConfig, VAETrainingConfig
 from ami_ros.core.rewards.curiosity import prediction_nll
@@ -51,58 +53,6 @@ DEFAULT_MAX_BATCHES = 256
 def _to_float_image(images: Tensor) -> Tensor:
     """uint8 [B,3,H,W] -> float in [0, 1], the models' input (as observation.py)."""
     return images.float().div_(255.0)
-
-
-def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split an optimiser state_dict into named tensors and a JSON-able rest."""
-    tensors: dict[str, Tensor] = {}
-    plain_state: dict[str, dict[str, Any]] = {}
-    for pid, entries in state['state'].items():
-        plain: dict[str, Any] = {}
-        for key, value in entries.items():
-            if isinstance(value, Tensor):
-                tensors[f'optimizer/{pid}/{key}'] = value.detach().to('cpu', copy=True)
-            else:
-                plain[key] = value
-        plain_state[str(pid)] = plain
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
-              for group in state['param_groups']]
-    return tensors, {'state': plain_state, 'param_groups': groups}
-
-
-def _unflatten_optimizer(tensors: Mapping[str, Tensor], info: Mapping[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {int(pid): dict(plain) for pid, plain in info['state'].items()}
-    for name, value in tensors.items():
-        if not name.startswith('optimizer/'):
-            continue
-        _, pid, key = name.split('/', 2)
-        state.setdefault(int(pid), {})[key] = value
-    # JSON turned tuples (betas) into lists; give optimisers back what they made.
-    groups = [{k: (tuple(v) if k == 'betas' else v) for k, v in g.items()} for g in info['param_groups']]
-    return {'state': state, 'param_groups': groups}
-
-
-# Optimiser options that choose kernels, not the maths.
-_IMPLEMENTATION_FLAGS = ('fused', 'foreach', 'capturable', 'differentiable')
-# Options that are configuration (a trainer's learning_rate parameter), not
-# state: a restored optimiser keeps the ones it was built with.
-_CONFIGURED = ('lr',)
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-    """`optimizer.load_state_dict(state)`, keeping how it computes and its learning rate.
-
-    A checkpoint from before fused kernels must not turn them off, and a
-    restart with another learning rate means it.
-    """
-    groups = state['param_groups']
-    if len(groups) != len(optimizer.param_groups):
-        raise ValueError(f'optimiser state has {len(groups)} parameter groups, expected '
-                         f'{len(optimizer.param_groups)}')
-    own = [{k: group[k] for k in _IMPLEMENTATION_FLAGS + _CONFIGURED if k in group}
-           for group in optimizer.param_groups]
-    kept_groups = [{**saved, **kept} for saved, kept in zip(groups, own, strict=True)]
-    optimizer.load_state_dict({'state': state['state'], 'param_groups': kept_groups})
 
 
 class _Trainer:
@@ -191,7 +141,7 @@ class _Trainer:
         """(tensors, JSON-able info): model weights, optimiser, generator, counters."""
         with self._lock:
             tensors = {f'model/{name}/{k}': v for name, w in self.weights().items() for k, v in w.items()}
-            opt_tensors, opt_info = _flatten_optimizer(self.optimizer.state_dict())
+            opt_tensors, opt_info = flatten_optimizer(self.optimizer.state_dict())
             tensors.update(opt_tensors)
             tensors['generator'] = self.generator.get_state().clone()
             info = {'trainer': self.kind, 'rounds': self.rounds, 'version': self.version,
@@ -211,7 +161,7 @@ class _Trainer:
                 weights[name][param] = value
         with self._lock:
             self.load_weights(weights)
-            _load_optimizer(self.optimizer, _unflatten_optimizer(tensors, info['optimizer']))
+            load_optimizer(self.optimizer, unflatten_optimizer(tensors, info['optimizer']))
             self.generator.set_state(tensors['generator'].to(torch.uint8).contiguous().clone())
             self.rounds = int(info['rounds'])
             self.version = int(info['version'])
