@@ -20,6 +20,7 @@ NODES = [
     'recorder',
     'bag_recorder',
     'web_api',
+    'viewer',
 ]
 
 setup(
@@ -34,6 +35,8 @@ setup(
          + glob('config/*.rviz') + glob('config/*.perspective')),
     ],
     install_requires=['setuptools'],
+    # The live view (viewer node): rerun-sdk and its web viewer, about 750 MB.
+    extras_require={'view': ['rerun-sdk>=0.41,<0.42']},
     zip_safe=False,
     maintainer='ami_ros developers',
     maintainer_email='ami_ros@example.com',

@@ -13,7 +13,7 @@ import re
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,33 @@ LAUNCH_ARGUMENTS: dict[str, LaunchArgument] = {
         '127.0.0.1', 'address of the AMI control API (pamiq-console, HTTP): 127.0.0.1 = this '
         'machine only; anyone who reaches it can pause or shut the graph down'),
     'web_api_port': LaunchArgument('8391', 'TCP port of the AMI control API; 0 = none'),
+    'view': LaunchArgument('false', "live view in a browser (viewer node, rerun-sdk: the 'view' extra): "
+                           "true, or a path ending .rrd to also save the stream there; false = none"),
+    'view_host': LaunchArgument('127.0.0.1', 'address of the live view\'s web page: 127.0.0.1 = this '
+                                'machine only'),
+    'view_port': LaunchArgument('9090', 'TCP port of the live view\'s web page'),
     'network': LaunchArgument(
         'localhost', 'who can reach the graph: localhost = this machine only, whatever the '
         'environment says; subnet = other machines too (ROS_STATIC_PEERS passes through): '
         'secure it with SROS2 first (docs/security.md)', ('localhost', 'subnet')),
+    'respawn': LaunchArgument(
+        'true', 'restart a node that dies unexpectedly (the trainers, world or camera, bridge and '
+        'recorder; a trainer restores from the newest checkpoint), with a growing back-off',
+        ('true', 'false')),
+    'respawn_delay': LaunchArgument('1.0', 'seconds before the first restart of a node; each '
+                                    'further one waits twice as long (ami-ros launch), up to 30 s'),
 }
 
 TRAINERS = ('vae_trainer', 'dynamics_trainer', 'policy_trainer')
+# What describe() starts: the whole graph, or the learning half alone (`ami-ros trainers`).
+PARTS = ('graph', 'trainers')
+# Restarted when they die (respawn:=true). Not the agent: it would start over from its last
+# checkpoint while the trainers carry on ahead of it; nor the manager, which would not know the
+# graph's state (paused, a save under way): a graph without either is better relaunched. Nor
+# the nodes that serve the graph from outside it (web_api, bag_recorder, viewer).
+RESPAWNED = ('doom_world', 'camera', 'osc_bridge', *TRAINERS, 'recorder')
+# The status the launcher publishes on /diagnostics (restarts per node): recorded with the graph's.
+LAUNCH_STATUS = 'launch'
 
 
 @dataclass(frozen=True)
@@ -72,6 +92,12 @@ class NodeSpec:
     executable: str
     name: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    respawn: bool = False  # restarted when it dies unexpectedly
+
+    @property
+    def restores(self) -> bool:
+        """Whether it holds state and restores it from a checkpoint (on a restart too)."""
+        return 'checkpoint_dir' in self.parameters and self.name != 'manager'
 
 
 class GraphArgumentError(ValueError):
@@ -90,6 +116,13 @@ def resolve_arguments(given: dict[str, str]) -> dict[str, str]:
             raise GraphArgumentError(
                 f'{name}:={args[name]} is not valid; use one of {", ".join(arg.choices)}')
     try:
+        delay = float(args['respawn_delay'])
+    except ValueError:
+        delay = -1.0
+    if not 0.0 <= delay <= 3600.0:
+        raise GraphArgumentError(f'respawn_delay:={args["respawn_delay"]} is not a number of seconds '
+                                 '(0..3600)')
+    try:
         port = int(args['vrchat_port'])
     except ValueError:
         port = 0
@@ -98,11 +131,15 @@ def resolve_arguments(given: dict[str, str]) -> dict[str, str]:
     if not re.fullmatch('[0-9]{1,5}', args['web_api_port']) or int(args['web_api_port']) > 65535:
         raise GraphArgumentError(f'web_api_port:={args["web_api_port"]} is not a TCP port (0 = none, '
                                  '1..65535)')
+    if args['view'] not in ('false', 'true') and not args['view'].endswith('.rrd'):
+        raise GraphArgumentError(f'view:={args["view"]} is not valid; use true, false or a file ending .rrd')
+    if not re.fullmatch('[0-9]{1,5}', args['view_port']) or not 1 <= int(args['view_port']) <= 65535:
+        raise GraphArgumentError(f'view_port:={args["view_port"]} is not a TCP port (1..65535)')
     return args
 
 
-def describe(given: dict[str, str]) -> list[NodeSpec]:
-    """The nodes to start for these launch arguments, in start order.
+def describe(given: dict[str, str], part: str = 'graph') -> list[NodeSpec]:
+    """The nodes to start for these launch arguments, in start order (`part`: PARTS).
 
     The manager manages the nodes started before it, in the order its
     `managed_nodes` lists them (the order pause applies). web_api and
@@ -115,6 +152,13 @@ def describe(given: dict[str, str]) -> list[NodeSpec]:
     restore = {'checkpoint_dir': checkpoint_dir, **({'checkpoint': str(restore_point(
         args['checkpoint'], checkpoint_dir, args['preset']))} if args['checkpoint'] else {})}
     nodes: list[NodeSpec] = []
+    if part == 'trainers':
+        # For a machine other than the agent's: no pacing (the agent's steps are not on this
+        # CPU); no manager or recorder, the acting half's (`train:=false`) serve the graph.
+        device = args['trainer_device'] or args['device']
+        nodes = [NodeSpec(t, t, {'preset': args['preset'], 'device': device, 'pacing': 'off', **restore})
+                 for t in TRAINERS]
+        return [replace(n, respawn=args['respawn'] == 'true') for n in nodes]
     if args['world'] == 'doom':
         nodes.append(NodeSpec('doom_world', 'doom_world', {'port': port}))
     else:
@@ -129,7 +173,10 @@ def describe(given: dict[str, str]) -> list[NodeSpec]:
                   for t in TRAINERS]
     if args['record'] == 'true':
         # The nodes whose statuses it records: this graph's, no name a peer makes up.
-        known = [n.name for n in nodes] + ['manager'] + (['bag_recorder'] if args['bag'] else [])
+        known = ([n.name for n in nodes] + ['manager', LAUNCH_STATUS]
+                 + (['bag_recorder'] if args['bag'] else []))
+        if args['train'] == 'false':  # trainers may run on another machine (`ami-ros trainers`)
+            known += list(TRAINERS)
         nodes.append(NodeSpec('recorder', 'recorder', {'log_params': _run_params(args),
                                                        'nodes': known}))
     nodes.append(NodeSpec('manager', 'manager', {'managed_nodes': [n.name for n in nodes],
@@ -140,10 +187,16 @@ def describe(given: dict[str, str]) -> list[NodeSpec]:
         # by itself once the manager has shut down.
         nodes.append(NodeSpec('web_api', 'web_api', {'web_api_host': args['web_api_host'],
                                                      'web_api_port': int(args['web_api_port'])}))
+    if args['view'] != 'false':
+        # Like web_api: not among the manager's nodes (a paused graph is still shown).
+        save = str(Path(args['view']).absolute()) if args['view'] != 'true' else ''
+        nodes.append(NodeSpec('viewer', 'viewer', {'view_host': args['view_host'],
+                                                   'view_port': int(args['view_port']), 'save': save}))
     if args['bag']:
         # Not among the manager's nodes: a pause does not pause the recording, and it stops last.
         nodes.append(NodeSpec('bag_recorder', 'bag_recorder', {'output': str(Path(args['bag']).absolute())}))
-    return nodes
+    respawn = args['respawn'] == 'true'
+    return [replace(n, respawn=respawn and n.name in RESPAWNED) for n in nodes]
 
 
 # Distributions that predate ROS_AUTOMATIC_DISCOVERY_RANGE (Iron): ROS_LOCALHOST_ONLY=1 does it

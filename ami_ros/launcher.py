@@ -7,6 +7,9 @@ rviz2 with config/ami.rviz on `rviz:=true` (where rviz2 is installed), and
 a status line (`StatusPrinter`: kept at the bottom of a terminal, a plain line
 every 10 s in a pipe).
 
+A node that dies is restarted, one that keeps dying given up, and the bridge's
+death releases VRChat's inputs (ami_ros.supervision; docs/reliability.md).
+
 On SIGINT/SIGTERM or at `duration:=` it stops the graph through the
 manager's ami/shutdown: the manager pauses the nodes in graph order (world or
 camera first, the agent, the bridge, which releases every input, then the
@@ -40,6 +43,7 @@ from typing import IO
 
 from ami_ros.core.timing import LatencyWindow, RateMeter
 from ami_ros.graph import (
+    LAUNCH_STATUS,
     RVIZ_MISSING,
     describe,
     discovery_environment,
@@ -48,6 +52,7 @@ from ami_ros.graph import (
     rviz_command,
 )
 from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters
+from ami_ros.supervision import RestartPolicy, Supervisor, release_inputs
 
 STOP_TIMEOUT = 10.0
 SHUTDOWN_TIMEOUT = 180.0  # a final checkpoint of full ami buffers takes a while
@@ -91,6 +96,7 @@ class GraphStatus:
     reward: float = math.nan  # mean of the last REWARD_WINDOW steps: one step's is noise
     steps: str = ''  # as the agent reports it; '' until it does
     losses: dict[str, str] = field(default_factory=dict)  # trainer ('vae', 'dyn', 'ppo') -> loss
+    restarts: int = 0  # nodes restarted by the launcher, all together
 
     def fields(self) -> list[tuple[int, str]]:
         """(drop rank, text) in display order; when the line is too long the
@@ -106,6 +112,8 @@ class GraphStatus:
         if self.losses:
             fields.append((3, 'loss ' + ' '.join(f'{name} {_short_number(loss)}'
                                                  for name, loss in self.losses.items())))
+        if self.restarts:
+            fields.insert(1, (2, f'restarts {self.restarts}'))
         return fields
 
     def render(self, width: int = STATUS_WIDTH) -> str:
@@ -211,6 +219,7 @@ class StatusMonitor:
         from sensor_msgs.msg import Image, Joy
         from std_msgs.msg import Float32, String
 
+        from ami_ros.ros.diagnostics import NodeDiagnostics
         from ami_ros.ros.images import stamp_ns
 
         self._rclpy = rclpy
@@ -218,8 +227,10 @@ class StatusMonitor:
         self.context = rclpy.Context()
         rclpy.init(context=self.context, args=['ami-ros-launch', '--ros-args', '--disable-rosout-logs'],
                    signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
-        self.node = rclpy.create_node('launch_monitor', namespace=namespace or None,
+        # Named LAUNCH_STATUS: its /diagnostics status (restarts per node) is the recorder's to record.
+        self.node = rclpy.create_node(LAUNCH_STATUS, namespace=namespace or None,
                                       context=self.context, enable_rosout=False)
+        self.report = NodeDiagnostics(self.node)
         self.frames = RateMeter()
         self.actions = RateMeter()
         self.latency = LatencyWindow(100)
@@ -260,7 +271,7 @@ class StatusMonitor:
         for status in msg.status:
             self.health[status.name.rsplit('/', 1)[-1]] = {kv.key: kv.value for kv in status.values}
 
-    def snapshot(self, started: float) -> GraphStatus:
+    def snapshot(self, started: float, restarts: int = 0) -> GraphStatus:
         """The graph now, as the status line shows it."""
         losses = {label: self.health[trainer].get('loss', '')
                   for trainer, label in TRAINER_LABELS.items() if trainer in self.health}
@@ -270,7 +281,7 @@ class StatusMonitor:
                            frames_hz=self.frames.rate(), actions_hz=self.actions.rate(),
                            latency_ms=self.latency.summary()['p50'],
                            reward=statistics.fmean(rewards) if rewards else math.nan,
-                           steps=agent.get('steps', ''), losses=losses)
+                           steps=agent.get('steps', ''), losses=losses, restarts=restarts)
 
     def shutdown_graph(self, timeout: float) -> str:
         """Call ami/shutdown; the manager's answer or why there is none."""
@@ -298,18 +309,20 @@ class StatusMonitor:
         self._rclpy.try_shutdown(context=self.context)
 
 
-def launch(given: dict[str, str], duration: float = 0.0, status_interval: float = 1.0) -> int:
-    """Run the graph until SIGINT/SIGTERM, `duration` seconds, or every node exits.
+def launch(given: dict[str, str], duration: float = 0.0, status_interval: float = 1.0,
+           part: str = 'graph') -> int:
+    """Run the graph (`part`: graph.PARTS) until SIGINT/SIGTERM, `duration` seconds, or every node exits.
 
     Returns 0 when every node stopped cleanly, 1 when one died or failed.
     """
     args = resolve_arguments(given)
-    specs = describe(args)
+    specs = describe(args, part)
     # The graph proper: the manager and the nodes it manages. The others (bag_recorder,
     # web_api) serve it: once the graph is gone (ami-ros shutdown, the HTTP API) they are
     # stopped too, rather than keeping the launch alive.
-    manager = next(s for s in specs if s.name == 'manager')
-    graph_names = {'manager', *manager.parameters['managed_nodes']}
+    manager = next((s for s in specs if s.name == 'manager'), None)
+    graph_names = ({'manager', *manager.parameters['managed_nodes']} if manager is not None
+                   else {s.name for s in specs})  # the trainers alone: no manager
     params = params_file(args)
     printer = StatusPrinter(sys.stdout)
     # The launcher names each line's node already, and the status line tells
@@ -326,20 +339,26 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
         stop_requested.set()
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    procs: list[NodeProcess] = []
+    supervisor: Supervisor | None = None
     viewer: NodeProcess | None = None  # rviz2: not a node of the graph, its exit code not the graph's
     monitor: StatusMonitor | None = None
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix='ami_ros_launch_') as tmp:
+
+        def start(spec, parameters) -> NodeProcess:
+            overrides = write_parameters(Path(tmp) / f'{spec.name}.yaml', spec.name, parameters)
+            cmd = node_command(spec.executable, spec.name, [params, overrides],
+                               namespace=args['namespace'])
+            return NodeProcess(spec.name, cmd, env={**log_format, **discovery},
+                               on_line=lambda text, n=spec.name: printer.line(f'[{n}] {text}'))
+
         try:
-            for spec in specs:
-                overrides = write_parameters(Path(tmp) / f'{spec.name}.yaml', spec.name,
-                                             spec.parameters)
-                cmd = node_command(spec.executable, spec.name, [params, overrides],
-                                   namespace=args['namespace'])
-                procs.append(NodeProcess(spec.name, cmd, env={**log_format, **discovery},
-                                         on_line=lambda text, n=spec.name: printer.line(f'[{n}] {text}')))
-            printer.line(f'[launch] started {", ".join(p.name for p in procs)}')
+            supervisor = Supervisor(
+                specs, start, printer.line,
+                release=lambda: release_inputs(args['vrchat_host'], int(args['vrchat_port'])),
+                policy=RestartPolicy(first_delay=float(args['respawn_delay'])))
+            supervisor.start_all()
+            printer.line(f'[launch] started {", ".join(p.name for p in supervisor.processes())}')
             if args['rviz'] == 'true':
                 rviz = rviz_command(args)
                 if rviz is None:
@@ -347,24 +366,17 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                 else:
                     viewer = NodeProcess('rviz2', rviz, env=discovery,
                                          on_line=lambda text: printer.line(f'[rviz2] {text}'))
-            printer.line(f'[launch] world:={args["world"]} preset:={args["preset"]} '
+            what = f'world:={args["world"]} ' if part == 'graph' else 'the trainers alone: '
+            printer.line(f'[launch] {what}preset:={args["preset"]} '
                          f'device:={args["device"]} network:={args["network"]}; Ctrl-C stops')
             monitor = StatusMonitor(args['namespace'])
             started = time.monotonic()
             last_status = 0.0
-            reported: set[str] = set()
             while not stop_requested.is_set():
-                for p in procs:
-                    code = p.proc.poll()
-                    if code is not None and p.name not in reported:
-                        reported.add(p.name)
-                        if code != 0:
-                            failed.append(p.name)
-                            printer.line(f'[launch] {p.name} died with exit code {code}; '
-                                         'see its output above')
-                        else:
-                            printer.line(f'[launch] {p.name} exited')
-                if all(p.proc.poll() is not None for p in procs if p.name in graph_names):
+                # Once the manager shuts the graph down (ami-ros shutdown, the control API),
+                # nodes exit on purpose: none is restarted.
+                supervisor.poll(stopping=monitor.state == 'shutting_down')
+                if supervisor.settled(graph_names):
                     break
                 if duration and time.monotonic() - started >= duration:
                     printer.line(f'[launch] duration {duration:g}s reached, stopping')
@@ -372,10 +384,15 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                 now = time.monotonic()
                 if now - last_status >= status_interval:
                     last_status = now
-                    printer.status(monitor.snapshot(started), now)
+                    values, problem = supervisor.report()
+                    monitor.report.set(**values)
+                    monitor.report.warn(problem) if problem else monitor.report.ok()
+                    printer.status(monitor.snapshot(started, values['restarts']), now)
                 stop_requested.wait(0.1)
         finally:
             printer.close()
+            procs = supervisor.processes() if supervisor is not None else []
+            failed += supervisor.failed if supervisor is not None else []
             if monitor is not None and any(p.name == 'manager' and p.alive() for p in procs):
                 # The manager saves the final checkpoint and takes every node
                 # through its lifecycle shutdown; signals are the fallback.

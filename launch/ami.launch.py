@@ -18,6 +18,7 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from ami_ros import graph
+from ami_ros.ros.graceful_stop import LAUNCH_SIGTERM_TIMEOUT
 
 
 def _nodes(context, *args, **kwargs):
@@ -30,7 +31,13 @@ def _nodes(context, *args, **kwargs):
     nodes = [
         Node(package='ami_ros', executable=spec.executable, name=spec.name,
              namespace=resolved['namespace'], output='screen', emulate_tty=True,
-             parameters=[params, spec.parameters])
+             parameters=[params, spec.parameters],
+             # launch_ros restarts with the same command after a fixed delay (no back-off).
+             respawn=spec.respawn, respawn_delay=float(resolved['respawn_delay']),
+             # Ctrl-C sends SIGINT to every node at once: the manager saves the final checkpoint
+             # while the nodes wait for it (shutdown_grace). launch_ros's 5 s before SIGTERM
+             # would cut that save short; SIGTERM comes only after the nodes' own grace.
+             sigterm_timeout=str(LAUNCH_SIGTERM_TIMEOUT))
         for spec in graph.describe(resolved)
     ]
     viewers = []

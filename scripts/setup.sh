@@ -43,10 +43,19 @@ if ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
 fi
 
 stamp_inputs() {
-  cat requirements.txt requirements-dev.txt setup.py setup.cfg package.xml pyproject.toml
+  cat requirements.txt requirements-dev.txt requirements-view.txt setup.py setup.cfg package.xml pyproject.toml
   [ "$ros_mode" = pypi ] && cat requirements-ros.txt
   echo "$ros_mode $pyver"
 }
+# The live view's browser test (test/test_viewer.py) needs Chromium and Xvfb; installed as root
+# on Debian when missing, else the test skips.
+if ! { command -v chromium >/dev/null 2>&1 && command -v Xvfb >/dev/null 2>&1; } \
+    && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  say "installing chromium and xvfb (the live view's browser test)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium xvfb >/dev/null \
+    || say "could not install chromium and xvfb; the live view's browser test will be skipped"
+fi
+
 want=$(stamp_inputs | sha256sum | cut -d' ' -f1)
 stamp=$venv/.ami_ros-setup
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -63,7 +72,8 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
 fi
 
-reqs=(-r requirements.txt -r requirements-dev.txt)
+# The live view's rerun-sdk (the `view` extra, ~750 MB): the tests use it, so set-up installs it.
+reqs=(-r requirements.txt -r requirements-dev.txt -r requirements-view.txt)
 [ "$ros_mode" = pypi ] && reqs+=(-r requirements-ros.txt)
 say "installing dependencies (first run: a few minutes)"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "setuptools>=65" wheel "${reqs[@]}"

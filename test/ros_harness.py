@@ -6,7 +6,9 @@ discovery on localhost only and a ROS_DOMAIN_ID of this test run alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -14,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +269,49 @@ def sync_weights(test_node: TestNode, *parameters: Any, service: str = 'agent/sy
 
     request = SetParameters.Request(parameters=list(parameters))
     return test_node.call(SetParameters, service, request).results
+
+
+class NamespaceUnavailable(RuntimeError):
+    """Network namespaces cannot be made here (not root, no CAP_NET_ADMIN); the text says ip's words."""
+
+
+@contextlib.contextmanager
+def veth_namespaces(ends: tuple[str | None, str], addresses: tuple[str, str]) -> Iterator[None]:
+    """Two network namespaces (None = this process's) joined by one veth pair, as two machines.
+
+    Each end gets only its address of `addresses` (a /30 of its own) and the
+    namespaces their loopback; the namespaces made here and the pair are removed at the end.
+    """
+    made = [ns for ns in ends if ns is not None]
+    for ns in made:
+        added = subprocess.run(['ip', 'netns', 'add', ns], capture_output=True, text=True)
+        if added.returncode != 0:
+            for done in made[:made.index(ns)]:
+                subprocess.run(['ip', 'netns', 'del', done], capture_output=True)
+            raise NamespaceUnavailable(added.stderr.strip())
+    links = [f'amv{os.getpid() % 100000}{side}' for side in 'ab']  # at most 15 characters
+    try:
+        subprocess.run(['ip', 'link', 'add', links[0], 'type', 'veth', 'peer', 'name', links[1]],
+                       check=True, capture_output=True)
+        for ns, link, address in zip(ends, links, addresses, strict=True):
+            where = ['-n', ns] if ns is not None else []
+            if ns is not None:
+                subprocess.run(['ip', 'link', 'set', link, 'netns', ns], check=True, capture_output=True)
+                subprocess.run(['ip', *where, 'link', 'set', 'lo', 'up'], check=True, capture_output=True)
+            subprocess.run(['ip', *where, 'addr', 'add', f'{address}/30', 'dev', link], check=True,
+                           capture_output=True)
+            subprocess.run(['ip', *where, 'link', 'set', link, 'up'], check=True, capture_output=True)
+        yield
+    finally:
+        for ns, link in zip(ends, links, strict=True):  # deleting one end takes the other too
+            subprocess.run(['ip', *(['-n', ns] if ns else []), 'link', 'del', link], capture_output=True)
+        for ns in made:
+            subprocess.run(['ip', 'netns', 'del', ns], capture_output=True)
+
+
+def in_namespace(namespace: str, argv: list[str], shm: Path | None = None) -> list[str]:
+    """`argv` run in network namespace `namespace` with a /dev/shm of its own, as on another
+    machine: Fast DDS's shared memory and the trainers' weight files do not cross. `shm`: a
+    folder that stands in for it (processes of one "machine" share it), else a fresh tmpfs."""
+    mount = f'mount --bind {shlex.quote(str(shm))} /dev/shm' if shm else 'mount -t tmpfs tmpfs /dev/shm'
+    return ['ip', 'netns', 'exec', namespace, 'sh', '-c', f'{mount} && exec "$@"', 'netns', *argv]

@@ -177,7 +177,7 @@ def test_a_node_that_dies_makes_the_launcher_fail(tmp_path, vrchat):
     params.write_text('/**/camera:\n  ros__parameters:\n    fps: 1000.0\n')
     proc = subprocess.run(
         [sys.executable, '-m', 'ami_ros.cli', 'launch', 'world:=vrchat', f'params_file:={params}',
-         f'vrchat_port:={vrchat.port}', 'duration:=20'],
+         f'vrchat_port:={vrchat.port}', 'duration:=20', 'respawn:=false'],  # test_supervision: respawn
         capture_output=True, text=True, timeout=90, cwd=tmp_path)
     assert proc.returncode == 1
     assert '[launch] camera died with exit code' in proc.stdout

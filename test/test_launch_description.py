@@ -107,6 +107,24 @@ def test_starts_the_graph_nodes_with_the_params_file(launch_file, world):
     assert bridge.kwargs['parameters'][1]['port'] == 9123
 
 
+@pytest.mark.parametrize('given', [{}, {'respawn': 'false'}, {'respawn_delay': '2.5', 'world': 'doom'}])
+def test_nodes_respawn_as_the_graph_description_says(launch_file, given):
+    _, nodes, _ = _run(launch_file, **given)
+    specs = graph.describe(given)
+    assert [n.kwargs['respawn'] for n in nodes] == [s.respawn for s in specs]
+    assert any(s.respawn for s in specs) == (given.get('respawn') != 'false')
+    assert {n.kwargs['respawn_delay'] for n in nodes} == {float(given.get('respawn_delay', '1.0'))}
+
+
+def test_ctrl_c_gives_the_final_checkpoint_more_than_launch_ros_default_5_s(launch_file):
+    from ami_ros.ros.graceful_stop import SHUTDOWN_GRACE
+
+    _, nodes, _ = _run(launch_file, world='doom')
+    # launch_ros sends SIGTERM this long after Ctrl-C: only once the nodes' own grace is over.
+    assert {float(n.kwargs['sigterm_timeout']) for n in nodes} == {SHUTDOWN_GRACE + 10.0}
+    assert SHUTDOWN_GRACE > 5.0
+
+
 @pytest.mark.parametrize('network', ['localhost', 'subnet'])
 def test_the_nodes_discover_as_the_network_argument_says(launch_file, network):
     given = {} if network == 'localhost' else {'network': network}  # localhost is the default

@@ -256,10 +256,10 @@ def test_the_manager_saves_owner_only_caps_manual_saves_and_cleans_up(nodes):
 def test_a_precreated_open_weights_folder_is_not_used(nodes):
     g = nodes
     trainer = g.procs['vae_trainer']
-    wait_for(lambda: "weights go inline ('bytes' transport)" in trainer.output(), 30,
+    wait_for(lambda: "weights go by 'topic' transport" in trainer.output(), 30,
              message='the trainer refusing the open folder')
     assert 'open to other users' in trainer.output()
-    # The weights still reach the agent, inline.
+    # The weights still reach the agent, over the payload topic.
     wait_for(lambda: g.status.number('agent', 'version_encoder') >= 1, 90, interval=0.2,
              message='trained encoder weights at the agent')
     assert list(g.hostile.iterdir()) == []  # nothing written where others could swap it

@@ -24,7 +24,16 @@ from pythonosc.osc_bundle_builder import OscBundleBuilder
 from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.udp_client import SimpleUDPClient
 from rclpy.qos import DurabilityPolicy, QoSProfile
-from ros_harness import NodeStatus, free_udp_port, start_graph, stop_graph, wait_for
+from ros_harness import (
+    NamespaceUnavailable,
+    NodeStatus,
+    free_udp_port,
+    in_namespace,
+    start_graph,
+    stop_graph,
+    veth_namespaces,
+    wait_for,
+)
 from sensor_msgs.msg import Image, Joy
 from std_msgs.msg import String, UInt8MultiArray
 
@@ -78,9 +87,7 @@ def _probe(namespace: str, topic: str, seconds: float) -> list[str]:
     with a /dev/shm of its own, as another machine would."""
     env = {**os.environ, 'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SUBNET',
            'ROS_STATIC_PEERS': HOST.format(_subnet())}
-    script = 'mount -t tmpfs tmpfs /dev/shm && exec "$@"'
-    done = subprocess.run(['ip', 'netns', 'exec', namespace, 'sh', '-c', script, 'probe', sys.executable,
-                           '-c', PROBE, topic, str(seconds)],
+    done = subprocess.run(in_namespace(namespace, [sys.executable, '-c', PROBE, topic, str(seconds)]),
                           capture_output=True, text=True, env=env, timeout=seconds + 30)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -89,23 +96,12 @@ def _probe(namespace: str, topic: str, seconds: float) -> list[str]:
 @pytest.fixture
 def peer_namespace():
     """A network namespace joined to this one by a veth pair, with addresses only on the ends."""
-    namespace, host_end, peer_end = f'ami_peer_{os.getpid()}', f'amih{os.getpid()}', f'amip{os.getpid()}'
-    added = subprocess.run(['ip', 'netns', 'add', namespace], capture_output=True, text=True)
-    if added.returncode != 0:
-        pytest.skip('cannot create a network namespace (needs root or CAP_NET_ADMIN): '
-                    f'{added.stderr.strip()}')
-    subnet = _subnet()
+    namespace = f'ami_peer_{os.getpid()}'
     try:
-        for command in (f'link add {host_end} type veth peer name {peer_end}',
-                        f'link set {peer_end} netns {namespace}',
-                        f'addr add {HOST.format(subnet)}/30 dev {host_end}', f'link set {host_end} up',
-                        f'-n {namespace} addr add {PEER.format(subnet)}/30 dev {peer_end}',
-                        f'-n {namespace} link set {peer_end} up', f'-n {namespace} link set lo up'):
-            subprocess.run(['ip', *command.split()], check=True, capture_output=True)
-        yield namespace
-    finally:
-        subprocess.run(['ip', 'link', 'del', host_end], capture_output=True)  # takes the peer end too
-        subprocess.run(['ip', 'netns', 'del', namespace], capture_output=True)
+        with veth_namespaces((None, namespace), (HOST.format(_subnet()), PEER.format(_subnet()))):
+            yield namespace
+    except NamespaceUnavailable as exc:
+        pytest.skip(f'cannot create a network namespace (needs root or CAP_NET_ADMIN): {exc}')
 
 
 def test_without_the_opt_in_another_network_namespace_cannot_reach_the_graph(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -179,6 +180,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
     request_queue_size = 128  # a burst of console clients is accepted, not left to SYN retries
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client gone before its answer was written (reset, closed) is no fault of the server:
+        # socketserver would print a traceback for each, and any local client could flood the log.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _IPv6Server(_Server):

@@ -20,6 +20,11 @@ from ami_ros.core.presets import ACTION_CHOICES
 AXIS_NAMES = ('Vertical', 'Horizontal', 'LookHorizontal')
 BUTTON_NAMES = ('Jump', 'Run')
 _AXIS_VALUE = (0.0, 1.0, -1.0)
+# VRChat's OSC input addresses, and what "release every input" sends to them: floats for
+# axes, ints for buttons. The bridge sends it, and `ami-ros launch` when the bridge is gone.
+OSC_AXES = tuple(f'/input/{name}' for name in AXIS_NAMES)
+OSC_BUTTONS = tuple(f'/input/{name}' for name in BUTTON_NAMES)
+RELEASED_INPUTS: dict[str, float | int] = {**{a: 0.0 for a in OSC_AXES}, **{b: 0 for b in OSC_BUTTONS}}
 
 
 def action_to_controls(action: Sequence[int]) -> tuple[list[float], list[int]]:

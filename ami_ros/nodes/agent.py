@@ -22,8 +22,10 @@ Serves:
   agent/sync_weights      rcl_interfaces/srv/SetParameters: one Parameter per
                           model ('encoder', 'decoder', 'dynamics', 'policy'),
                           its byte_array_value a weights envelope, or its
-                          string_value 'file:///path' of one (same machine:
-                          no copy through DDS), read only from the private
+                          string_value 'sha256:<hex>' naming one sent on
+                          agent/sync_weights_payload (ros/weight_payload.py:
+                          another machine), or 'file:///path' of one (same
+                          machine: no copy through DDS), read only from the private
                           folder of sync_dir (core/private_files.py: a regular
                           file of this user, no symlinks, at most the size the
                           model needs). The whole request is checked
@@ -41,9 +43,11 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import rclpy
 import torch
@@ -70,6 +74,7 @@ from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.images import FrameReader, rgb_to_image, stamp_ns
 from ami_ros.ros.managed_node import ManagedNode, run
 from ami_ros.ros.pacing import StepGap
+from ami_ros.ros.weight_payload import FILE_NOT_HERE, PREFIX, PayloadError, PayloadReceiver
 
 # The newest frame only: a late agent skips frames instead of queueing them.
 # Best effort is compatible with publishers of either reliability.
@@ -78,6 +83,8 @@ NEWEST_FRAME = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
 # A sync waits at most this long for idle time between steps (at 10 Hz a gap
 # comes within a frame; a faster camera may leave none).
 SYNC_GAP_WAIT = 0.25
+# How long a sync waits for the payloads it names (sent just before the request).
+PAYLOAD_WAIT = 5.0
 
 
 class AgentNode(ManagedNode):
@@ -127,7 +134,6 @@ class AgentNode(ManagedNode):
         self.syncs_refused = 0
         self.step_gap = StepGap()
         self._prepare_seconds = 0.03  # how long building new models takes (smoothed)
-        self._start_sync_service()
         self.rate = RateMeter()
         self.latency = LatencyWindow(window)  # frame stamp -> action out (with the frame's hop)
         self.step_latency = LatencyWindow(window)  # frame received -> action out (the step alone)
@@ -138,6 +144,9 @@ class AgentNode(ManagedNode):
         self.checkpoints = CheckpointPart(self, self.agent.save_checkpoint,
                                           self.agent.load_checkpoint, preset=preset,
                                           after_save=self.diagnostics.report)
+        # After the restore: a refused checkpoint then leaves no sync thread in rclpy, whose exit
+        # would abort the process instead of its one-line refusal.
+        self._start_sync_service()
         self.continues = False  # the next step follows the previous one without a gap
         self.frames = FrameReader(self.warn_throttled)
         self.create_subscription(Image, 'camera/image_raw', self.on_frame, NEWEST_FRAME)
@@ -218,25 +227,47 @@ class AgentNode(ManagedNode):
                                        self.on_sync_weights)
         self._sync_executor = SingleThreadedExecutor(context=self.context)
         self._sync_executor.add_node(self._sync_node)
-        self._sync_thread = threading.Thread(target=self._spin_sync, name='sync_weights',
-                                             daemon=True)
+        self._sync_thread = threading.Thread(target=self._spin_sync, args=(self._sync_executor,),
+                                             name='sync_weights', daemon=True)
         self._sync_thread.start()
+        # Payload chunks arrive on a node and thread of their own: the sync handler waits for them.
+        self._payload_node = rclpy.create_node(
+            f'{self.get_name()}_weight_payload', namespace=self.get_namespace(),
+            context=self.context, use_global_arguments=False, start_parameter_services=False)
+        self.payloads = PayloadReceiver(self._payload_node, f'{self.get_name()}/sync_weights',
+                                        self.step_gap, max(self.weights_limit.values()))
+        self._payload_executor = SingleThreadedExecutor(context=self.context)
+        self._payload_executor.add_node(self._payload_node)
+        self._payload_thread = threading.Thread(target=self._spin_sync, args=(self._payload_executor,),
+                                                name='weight_payload', daemon=True)
+        self._payload_thread.start()
 
-    def _spin_sync(self) -> None:
+    @staticmethod
+    def _spin_sync(executor: SingleThreadedExecutor) -> None:
         try:
-            self._sync_executor.spin()
+            executor.spin()
         except (ExternalShutdownException, RuntimeError):  # the process is ending
             pass
 
     def on_sync_weights(self, request: SetParameters.Request,
                         response: SetParameters.Response) -> SetParameters.Response:
         names = [p.name for p in request.parameters]
+        try:
+            # Payloads first: waiting for them costs no step anything.
+            payloads = {p.name: self._payload(p) for p in request.parameters
+                        if p.value.type == ParameterType.PARAMETER_STRING
+                        and p.value.string_value.startswith(PREFIX)}
+        except (EnvelopeError, PayloadError) as exc:
+            payloads, problem = None, str(exc)
         # Build the new models in the idle time after a step, not beside one:
         # they would share the interpreter and the CPU with it.
         self.step_gap.wait(self._prepare_seconds, timeout=SYNC_GAP_WAIT)
         started = time.monotonic()
         try:
-            blobs = {p.name: self._envelope_bytes(p) for p in request.parameters}
+            if payloads is None:
+                raise EnvelopeError(problem)
+            blobs = {p.name: payloads[p.name] if p.name in payloads else self._envelope_bytes(p)
+                     for p in request.parameters}
             if len(blobs) != len(names):
                 raise EnvelopeError('a model is named twice in one request')
             if not blobs:
@@ -251,6 +282,7 @@ class AgentNode(ManagedNode):
             problem = None
         except (EnvelopeError, ValueError, OSError, RuntimeError) as exc:
             problem = str(exc)
+        del payloads
         if problem is None:
             self.syncs_ok += 1
             versions = ', '.join(f'{n} v{self.agent.versions[n]}' for n in names)
@@ -262,35 +294,61 @@ class AgentNode(ManagedNode):
             response.results = [SetParametersResult(successful=False, reason=problem) for _ in names]
         return response
 
+    def _limit(self, name: str) -> int:
+        """The most bytes model `name`'s weights envelope may hold."""
+        if name not in self.weights_limit:
+            raise EnvelopeError(f'unknown model {name!r}; models: {", ".join(self.weights_limit)}')
+        return self.weights_limit[name]
+
+    def _payload(self, parameter) -> bytearray:
+        """The weights envelope a 'sha256:' Parameter names, once received whole and checked."""
+        try:
+            return self.payloads.take(parameter.value.string_value, self._limit(parameter.name),
+                                      PAYLOAD_WAIT)
+        except PayloadError as exc:
+            raise EnvelopeError(f'{parameter.name}: {exc}') from None
+
     def _envelope_bytes(self, parameter) -> bytes:
         """The weights envelope a sync Parameter carries, inline or in a file, unread if too large."""
         value, name = parameter.value, parameter.name
-        if name not in self.weights_limit:
-            raise EnvelopeError(f'unknown model {name!r}; models: {", ".join(self.weights_limit)}')
-        limit = self.weights_limit[name]
+        limit = self._limit(name)
         if value.type == ParameterType.PARAMETER_BYTE_ARRAY:
             if len(value.byte_array_value) > limit:
                 raise EnvelopeError(f'{name}: weights may hold at most {limit} bytes')
             return b''.join(value.byte_array_value)  # rclpy hands byte[] over as a list of bytes
         if value.type == ParameterType.PARAMETER_STRING and value.string_value.startswith('file://'):
+            path = value.string_value.removeprefix('file://')
             try:
-                return read_confined(value.string_value.removeprefix('file://'), self.weights_root,
-                                     limit, what='weights file')
+                return read_confined(path, self.weights_root, limit, what='weights file')
             except ValueError as exc:
+                if self._missing_weights_file(path):  # a trainer on another machine: it sends otherwise
+                    raise EnvelopeError(f'{name}: {FILE_NOT_HERE} ({exc})') from None
                 raise EnvelopeError(f'{name}: {exc}') from None
-        raise EnvelopeError(f'{name}: weights come as a byte_array value or a '
-                            f"'file://' string, not parameter type {value.type}")
+        raise EnvelopeError(f'{name}: weights come as a byte_array value, a '
+                            f"'file://' or '{PREFIX}' string, not parameter type {value.type}")
+
+    def _missing_weights_file(self, path: str) -> bool:
+        """Whether `path` names a file inside the weights folder that is not there.
+
+        Only there: it tells no more than read_confined's own refusal, never
+        whether a file exists elsewhere."""
+        parts = path.split('/')
+        inside = Path(path).parts[:len(self.weights_root.parts)] == self.weights_root.parts
+        return inside and '.' not in parts and '..' not in parts and not os.path.lexists(path)
 
     def on_exit(self) -> None:
         # The sync thread must have left rclpy before the node and the
         # context go: destroying them under a thread still waiting in rcl
         # aborts the process ('terminate called without an active exception').
         self._sync_executor.shutdown(timeout_sec=10)
+        self._payload_executor.shutdown(timeout_sec=10)
         self._sync_thread.join(timeout=10)
-        if self._sync_thread.is_alive():
-            self.get_logger().warning('the weight-sync thread did not stop; leaving it to the exit')
+        self._payload_thread.join(timeout=10)
+        if self._sync_thread.is_alive() or self._payload_thread.is_alive():
+            self.get_logger().warning('a weight-sync thread did not stop; leaving it to the exit')
             return
         self._sync_node.destroy_node()
+        self._payload_node.destroy_node()
 
     def _update_diagnostics(self) -> None:
         lat, step = self.latency.summary(), self.step_latency.summary()
@@ -300,6 +358,7 @@ class AgentNode(ManagedNode):
                              step_max_ms=step['max'],
                              steps=self.agent.steps, dropped_frames=self.frames.dropped,
                              syncs_ok=self.syncs_ok, syncs_refused=self.syncs_refused,
+                             payload_chunks_dropped=self.payloads.dropped,
                              active=self.is_active,
                              **{f'version_{k}': v for k, v in self.agent.versions.items()})
 

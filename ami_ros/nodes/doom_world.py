@@ -178,7 +178,7 @@ class DoomWorldNode(ManagedNode):
         dispatcher.set_default_handler(self._on_osc)
         try:
             # One blocking server on its own thread: no thread per datagram.
-            return BlockingOSCUDPServer((self.host, self.port), dispatcher)
+            server = BlockingOSCUDPServer((self.host, self.port), dispatcher)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise RuntimeError(
@@ -186,6 +186,15 @@ class DoomWorldNode(ManagedNode):
                     f'doom_world?); stop that program or pick another port: --ros-args -p port:=9002'
                 ) from None
             raise RuntimeError(f'cannot listen for OSC on {self.host}:{self.port}: {exc}') from None
+        # A datagram python-osc cannot parse (bad UTF-8, a short blob) raises in its handler, and
+        # socketserver would print a traceback per datagram: a peer could flood the log.
+        server.handle_error = self._on_unparsable_osc
+        return server
+
+    def _on_unparsable_osc(self, _request: object, client: tuple) -> None:
+        self.osc_ignored += 1
+        self.get_logger().warning(f'ignoring an OSC datagram from {client[0]}:{client[1]} that does not '
+                                  f'parse: {sys.exc_info()[1]!r}', throttle_duration_sec=5.0)
 
     def _on_osc(self, address: str, *values: object) -> None:
         # Runs on the OSC thread; the input state has its own lock. Returns

@@ -12,7 +12,8 @@ Services (std_srvs/srv/Trigger, relative names):
                 the disk lacks the space (min_free_mb); crashed saves' stages
                 are removed at start (clean_partials)
   ami/shutdown  pause the graph, save a final checkpoint (save_on_shutdown),
-                take every node through its lifecycle shutdown, then exit
+                take every node through its lifecycle shutdown, then exit; so does
+                SIGINT/SIGTERM (Ctrl-C on ros2 launch; ros/graceful_stop.py)
 Topics:
   ami/state     std_msgs/String, latched: running | paused | shutting_down
   /diagnostics  (1 Hz, and at once after each save) the state, checkpoints
@@ -46,6 +47,7 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile
+from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
@@ -63,7 +65,9 @@ from ami_ros.core.checkpoint_store import (
 )
 from ami_ros.core.private_files import use_private_umask
 from ami_ros.ros.diagnostics import NodeDiagnostics
+from ami_ros.ros.graceful_stop import ManagerStop, StopSignals
 from ami_ros.ros.managed_node import prefer_synchronous_publication, spin_until_finished
+from ami_ros.ros.paused_graph import PausedGraphKeeper
 
 _SHUTDOWN_FROM = {
     State.PRIMARY_STATE_UNCONFIGURED: Transition.TRANSITION_UNCONFIGURED_SHUTDOWN,
@@ -161,6 +165,7 @@ class Manager(Node):
                               ('save_checkpoint', self._save_checkpoint)):
             self.create_service(Trigger, f'ami/{name}', handler, callback_group=group)
         self._publish_state()
+        self.keeper = PausedGraphKeeper(self, group)  # a restarted node rejoins a paused graph paused
         self._clean_partials()
         self.get_logger().info(f'managing {", ".join(self.managed)}')
 
@@ -411,7 +416,8 @@ class Manager(Node):
 def main(args: list[str] | None = None) -> int:
     use_private_umask()  # checkpoints and logs: the owner's only
     prefer_synchronous_publication()
-    rclpy.init(args=args)
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    signals = StopSignals()  # SIGINT/SIGTERM: ami/shutdown's path (ros2 launch's Ctrl-C)
     node = Manager()
     # One thread is enough: the service handlers are coroutines that await
     # the nodes' answers (rclpy's MultiThreadedExecutor would also busy-loop
@@ -419,7 +425,8 @@ def main(args: list[str] | None = None) -> int:
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
-        spin_until_finished(node, executor)
+        spin_until_finished(node, executor, ManagerStop(signals, node, lambda: executor.create_task(
+            node._shutdown(Trigger.Request(), Trigger.Response()))))
     finally:
         node.destroy_node()
         rclpy.try_shutdown()

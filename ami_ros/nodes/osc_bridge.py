@@ -44,14 +44,12 @@ from pythonosc.udp_client import SimpleUDPClient
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import Joy
 
+from ami_ros.core.action import OSC_AXES, OSC_BUTTONS, RELEASED_INPUTS
 from ami_ros.core.timing import RateMeter
 from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.managed_node import ManagedNode, run
 
-AXES = ('/input/Vertical', '/input/Horizontal', '/input/LookHorizontal')
-BUTTONS = ('/input/Jump', '/input/Run')
-# What "release every input" sends: floats for axes, ints for buttons.
-RELEASED: dict[str, float | int] = {**{a: 0.0 for a in AXES}, **{b: 0 for b in BUTTONS}}
+AXES, BUTTONS, RELEASED = OSC_AXES, OSC_BUTTONS, RELEASED_INPUTS
 
 
 def joy_problem(msg: Joy) -> tuple[str, str] | None:

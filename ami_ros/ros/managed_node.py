@@ -4,6 +4,8 @@ Every node is a ROS 2 lifecycle node so the manager can pause (deactivate),
 resume (activate) and stop (shutdown) the whole graph through the standard
 `<node>/change_state` services. With `autostart` (default true) a node
 configures and activates itself, so `ros2 run ami_ros <node>` works alone.
+SIGINT/SIGTERM end it at once, except a Ctrl-C to a whole ros2 launch: then
+a node the manager manages serves the final checkpoint first (graceful_stop.py).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.signals import SignalHandlerOptions
 
 from ami_ros.core.private_files import use_private_umask
+from ami_ros.ros.graceful_stop import SHUTDOWN_GRACE, NodeStop, StopSignals
 
 N = TypeVar('N', bound='ManagedNode')
 
@@ -35,6 +39,11 @@ class ManagedNode(LifecycleNode):
         self.declared_defaults: dict[str, Any] = {}  # name -> default as declared (docs/parameters.md)
         self.autostart = self.declare(
             'autostart', True, 'Configure and activate on start, without waiting for the manager.')
+        self.shutdown_grace = self.declare(
+            'shutdown_grace', SHUTDOWN_GRACE,
+            'Seconds a node the manager manages keeps serving after a SIGINT to its whole process '
+            "group (Ctrl-C on ros2 launch), for the manager's final checkpoint and shutdown; "
+            '0 = exit at once.', low=0.0, high=3600.0)
 
     # -- parameters -------------------------------------------------------
     def declare(self, name: str, default: Any, description: str, *,
@@ -104,10 +113,10 @@ def _autostart(node: ManagedNode) -> bool:
     return True
 
 
-def spin_until_finished(node: Any, executor: Any) -> None:
-    """Spin until `node.finished` (its shutdown), SIGINT/SIGTERM or context shutdown."""
+def spin_until_finished(node: Any, executor: Any, stop: Callable[[], bool] = lambda: False) -> None:
+    """Spin until `node.finished` (its shutdown), `stop()` (after a signal) or context shutdown."""
     try:
-        while rclpy.ok() and not node.finished:
+        while rclpy.ok() and not node.finished and not stop():
             executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
@@ -133,16 +142,17 @@ def prefer_synchronous_publication() -> None:
 
 def run(factory: Callable[[], N], args: Sequence[str] | None = None,
         executor_factory: Callable[[], Any] = SingleThreadedExecutor) -> int:
-    """Run a managed node until SIGINT/SIGTERM or its lifecycle shutdown.
+    """Run a managed node until its lifecycle shutdown or a signal (graceful_stop.NodeStop).
 
     Returns the process exit code: 0 on a clean stop, 1 if the node could
     not be created.
     """
-    # rclpy's default handlers turn SIGINT and SIGTERM into a context
-    # shutdown, which ends the loop below and still runs on_exit().
     use_private_umask()  # every file a node writes (checkpoints, weights, logs): the owner's only
     prefer_synchronous_publication()
-    rclpy.init(args=args)
+    # Not rclpy's handlers: they shut the context down at once, and a SIGINT to the whole
+    # launch must leave the node serving the manager's final checkpoint.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    signals = StopSignals()
     node: ManagedNode | None = None
     try:
         try:
@@ -154,7 +164,7 @@ def run(factory: Callable[[], N], args: Sequence[str] | None = None,
             _autostart(node)
         executor = executor_factory()
         executor.add_node(node)
-        spin_until_finished(node, executor)
+        spin_until_finished(node, executor, NodeStop(node, signals, node.shutdown_grace))
     finally:
         if node is not None:
             node.on_exit()

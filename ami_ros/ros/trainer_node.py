@@ -34,6 +34,7 @@ preset, device, learning_rate, active, rounds, version, buffer ("len/capacity"),
 buffer_len, buffer_capacity, new_count, the push's pushes_ok, pushes_failed,
 pushed_version (the last version the agent took; -1 none yet),
 pending_version (-1 none), last_sync ('ok' or the last failure's reason),
+sync_transport (the one in use: 'auto' switches to 'topic' for an agent elsewhere),
 train_errors, restored_from (the checkpoint restored at start, '' none),
 restored_part ('trainer', 'models', 'none'; '' no checkpoint), pacing ('on'
 or 'off'), frame_period_ms (the frames' rhythm; 0 none seen),

@@ -2,9 +2,12 @@
 
 Weights go to the agent as one `rcl_interfaces/srv/SetParameters` request,
 one Parameter per model (name = model name, value = a weights envelope of
-`core/schemas.py`, as a 'file://' string by default or inline bytes; see the
-`sync_transport` parameter), so models that belong together (the VAE's
-encoder and decoder) change together.
+`core/schemas.py` as a 'file://' string, the 'sha256:' name of one sent on
+the payload topic (`ros/weight_payload.py`, another machine), or inline
+bytes; see the `sync_transport` parameter), so models that belong together
+(the VAE's encoder and decoder) change together. With 'auto' (the default)
+weights go as files until the agent answers that a file is not on its
+machine, then over the payload topic for good.
 
 The training thread encodes each round's weights (`encode`, writing their
 files with 'file' transport) and leaves them in the pending slot (`offer`:
@@ -38,6 +41,7 @@ from rclpy.task import Future
 
 from ami_ros.core.private_files import PrivateFileError, private_dir, weights_root, write_private
 from ami_ros.core.schemas import encode_weights
+from ami_ros.ros.weight_payload import FILE_NOT_HERE, PayloadSender
 
 if TYPE_CHECKING:
     from ami_ros.ros.managed_node import ManagedNode
@@ -98,7 +102,19 @@ class PendingWeights:
     """Encoded weights of one version, waiting to be sent."""
 
     version: int
-    blobs: dict[str, bytes | str]  # model name -> weights envelope, or its 'file://' URL
+    envelopes: dict[str, bytes]  # model name -> weights envelope
+    urls: dict[str, str] | None = None  # model name -> its file's 'file://' URL, where written
+
+    def values(self, transport: str, sender: PayloadSender) -> list[ParameterValue]:
+        """What the request carries per model with `transport` (sends the payloads first)."""
+        if transport in ('auto', 'file') and self.urls is not None:
+            return [ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=self.urls[name])
+                    for name in self.envelopes]
+        if transport == 'bytes':
+            return [ParameterValue(type=ParameterType.PARAMETER_BYTE_ARRAY, byte_array_value=blob)
+                    for blob in self.envelopes.values()]
+        return [ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=sender.send(blob))
+                for blob in self.envelopes.values()]
 
 
 class WeightPush:
@@ -118,21 +134,25 @@ class WeightPush:
         self.timeout = node.declare('sync_timeout', 10.0, 'Seconds an unanswered push is given up '
                                     'after.', low=0.5, high=600.0)
         self.transport = node.declare(
-            'sync_transport', 'file', "How weights reach the agent: 'file' = an envelope file "
-            "in sync_dir named by a file:// string (same machine; no copy through DDS, which "
-            "costs the agent's interpreter time); 'bytes' = inline byte arrays (any machine).",
-            choices=('file', 'bytes'))
+            'sync_transport', 'auto', "How weights reach the agent: 'file' = an envelope file "
+            "in sync_dir named by a file:// string (same machine; the cheapest for the agent); "
+            "'topic' = 1 MiB uint8[] chunks on <sync_service>_payload, named by sha256 in the "
+            "request (any machine; ros/weight_payload.py); 'auto' = 'file' until the agent "
+            "answers that the file is not on its machine, then 'topic'; 'bytes' = inline byte "
+            "arrays (any machine, but seconds of the agent's interpreter for the ami set).",
+            choices=('auto', 'file', 'topic', 'bytes'))
         sync_dir = node.declare(
             'sync_dir', '', "Folder for 'file' transport: the files go to a private (0700) "
             "ami_ros_weights folder in it; '' = $XDG_RUNTIME_DIR, else a per-user folder in "
             "/dev/shm. The agent's sync_dir must be the same. Read at start.", read_only=True)
         self.files: WeightFiles | None = None
-        if self.transport == 'file':
+        if self.transport in ('auto', 'file'):
             try:
                 self.files = WeightFiles(sync_dir, f'{node.get_name()}-{os.getpid()}')
             except (PrivateFileError, OSError) as exc:
-                node.get_logger().warning(f"weights go inline ('bytes' transport), not as files: {exc}")
-                self.transport = 'bytes'
+                node.get_logger().warning(f"weights go by 'topic' transport, not as files: {exc}")
+                self.transport = 'topic'
+        self.payloads = PayloadSender(node, service)
         self._lock = threading.Lock()
         self._pending: PendingWeights | None = None  # under _lock
         # Executor-side state.
@@ -155,12 +175,14 @@ class WeightPush:
 
         One model at a time, each inside `slot(kind)` where given (the trainer's pacing).
         """
-        blobs: dict[str, bytes | str] = {}
+        envelopes: dict[str, bytes] = {}
+        urls: dict[str, str] = {}
         for name in self.models:
             with slot(f'encode {name}') if slot is not None else nullcontext():
-                blob = encode_weights(name, weights[name], version, self.preset_name)
-                blobs[name] = self.files.write(name, version, blob) if self.files is not None else blob
-        return PendingWeights(version, blobs)
+                envelopes[name] = encode_weights(name, weights[name], version, self.preset_name)
+                if self.files is not None and self.transport in ('auto', 'file'):
+                    urls[name] = self.files.write(name, version, envelopes[name])
+        return PendingWeights(version, envelopes, urls or None)
 
     def offer(self, pending: PendingWeights) -> None:
         """Send `pending` next, in place of older weights not yet sent."""
@@ -177,6 +199,7 @@ class WeightPush:
         """For the node's diagnostics."""
         pending = self.pending
         return {'pushes_ok': self.pushes_ok, 'pushes_failed': self.pushes_failed,
+                'sync_transport': self.transport,
                 'pushed_version': self.pushed_version,
                 'pending_version': pending.version if pending else -1, 'last_sync': self.last_sync}
 
@@ -206,12 +229,12 @@ class WeightPush:
         if not self.client.service_is_ready():
             self._failed(pending, f'{self.client.service_name} not available')
             return
-        values = [ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=blob)
-                  if isinstance(blob, str) else
-                  ParameterValue(type=ParameterType.PARAMETER_BYTE_ARRAY, byte_array_value=blob)
-                  for blob in pending.blobs.values()]
+        if self.transport == 'topic' and not self.payloads.matched():
+            self._failed(pending, f'{self.payloads.publisher.topic_name} has no subscriber yet')
+            return
+        values = pending.values(self.transport, self.payloads)
         request = SetParameters.Request(parameters=[
-            Parameter(name=name, value=value) for name, value in zip(pending.blobs, values, strict=True)])
+            Parameter(name=name, value=value) for name, value in zip(pending.envelopes, values, strict=True)])
         future = self.client.call_async(request)
         self._in_flight = (future, pending, now)
         future.add_done_callback(self._on_done)
@@ -228,17 +251,28 @@ class WeightPush:
             return
         results = future.result().results
         refused = [r.reason for r in results if not r.successful]
-        if refused or len(results) != len(pending.blobs):
+        if self.transport == 'auto' and refused and all(FILE_NOT_HERE in r for r in refused):
+            # The agent runs on another machine: from now on the weights go over the topic.
+            self.node.get_logger().info(f"the agent cannot read this machine's weight files "
+                                        f"({refused[0]}); sending weights over "
+                                        f'{self.payloads.publisher.topic_name}')
+            self.transport = 'topic'
+            self._in_flight = None
+            with self._lock:
+                if self._pending is None:
+                    self._pending = pending
+            return
+        if refused or len(results) != len(pending.envelopes):
             self._failed(pending, 'refused: ' + ('; '.join(refused) or
                                                  f'{len(results)} results for '
-                                                 f'{len(pending.blobs)} models'))
+                                                 f'{len(pending.envelopes)} models'))
             return
         self._in_flight = None
         self.pushes_ok += 1
         self.pushed_version = pending.version
         if self.last_sync != 'ok':  # the first, or the first after failures
             self.node.get_logger().info(f'agent took version {pending.version} of '
-                                        f'{", ".join(pending.blobs)}')
+                                        f'{", ".join(pending.envelopes)} ({self.transport})')
         else:
             self.node.get_logger().debug(f'agent took version {pending.version}')
         self.last_sync = 'ok'

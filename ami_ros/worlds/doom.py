@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -214,7 +215,14 @@ class DoomWorld:
             # The level's lines: for its map and to check that the start is in it. Only
             # settable before init; copying them costs ~0.1 ms a step on my_way_home.
             game.set_sectors_info_enabled(True)
-            game.init()
+            # The engine is a child process: a terminal's Ctrl-C to the process group (ros2
+            # launch) would end it under the node while the graph saves its final checkpoint.
+            # It inherits SIGINT blocked, and stops when closed.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                game.init()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self._new_episode()
         except Exception:
             self.close()
