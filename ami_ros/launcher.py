@@ -386,7 +386,10 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
                     last_status = now
                     values, problem = supervisor.report()
                     monitor.report.set(**values)
-                    monitor.report.warn(problem) if problem else monitor.report.ok()
+                    if problem:
+                        monitor.report.warn(problem)
+                    else:
+                        monitor.report.ok()
                     printer.status(monitor.snapshot(started, values['restarts']), now)
                 stop_requested.wait(0.1)
         finally:

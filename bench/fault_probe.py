@@ -36,6 +36,23 @@ RESTART_TIMEOUT = 20.0  # the supervision's back-off is 1, 2, 4 s
 READY = 'agent ready'  # what the agent logs once it has restored and can act
 
 
+def node_processes(launcher_pid: int) -> dict[str, psutil.Process]:
+    """Node name -> the live process of each node a launcher started (found by its `__node:=`)."""
+    found = {}
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:
+        return {}
+    for child in children:
+        try:
+            match = NODE_NAME.search(' '.join(child.cmdline()))
+            if match and child.status() != psutil.STATUS_ZOMBIE:
+                found[match.group(1)] = child
+        except psutil.Error:  # it just ended
+            continue
+    return found
+
+
 def _free_port(kind: int) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(('127.0.0.1', 0))
@@ -131,19 +148,7 @@ class FaultGraph:
     # -- processes and health ------------------------------------------------
     def node_pids(self) -> dict[str, int]:
         """Node name -> pid of each live node process the launcher started."""
-        pids = {}
-        try:
-            children = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.Error:
-            return {}
-        for child in children:
-            try:
-                match = NODE_NAME.search(' '.join(child.cmdline()))
-                if match and child.status() != psutil.STATUS_ZOMBIE:
-                    pids[match.group(1)] = child.pid
-            except psutil.Error:  # it just ended
-                continue
-        return pids
+        return {name: proc.pid for name, proc in node_processes(self.proc.pid).items()}
 
     def problems(self) -> list[str]:
         """What is wrong with the graph now; [] when every node is up and the agent acts."""

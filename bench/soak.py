@@ -34,10 +34,10 @@ import psutil
 import rclpy
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray
+from fault_probe import node_processes
 from rclpy.executors import SingleThreadedExecutor
 
 ROOT = Path(__file__).resolve().parent.parent
-NODE_NAME = re.compile(r'__node:=(\w+)')
 
 
 class Diagnostics:
@@ -91,14 +91,12 @@ class Counter:
         self.last = value
 
 
-def node_rss(launcher: psutil.Process) -> dict[str, float]:
+def node_rss(launcher_pid: int) -> dict[str, float]:
     """MiB resident per node process started by the launcher, keyed by node name."""
     rss = {}
-    for child in launcher.children(recursive=True):
+    for name, proc in node_processes(launcher_pid).items():
         try:
-            match = NODE_NAME.search(' '.join(child.cmdline()))
-            if match:
-                rss[match.group(1)] = child.memory_info().rss / 2**20
+            rss[name] = proc.memory_info().rss / 2**20
         except psutil.Error:  # it just ended (a respawn)
             continue
     return rss
@@ -160,7 +158,6 @@ def main() -> int:
     launcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=out, start_new_session=True,
                                 env={**os.environ, 'MLFLOW_TRACKING_URI': f'file://{out / "mlruns"}'})
     diag = Diagnostics()
-    proc = psutil.Process(launcher.pid)
     samples: dict[str, list[tuple[float, float]]] = {}
     world, agent = Counter(), Counter()
     max_disk = 0.0
@@ -169,7 +166,7 @@ def main() -> int:
         while launcher.poll() is None:
             time.sleep(min(args.sample, 5.0) if time.monotonic() - started < 30 else args.sample)
             elapsed = time.monotonic() - started
-            for name, mib in node_rss(proc).items():
+            for name, mib in node_rss(launcher.pid).items():
                 samples.setdefault(name, []).append((elapsed, mib))
             acted = diag.number('agent', 'steps')
             if agent.last is not None or (acted or 0) > 0:  # count from the agent's first step on
