@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ami_ros.bags.recording import DEFAULT_TOPICS
 from ami_ros.core.presets import DEFAULT_PRESET, PRESETS
 
 
@@ -34,11 +35,17 @@ LAUNCH_ARGUMENTS: dict[str, LaunchArgument] = {
     'preset': LaunchArgument(DEFAULT_PRESET, 'model preset: sizes and what the policy sees',
                              tuple(PRESETS)),
     'device': LaunchArgument('cpu', 'torch device for the agent: cpu, cuda or cuda:N'),
-    'vrchat_host': LaunchArgument('127.0.0.1', 'host VRChat (or doom_world) listens on for OSC'),
-    'vrchat_port': LaunchArgument('9000', 'UDP port VRChat (or doom_world) listens on for OSC'),
+    'agents': LaunchArgument(
+        '1', 'number of agents acting at once, each with its world or camera and its bridge in '
+        'namespace agent_<i>, all feeding one set of trainers; 1 = no agent namespace'),
+    'vrchat_host': LaunchArgument('127.0.0.1', 'host VRChat (or doom_world) listens on for OSC; '
+                                  'with agents:=N one host, or N of them comma-separated'),
+    'vrchat_port': LaunchArgument('9000', 'UDP port VRChat (or doom_world) listens on for OSC; with '
+                                  'agents:=N one port (agent i gets port+i), or N comma-separated'),
     'camera_source': LaunchArgument(
         '', 'camera source: empty = the V4L2 device named "OBS Virtual Camera"; '
-        'or a device index, /dev/video* path, video file or stream URL'),
+        'or a device index, /dev/video* path, video file or stream URL; '
+        'with agents:=N and world:=vrchat, N of them comma-separated'),
     'train': LaunchArgument('true', 'start the VAE, dynamics and policy trainers, which learn '
                             'while the agent acts and push their weights to it', ('true', 'false')),
     'trainer_device': LaunchArgument('', "torch device of the trainers ('' = the agent's device)"),
@@ -74,6 +81,7 @@ LAUNCH_ARGUMENTS: dict[str, LaunchArgument] = {
 }
 
 TRAINERS = ('vae_trainer', 'dynamics_trainer', 'policy_trainer')
+MAX_AGENTS = 64
 # What describe() starts: the whole graph, or the learning half alone (`ami-ros trainers`).
 PARTS = ('graph', 'trainers')
 # Restarted when they die (respawn:=true). Not the agent: it would start over from its last
@@ -93,6 +101,12 @@ class NodeSpec:
     name: str
     parameters: dict[str, Any] = field(default_factory=dict)
     respawn: bool = False  # restarted when it dies unexpectedly
+    namespace: str = ''  # below the graph's namespace: an agent's ('agent_0'), '' for the rest
+
+    @property
+    def path(self) -> str:
+        """Its name relative to the graph's namespace: 'agent_1/agent', 'manager'."""
+        return f'{self.namespace}/{self.name}' if self.namespace else self.name
 
     @property
     def restores(self) -> bool:
@@ -102,6 +116,53 @@ class NodeSpec:
 
 class GraphArgumentError(ValueError):
     """A launch argument that is unknown or has a value outside its choices."""
+
+
+@dataclass(frozen=True)
+class AgentGroup:
+    """One acting agent's part of the graph: its namespace and where its world is."""
+
+    namespace: str  # '' for the only agent (agents:=1), else 'agent_<i>'
+    host: str
+    port: int
+    camera_source: str
+
+
+def _per_agent(name: str, value: str, count: int) -> list[str]:
+    """One value for every agent, or a comma-separated list of exactly `count`."""
+    items = [item.strip() for item in value.split(',')] if count > 1 else [value]
+    if len(items) not in (1, count):
+        raise GraphArgumentError(f'{name}:={value} names {len(items)} values for agents:={count}; '
+                                 f'give one, or {count} comma-separated')
+    return items if len(items) == count else items * count
+
+
+def agent_groups(args: dict[str, str]) -> list[AgentGroup]:
+    """The acting agents the arguments ask for, with their OSC address and camera."""
+    if not re.fullmatch('[0-9]{1,3}', args['agents']) or not 1 <= int(args['agents']) <= MAX_AGENTS:
+        raise GraphArgumentError(f'agents:={args["agents"]} is not a number of agents (1..{MAX_AGENTS})')
+    count = int(args['agents'])
+    hosts = _per_agent('vrchat_host', args['vrchat_host'], count)
+    ports_given = _per_agent('vrchat_port', args['vrchat_port'], count)
+    ports = []
+    for i, text in enumerate(ports_given):
+        port = int(text) if re.fullmatch('[0-9]{1,5}', text) else 0
+        # One port for all: agent i listens on port+i, as several VRChat clients on one PC must.
+        port += i if ',' not in args['vrchat_port'] else 0
+        if not 1 <= port <= 65535:
+            raise GraphArgumentError(f'vrchat_port:={args["vrchat_port"]} is not a UDP port '
+                                     f'(1..65535) for every agent')
+        ports.append(port)
+    if len(set(zip(hosts, ports, strict=True))) < count:
+        raise GraphArgumentError(f'vrchat_host and vrchat_port give two agents the same OSC address; '
+                                 f'give {count} different ports')
+    if args['world'] == 'vrchat' and count > 1:
+        if len([c for c in args['camera_source'].split(',') if c.strip()]) != count:
+            raise GraphArgumentError(f'world:=vrchat with agents:={count} needs {count} camera sources, '
+                                     'comma-separated (camera_source:=/dev/video0,/dev/video2,...)')
+    sources = _per_agent('camera_source', args['camera_source'], count)
+    return [AgentGroup(f'agent_{i}' if count > 1 else '', hosts[i], ports[i], sources[i])
+            for i in range(count)]
 
 
 def resolve_arguments(given: dict[str, str]) -> dict[str, str]:
@@ -122,12 +183,7 @@ def resolve_arguments(given: dict[str, str]) -> dict[str, str]:
     if not 0.0 <= delay <= 3600.0:
         raise GraphArgumentError(f'respawn_delay:={args["respawn_delay"]} is not a number of seconds '
                                  '(0..3600)')
-    try:
-        port = int(args['vrchat_port'])
-    except ValueError:
-        port = 0
-    if not 1 <= port <= 65535:
-        raise GraphArgumentError(f'vrchat_port:={args["vrchat_port"]} is not a UDP port (1..65535)')
+    agent_groups(args)  # agents, and the OSC addresses and cameras they need
     if not re.fullmatch('[0-9]{1,5}', args['web_api_port']) or int(args['web_api_port']) > 65535:
         raise GraphArgumentError(f'web_api_port:={args["web_api_port"]} is not a TCP port (0 = none, '
                                  '1..65535)')
@@ -146,40 +202,42 @@ def describe(given: dict[str, str], part: str = 'graph') -> list[NodeSpec]:
     bag_recorder, which serve the graph but are not managed, come after it.
     """
     args = resolve_arguments(given)
-    port = int(args['vrchat_port'])
+    groups = agent_groups(args)
     checkpoint_dir = str(Path(args['checkpoint_dir']).absolute())
     # Nodes that hold state save only into stages under checkpoint_dir, and restore from `checkpoint`.
     restore = {'checkpoint_dir': checkpoint_dir, **({'checkpoint': str(restore_point(
         args['checkpoint'], checkpoint_dir, args['preset']))} if args['checkpoint'] else {})}
+    # With several agents the trainers learn from, and push to, each of their namespaces.
+    namespaces = [g.namespace for g in groups]
+    agents = {'agents': namespaces} if len(groups) > 1 else {}
     nodes: list[NodeSpec] = []
     if part == 'trainers':
         # For a machine other than the agent's: no pacing (the agent's steps are not on this
         # CPU); no manager or recorder, the acting half's (`train:=false`) serve the graph.
         device = args['trainer_device'] or args['device']
-        nodes = [NodeSpec(t, t, {'preset': args['preset'], 'device': device, 'pacing': 'off', **restore})
-                 for t in TRAINERS]
+        nodes = [NodeSpec(t, t, {'preset': args['preset'], 'device': device, 'pacing': 'off',
+                                 **restore, **agents}) for t in TRAINERS]
         return [replace(n, respawn=args['respawn'] == 'true') for n in nodes]
-    if args['world'] == 'doom':
-        nodes.append(NodeSpec('doom_world', 'doom_world', {'port': port}))
-    else:
-        nodes.append(NodeSpec('camera', 'camera', {'source': args['camera_source']}))
-    nodes.append(NodeSpec('agent', 'agent',
-                          {'preset': args['preset'], 'device': args['device'], **restore}))
-    nodes.append(NodeSpec('osc_bridge', 'osc_bridge',
-                          {'host': args['vrchat_host'], 'port': port}))
+    for group in groups:
+        nodes += _acting_nodes(args, group, restore)
     if args['train'] == 'true':
         device = args['trainer_device'] or args['device']
-        nodes += [NodeSpec(t, t, {'preset': args['preset'], 'device': device, **restore})
+        nodes += [NodeSpec(t, t, {'preset': args['preset'], 'device': device, **restore, **agents})
                   for t in TRAINERS]
     if args['record'] == 'true':
         # The nodes whose statuses it records: this graph's, no name a peer makes up.
-        known = ([n.name for n in nodes] + ['manager', LAUNCH_STATUS]
+        known = ([n.path for n in nodes] + ['manager', LAUNCH_STATUS]
                  + (['bag_recorder'] if args['bag'] else []))
         if args['train'] == 'false':  # trainers may run on another machine (`ami-ros trainers`)
             known += list(TRAINERS)
+        several = {'agents': namespaces, 'step_node': f'{namespaces[0]}/agent'} if len(groups) > 1 else {}
         nodes.append(NodeSpec('recorder', 'recorder', {'log_params': _run_params(args),
-                                                       'nodes': known}))
-    nodes.append(NodeSpec('manager', 'manager', {'managed_nodes': [n.name for n in nodes],
+                                                       'nodes': known, **several}))
+    # With several agents, a checkpoint goes without an agent that died (the others' states count).
+    spare = {'spare_nodes': [n.path for n in nodes if n.name == 'agent']} if len(groups) > 1 else {}
+    nodes.append(NodeSpec('manager', 'manager', {'managed_nodes': [n.path for n in nodes],
+                                                 'checkpointed_nodes': [n.path for n in nodes if n.restores],
+                                                 **spare,
                                                  'checkpoint_dir': checkpoint_dir,
                                                  'preset': args['preset']}))
     if int(args['web_api_port']):
@@ -190,13 +248,46 @@ def describe(given: dict[str, str], part: str = 'graph') -> list[NodeSpec]:
     if args['view'] != 'false':
         # Like web_api: not among the manager's nodes (a paused graph is still shown).
         save = str(Path(args['view']).absolute()) if args['view'] != 'true' else ''
+        shown = {'agents': [f'/{args["namespace"].strip("/")}/{ns}'.replace('//', '/') for ns in namespaces]
+                 } if len(groups) > 1 else {}
         nodes.append(NodeSpec('viewer', 'viewer', {'view_host': args['view_host'],
-                                                   'view_port': int(args['view_port']), 'save': save}))
+                                                   'view_port': int(args['view_port']), 'save': save,
+                                                   **shown}))
     if args['bag']:
         # Not among the manager's nodes: a pause does not pause the recording, and it stops last.
-        nodes.append(NodeSpec('bag_recorder', 'bag_recorder', {'output': str(Path(args['bag']).absolute())}))
+        topics = ({'topics': [relative_name(ns, t) for ns in namespaces for t in DEFAULT_TOPICS]}
+                  if len(groups) > 1 else {})
+        nodes.append(NodeSpec('bag_recorder', 'bag_recorder', {'output': str(Path(args['bag']).absolute()),
+                                                               **topics}))
     respawn = args['respawn'] == 'true'
     return [replace(n, respawn=respawn and n.name in RESPAWNED) for n in nodes]
+
+
+def relative_name(namespace: str, name: str) -> str:
+    """`name` below `namespace`, both relative: ('agent_1', 'action') -> 'agent_1/action'."""
+    return '/'.join(part for part in (namespace.strip('/'), name.strip('/')) if part)
+
+
+def node_namespace(graph_namespace: str, namespace: str) -> str:
+    """The namespace a node runs in: the graph's, and below it the node's own (an agent's)."""
+    return relative_name(graph_namespace, namespace)
+
+
+def _acting_nodes(args: dict[str, str], group: AgentGroup, restore: dict[str, str]) -> list[NodeSpec]:
+    """One agent's world (or camera), the agent and its bridge, in the agent's namespace."""
+    if args['world'] == 'doom':
+        world = NodeSpec('doom_world', 'doom_world', {'port': group.port})
+    else:
+        world = NodeSpec('camera', 'camera', {'source': group.camera_source})
+    # Each agent keeps its own hidden state and counters in a checkpoint, by namespace, and
+    # draws its own actions (all share `seed`: the trainers' initial weights).
+    state = {'state_name': group.namespace, 'sampling_seed': int(group.namespace.rsplit('_', 1)[1])
+             } if group.namespace else {}
+    nodes = [world,
+             NodeSpec('agent', 'agent', {'preset': args['preset'], 'device': args['device'],
+                                         **restore, **state}),
+             NodeSpec('osc_bridge', 'osc_bridge', {'host': group.host, 'port': group.port})]
+    return [replace(n, namespace=group.namespace) for n in nodes]
 
 
 # Distributions that predate ROS_AUTOMATIC_DISCOVERY_RANGE (Iron): ROS_LOCALHOST_ONLY=1 does it
@@ -249,7 +340,7 @@ def restore_point(arg: str, checkpoint_dir: str, preset: str) -> Path:
 
 def _run_params(args: dict[str, str]) -> str:
     """The launch arguments worth recording with a run, as 'k=v;k=v'."""
-    keep = ('world', 'preset', 'device', 'train', 'trainer_device')
+    keep = ('world', 'preset', 'device', 'train', 'trainer_device', 'agents')
     return ';'.join(f'{k}={args[k]}' for k in keep)
 
 

@@ -26,41 +26,35 @@ characters first: a peer's text must not move the cursor or rewrite the terminal
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import signal
-import statistics
 import sys
 import tempfile
 import threading
 import time
 import unicodedata
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from ami_ros.core.timing import LatencyWindow, RateMeter
 from ami_ros.graph import (
-    LAUNCH_STATUS,
     RVIZ_MISSING,
+    agent_groups,
     describe,
     discovery_environment,
+    node_namespace,
     params_file,
     resolve_arguments,
     rviz_command,
 )
+from ami_ros.graph_monitor import STATUS_WIDTH, GraphStatus, StatusMonitor
 from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters
 from ami_ros.supervision import RestartPolicy, Supervisor, release_inputs
 
 STOP_TIMEOUT = 10.0
 SHUTDOWN_TIMEOUT = 180.0  # a final checkpoint of full ami buffers takes a while
-STATUS_WIDTH = 120  # the status line never wraps: a wrapped line cannot be erased in place
 ERASE_LINE = '\r\x1b[K'  # carriage return, then ANSI "erase to the end of the line"
 NODE_LOG_FORMAT = '{severity} {message}'
-REWARD_WINDOW = 100
-TRAINER_LABELS = {'vae_trainer': 'vae', 'dynamics_trainer': 'dyn', 'policy_trainer': 'ppo'}
 # ESC-introduced sequences, whole: CSI (ESC [ ... final byte), OSC and other strings up to
 # BEL or ST, two-character escapes. Removing only the ESC would leave '[2J' behind.
 _ESCAPE_SEQUENCE = re.compile(r'\x1b(\[[0-?]*[ -/]*[@-~]|[\]PX^_][^\x07\x1b]*(\x07|\x1b\\)?|[0-~])')
@@ -82,59 +76,6 @@ def parse_launch_arguments(items: list[str]) -> dict[str, str]:
             raise ValueError(f'launch arguments look like NAME:=VALUE, got {item!r}')
         args[name] = value
     return args
-
-
-@dataclass
-class GraphStatus:
-    """What the status line says: the graph's state, how it acts, how it learns."""
-
-    state: str = 'starting'
-    uptime: float = 0.0  # seconds
-    frames_hz: float = 0.0
-    actions_hz: float = 0.0
-    latency_ms: float = math.nan  # frame -> action, p50
-    reward: float = math.nan  # mean of the last REWARD_WINDOW steps: one step's is noise
-    steps: str = ''  # as the agent reports it; '' until it does
-    losses: dict[str, str] = field(default_factory=dict)  # trainer ('vae', 'dyn', 'ppo') -> loss
-    restarts: int = 0  # nodes restarted by the launcher, all together
-
-    def fields(self) -> list[tuple[int, str]]:
-        """(drop rank, text) in display order; when the line is too long the
-        highest rank goes first, so what tells whether it runs stays longest."""
-        up = int(self.uptime)
-        fields = [(0, f'{self.state} {up // 3600}:{up // 60 % 60:02d}:{up % 60:02d}'),
-                  (1, f'{self.frames_hz:.1f} fps'),
-                  (1, f'{self.actions_hz:.1f} actions/s'
-                      + (f' in {self.latency_ms:.1f} ms' if math.isfinite(self.latency_ms) else '')),
-                  (4, f'reward {_short_number(self.reward)}')]
-        if self.steps:
-            fields.append((5, f'step {self.steps}'))
-        if self.losses:
-            fields.append((3, 'loss ' + ' '.join(f'{name} {_short_number(loss)}'
-                                                 for name, loss in self.losses.items())))
-        if self.restarts:
-            fields.insert(1, (2, f'restarts {self.restarts}'))
-        return fields
-
-    def render(self, width: int = STATUS_WIDTH) -> str:
-        """One line of at most `width` characters: whole fields dropped, never cut, but the first."""
-        fields = self.fields()
-        while True:
-            text = ' | '.join(t for _, t in fields)
-            if len(text) <= width or len(fields) == 1:
-                return text[:width]
-            highest = max(rank for rank, _ in fields)
-            drop = max(i for i, (rank, _) in enumerate(fields) if rank == highest)
-            fields.pop(drop)
-
-
-def _short_number(value: float | str, spec: str = '.3g') -> str:
-    """`value` (a float or a diagnostic's string) in `spec`; '-' while unknown."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return '-'
-    return '-' if math.isnan(number) else format(number, spec)
 
 
 class StatusPrinter:
@@ -208,107 +149,6 @@ class StatusPrinter:
                 self._print_plain(time.monotonic())
 
 
-class StatusMonitor:
-    """Rates, latency and graph state from the graph's own topics."""
-
-    def __init__(self, namespace: str) -> None:
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
-        from sensor_msgs.msg import Image, Joy
-        from std_msgs.msg import Float32, String
-
-        from ami_ros.ros.diagnostics import NodeDiagnostics
-        from ami_ros.ros.images import stamp_ns
-
-        self._rclpy = rclpy
-        self._stamp_ns = stamp_ns
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, args=['ami-ros-launch', '--ros-args', '--disable-rosout-logs'],
-                   signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
-        # Named LAUNCH_STATUS: its /diagnostics status (restarts per node) is the recorder's to record.
-        self.node = rclpy.create_node(LAUNCH_STATUS, namespace=namespace or None,
-                                      context=self.context, enable_rosout=False)
-        self.report = NodeDiagnostics(self.node)
-        self.frames = RateMeter()
-        self.actions = RateMeter()
-        self.latency = LatencyWindow(100)
-        self.rewards: deque[float] = deque(maxlen=REWARD_WINDOW)
-        self.state = 'starting'
-        self.health: dict[str, dict[str, str]] = {}  # node name -> its latest diagnostic values
-        self.node.create_subscription(Image, 'camera/image_raw',
-                                      lambda m: self.frames.tick(),
-                                      qos_profile_sensor_data)
-        self.node.create_subscription(Joy, 'action', self._on_action, 10)
-        self.node.create_subscription(Float32, 'reward', self._on_reward, 10)
-        self.node.create_subscription(
-            String, 'ami/state', lambda m: setattr(self, 'state', m.data),
-            QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
-        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 20)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self._spin, daemon=True)
-        self.thread.start()
-
-    def _spin(self) -> None:
-        try:
-            self.executor.spin()
-        except Exception:  # context shut down at exit
-            pass
-
-    def _on_action(self, msg) -> None:
-        self.actions.tick()
-        now = self.node.get_clock().now().nanoseconds
-        stamp = self._stamp_ns(msg)
-        if stamp:
-            self.latency.add((now - stamp) / 1e6)
-
-    def _on_reward(self, msg) -> None:
-        self.rewards.append(msg.data)
-
-    def _on_diagnostics(self, msg) -> None:
-        for status in msg.status:
-            self.health[status.name.rsplit('/', 1)[-1]] = {kv.key: kv.value for kv in status.values}
-
-    def snapshot(self, started: float, restarts: int = 0) -> GraphStatus:
-        """The graph now, as the status line shows it."""
-        losses = {label: self.health[trainer].get('loss', '')
-                  for trainer, label in TRAINER_LABELS.items() if trainer in self.health}
-        agent = self.health.get('agent', {})
-        rewards = self.rewards.copy()  # copying is atomic; the spinning thread appends
-        return GraphStatus(state=self.state, uptime=time.monotonic() - started,
-                           frames_hz=self.frames.rate(), actions_hz=self.actions.rate(),
-                           latency_ms=self.latency.summary()['p50'],
-                           reward=statistics.fmean(rewards) if rewards else math.nan,
-                           steps=agent.get('steps', ''), losses=losses, restarts=restarts)
-
-    def shutdown_graph(self, timeout: float) -> str:
-        """Call ami/shutdown; the manager's answer or why there is none."""
-        from std_srvs.srv import Trigger
-
-        client = self.node.create_client(Trigger, 'ami/shutdown')
-        try:
-            if not client.wait_for_service(timeout_sec=2.0):
-                return 'the manager does not answer; stopping the nodes with SIGINT'
-            future = client.call_async(Trigger.Request())
-            deadline = time.monotonic() + timeout
-            while not future.done() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if not future.done():
-                return f'no answer from ami/shutdown within {timeout:g} s; stopping with SIGINT'
-            return future.result().message
-        finally:
-            self.node.destroy_client(client)
-
-    def close(self) -> None:
-        # The spinning thread leaves rclpy before the node and context go.
-        self.executor.shutdown(timeout_sec=5)
-        self.thread.join(timeout=5)
-        self.node.destroy_node()
-        self._rclpy.try_shutdown(context=self.context)
-
-
 def launch(given: dict[str, str], duration: float = 0.0, status_interval: float = 1.0,
            part: str = 'graph') -> int:
     """Run the graph (`part`: graph.PARTS) until SIGINT/SIGTERM, `duration` seconds, or every node exits.
@@ -346,16 +186,17 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
     with tempfile.TemporaryDirectory(prefix='ami_ros_launch_') as tmp:
 
         def start(spec, parameters) -> NodeProcess:
-            overrides = write_parameters(Path(tmp) / f'{spec.name}.yaml', spec.name, parameters)
+            overrides = write_parameters(Path(tmp) / f'{spec.path.replace("/", "-")}.yaml', spec.name,
+                                         parameters)
             cmd = node_command(spec.executable, spec.name, [params, overrides],
-                               namespace=args['namespace'])
-            return NodeProcess(spec.name, cmd, env={**log_format, **discovery},
-                               on_line=lambda text, n=spec.name: printer.line(f'[{n}] {text}'))
+                               namespace=node_namespace(args['namespace'], spec.namespace))
+            return NodeProcess(spec.path, cmd, env={**log_format, **discovery},
+                               on_line=lambda text, n=spec.path: printer.line(f'[{n}] {text}'))
 
         try:
             supervisor = Supervisor(
                 specs, start, printer.line,
-                release=lambda: release_inputs(args['vrchat_host'], int(args['vrchat_port'])),
+                release=lambda bridge: release_inputs(bridge.parameters['host'], bridge.parameters['port']),
                 policy=RestartPolicy(first_delay=float(args['respawn_delay'])))
             supervisor.start_all()
             printer.line(f'[launch] started {", ".join(p.name for p in supervisor.processes())}')
@@ -369,7 +210,7 @@ def launch(given: dict[str, str], duration: float = 0.0, status_interval: float 
             what = f'world:={args["world"]} ' if part == 'graph' else 'the trainers alone: '
             printer.line(f'[launch] {what}preset:={args["preset"]} '
                          f'device:={args["device"]} network:={args["network"]}; Ctrl-C stops')
-            monitor = StatusMonitor(args['namespace'])
+            monitor = StatusMonitor(args['namespace'], [g.namespace for g in agent_groups(args)])
             started = time.monotonic()
             last_status = 0.0
             while not stop_requested.is_set():

@@ -145,8 +145,21 @@ def _cell(text: str) -> str:
 
 def render_markdown(docs: dict[str, list[ParameterDoc]]) -> str:
     """docs/parameters.md: the header, then one table per node executable."""
+    from ami_ros.graph import LAUNCH_ARGUMENTS
+
     lines = [HEADER]
     lines.append('Nodes: ' + ', '.join(f'[{name}](#{name})' for name in docs) + '.\n')
+    # The launchers' arguments are declared once too, in ami_ros/graph.py.
+    lines.append('## Launch arguments\n')
+    lines.append('`ros2 launch ami_ros ami.launch.py ARG:=VALUE` and `ami-ros launch ARG:=VALUE` take '
+                 'the same arguments (`ami_ros/graph.py`); `ami-ros launch` also takes '
+                 '`duration:=SECONDS`.\n')
+    lines.append('| Argument | Default | Choices | Description |')
+    lines.append('|---|---|---|---|')
+    for name, arg in LAUNCH_ARGUMENTS.items():
+        choices = ', '.join(arg.choices) if arg.choices else ''
+        lines.append(f'| `{name}` | `{_cell(arg.default)}` | {choices} | {_cell(arg.description)} |')
+    lines.append('')
     for executable, params in docs.items():
         lines.append(f'## {executable}\n')
         lines.append('| Parameter | Type | Default | Range / choices | Description |')

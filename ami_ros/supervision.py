@@ -125,11 +125,12 @@ class Supervisor:
     """Starts the graph's nodes, restarts those that die, releases inputs when the bridge dies.
 
     `start(spec, parameters)` makes a node's process (the launcher's NodeProcess);
-    `say(line)` prints a launcher line; `release()` sends the release of every input.
+    `say(line)` prints a launcher line; `release(bridge)` sends the release of every input to
+    where that bridge sends.
     """
 
     def __init__(self, specs: Iterable[NodeSpec], start: Callable[[NodeSpec, dict[str, Any]], NodeProcess],
-                 say: Callable[[str], None], release: Callable[[], None],
+                 say: Callable[[str], None], release: Callable[[NodeSpec], None],
                  policy: RestartPolicy | None = None) -> None:
         self.policy = policy or RestartPolicy()
         self.specs = list(specs)
@@ -150,7 +151,7 @@ class Supervisor:
     def report(self) -> tuple[dict[str, int], str]:
         """The launcher's status: restarts in all and per node ('restarts/<node>', every node
         that can be restarted), and a warning naming the nodes given up ('' none)."""
-        per_node = {n.spec.name: n.record.restarts for n in self.nodes if n.spec.respawn}
+        per_node = {n.spec.path: n.record.restarts for n in self.nodes if n.spec.respawn}
         values = {'restarts': sum(per_node.values()), **{f'restarts/{k}': v for k, v in per_node.items()}}
         return values, (f'not restarted any more: {", ".join(self.given_up)}' if self.given_up else '')
 
@@ -158,7 +159,7 @@ class Supervisor:
         """Whether every one of `names` has exited and none will be restarted."""
         wanted = set(names)
         return all(not n.process.alive() and n.restart_at is None for n in self.nodes
-                   if n.spec.name in wanted)
+                   if n.spec.path in wanted)
 
     def poll(self, stopping: bool, now: float | None = None) -> None:
         """Look at every process: report exits, schedule and make restarts.
@@ -176,9 +177,9 @@ class Supervisor:
             code = node.process.returncode
             if code is None or node.ended:
                 continue
-            name = node.spec.name
-            if name == BRIDGE:  # first: the avatar must stop before anything is printed
-                self._release('the bridge is gone')
+            name = node.spec.path
+            if node.spec.name == BRIDGE:  # first: the avatar must stop before anything is printed
+                self._release(node.spec, f'{name} is gone')
             if stopping or not node.spec.respawn:
                 node.ended = True
                 if code != 0:
@@ -205,13 +206,13 @@ class Supervisor:
         node.process = self.start(node.spec, params)
         node.record.restarts += 1
         restored = f' from checkpoint {params["checkpoint"]}' if params.get('checkpoint') else ''
-        self.say(f'[launch] restarted {node.spec.name}{restored}')
+        self.say(f'[launch] restarted {node.spec.path}{restored}')
         if node.spec.name == BRIDGE:
-            self._release('the bridge is back')
+            self._release(node.spec, f'{node.spec.path} is back')
 
-    def _release(self, why: str) -> None:
+    def _release(self, bridge: NodeSpec, why: str) -> None:
         try:
-            self.release()
+            self.release(bridge)
         except OSError as exc:  # no route, a bad host: say it, the graph goes on
             self.say(f'[launch] could not release every input ({why}): {exc}')
             return

@@ -16,41 +16,22 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import yaml
+from graph_probe import GraphProbe, node_processes
 
 from ami_ros.graph import TRAINERS, default_params_file, describe
 from ami_ros.ros.node_process import NodeProcess, node_command, write_parameters
 
-NODE_NAME = re.compile(r'__node:=(\w+)')
 MIN_ACTIONS_PER_S = 7  # "about 10 Hz": the world's rate less what a loaded 2-core machine costs
 HEALTHY_TIMEOUT = 45.0
 RESTART_TIMEOUT = 20.0  # the supervision's back-off is 1, 2, 4 s
 READY = 'agent ready'  # what the agent logs once it has restored and can act
-
-
-def node_processes(launcher_pid: int) -> dict[str, psutil.Process]:
-    """Node name -> the live process of each node a launcher started (found by its `__node:=`)."""
-    found = {}
-    try:
-        children = psutil.Process(launcher_pid).children(recursive=True)
-    except psutil.Error:
-        return {}
-    for child in children:
-        try:
-            match = NODE_NAME.search(' '.join(child.cmdline()))
-            if match and child.status() != psutil.STATUS_ZOMBIE:
-                found[match.group(1)] = child
-        except psutil.Error:  # it just ended
-            continue
-    return found
 
 
 def _free_port(kind: int) -> int:
@@ -93,43 +74,26 @@ class FaultGraph:
 
     # -- the probe: an rclpy node of this process ----------------------------
     def _start_probe(self) -> None:
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import SingleThreadedExecutor
         from sensor_msgs.msg import Image, Joy
         from std_msgs.msg import UInt8MultiArray
 
         from ami_ros.ros.trainer_node import EXPERIENCE_QOS
 
-        self._rclpy = rclpy
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node('fault_probe', context=self.context)
+        self.probe = GraphProbe('fault_probe')
+        self.node = self.probe.node
         self.actions: deque[float] = deque(maxlen=100_000)  # receive times
-        self.diagnostics: dict[str, tuple[float, dict[str, str]]] = {}  # node -> (time, values)
         self.experience: bytes | None = None
         self.node.create_subscription(Joy, 'action', lambda m: self.actions.append(time.monotonic()), 50)
-        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 50)
         self.node.create_subscription(UInt8MultiArray, 'experience',
                                       lambda m: setattr(self, 'experience', bytes(m.data)), EXPERIENCE_QOS)
         self.image_pub = self.node.create_publisher(Image, 'camera/image_raw', 10)
         self.experience_pub = self.node.create_publisher(UInt8MultiArray, 'experience', EXPERIENCE_QOS)
         self._clients: dict[tuple[type, str], Any] = {}
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
 
-    def _spin(self) -> None:
-        try:
-            self.executor.spin()
-        except Exception:  # the context is shut down at the end
-            pass
-
-    def _on_diagnostics(self, msg: Any) -> None:
-        for status in msg.status:
-            self.diagnostics[status.name.rsplit('/', 1)[-1]] = (
-                time.monotonic(), {kv.key: kv.value for kv in status.values})
+    @property
+    def diagnostics(self) -> dict[str, tuple[float, dict[str, str]]]:
+        """Node name -> (receive time, values) of its latest /diagnostics."""
+        return self.probe.by_short_name()
 
     def call(self, srv_type: type, name: str, request: Any = None, timeout: float = 10.0) -> Any:
         """The service's answer, or None when there is none within `timeout` s."""
@@ -310,10 +274,7 @@ class FaultGraph:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.executor.shutdown(timeout_sec=5)
-        self._thread.join(timeout=5)
-        self.node.destroy_node()
-        self._rclpy.try_shutdown(context=self.context)
+        self.probe.close()
         if self.tmpfs:
             subprocess.run(['umount', '-l', str(self.checkpoint_dir)])
 

@@ -25,55 +25,14 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
-import rclpy
 import yaml
-from diagnostic_msgs.msg import DiagnosticArray
-from fault_probe import node_processes
-from rclpy.executors import SingleThreadedExecutor
+from graph_probe import GraphProbe, bench_run_directory, node_processes
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Diagnostics:
-    """The latest /diagnostics values per node name, from a background spin."""
-
-    def __init__(self) -> None:
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node('soak_probe', context=self.context)
-        self.latest: dict[str, dict[str, str]] = {}
-        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 50)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        threading.Thread(target=self._spin, daemon=True).start()
-
-    def _spin(self) -> None:
-        try:
-            self.executor.spin()
-        except Exception:  # the context is shut down at the end
-            pass
-
-    def _on_diag(self, msg: DiagnosticArray) -> None:
-        for status in msg.status:
-            self.latest[status.name.rsplit('/', 1)[-1]] = {
-                kv.key: kv.value for kv in status.values}
-
-    def number(self, node: str, key: str) -> float | None:
-        try:
-            return float(self.latest.get(node, {})[key])
-        except (KeyError, ValueError):
-            return None
-
-    def close(self) -> None:
-        self.executor.shutdown(timeout_sec=2)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
 
 
 class Counter:
@@ -142,10 +101,7 @@ def main() -> int:
     parser.add_argument('--preset', default='cpu')
     parser.add_argument('--out', type=Path, help='keep the run here (default: a temporary directory)')
     args = parser.parse_args()
-    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    os.environ.setdefault('ROS_DOMAIN_ID', str(40 + os.getpid() % 50))
-    out = args.out or Path(tempfile.mkdtemp(prefix='ami_soak_'))
-    out.mkdir(parents=True, exist_ok=True)
+    out = bench_run_directory(args.out, 'ami_soak_')
     checkpoints = out / 'checkpoints'
     cmd = [str(ROOT / '.venv' / 'bin' / 'ami-ros'), 'launch', 'world:=doom', f'preset:={args.preset}',
            f'checkpoint_dir:={checkpoints}', 'web_api_port:=0',
@@ -157,7 +113,7 @@ def main() -> int:
     log = open(out / 'launch.log', 'wb')
     launcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=out, start_new_session=True,
                                 env={**os.environ, 'MLFLOW_TRACKING_URI': f'file://{out / "mlruns"}'})
-    diag = Diagnostics()
+    diag = GraphProbe('soak_probe')
     samples: dict[str, list[tuple[float, float]]] = {}
     world, agent = Counter(), Counter()
     max_disk = 0.0

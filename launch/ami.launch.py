@@ -30,7 +30,8 @@ def _nodes(context, *args, **kwargs):
                    for name, value in graph.discovery_environment(resolved).items()]
     nodes = [
         Node(package='ami_ros', executable=spec.executable, name=spec.name,
-             namespace=resolved['namespace'], output='screen', emulate_tty=True,
+             namespace=graph.node_namespace(resolved['namespace'], spec.namespace),
+             output='screen', emulate_tty=True,
              parameters=[params, spec.parameters],
              # launch_ros restarts with the same command after a fixed delay (no back-off).
              respawn=spec.respawn, respawn_delay=float(resolved['respawn_delay']),

@@ -53,6 +53,21 @@ def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.0
         time.sleep(interval)
 
 
+def fast_trainer_params(path: Path) -> Path:
+    """The package's parameters file with trainers that take a round after a few steps, written to `path`."""
+    import yaml
+
+    from ami_ros.graph import default_params_file
+
+    params = yaml.safe_load(default_params_file().read_text())
+    for trainer in ('vae_trainer', 'dynamics_trainer', 'policy_trainer'):
+        params[f'/**/{trainer}']['ros__parameters'].update(min_new=16, sync_retry=0.5)
+        if trainer != 'policy_trainer':
+            params[f'/**/{trainer}']['ros__parameters']['max_batches'] = 4
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
 def ami_ros(*args: str, timeout: float = 60.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the `ami-ros` command (`python -m ami_ros.cli`) to its end, output captured."""
     return subprocess.run([sys.executable, '-m', 'ami_ros.cli', *args], capture_output=True,
@@ -220,10 +235,10 @@ class FrameFeeder:
     """
 
     def __init__(self, test_node: TestNode, hz: float = 10.0, seed: int = 0,
-                 keep_frames: bool = False, still: bool = False) -> None:
+                 keep_frames: bool = False, still: bool = False, topic: str = 'camera/image_raw') -> None:
         from sensor_msgs.msg import Image
 
-        self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
+        self.pub = test_node.node.create_publisher(Image, topic, 10)
         self.clock = test_node.node.get_clock()
         self.hz, self.seed = hz, seed
         self.published: list[int] = []  # header stamps (ns) of every frame sent

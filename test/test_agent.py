@@ -163,3 +163,39 @@ def test_an_agent_with_persistence_holds_its_actions_and_reports_the_mixture_it_
     assert all(sure.step(frame).persistence == 0.0 for frame in frames(3))
     with pytest.raises(ValueError, match='persistence 1.0 is outside'):
         CuriosityAgent('cpu', persistence=1.0)
+
+
+def test_agents_of_one_graph_share_the_models_and_keep_their_states_by_name(tmp_path):
+    first, second = CuriosityAgent('cpu', seed=4), CuriosityAgent('cpu', seed=4, sampling_seed=1)
+    for frame_a, frame_b in zip(frames(3, seed=1), frames(5, seed=2), strict=False):
+        first.step(frame_a)
+        second.step(frame_b)
+    second.step(frames(1, seed=3)[0])
+    assert not torch.equal(first.hidden, second.hidden) and (first.steps, second.steps) == (3, 4)
+    first.versions['policy'] = 7  # the models first saved are the ones shared
+    stage = begin_checkpoint(tmp_path)
+    first.save_checkpoint(stage, 'agent_0')
+    second.save_checkpoint(stage, 'agent_1')  # models/ is there already: not written again
+    path = commit_checkpoint(stage, {'preset': 'cpu'})
+    for name, saved in (('agent_0', first), ('agent_1', second)):
+        restored = CuriosityAgent('cpu', seed=9)
+        restored.load_checkpoint(path, name)
+        assert torch.equal(restored.hidden, saved.hidden) and restored.steps == saved.steps
+        assert restored.versions['policy'] == 7
+    newcomer = CuriosityAgent('cpu', seed=9)  # an agent the checkpoint never saw: models only
+    newcomer.load_checkpoint(path, None)
+    assert newcomer.versions['policy'] == 7 and newcomer.steps == 0
+    assert torch.equal(newcomer.hidden, CuriosityAgent('cpu', seed=9).hidden)
+
+
+def test_a_sampling_seed_gives_agents_of_one_seed_their_own_draws():
+    frame = frames(1)[0]
+    draws = {s: [CuriosityAgent('cpu', seed=4, sampling_seed=s).step(f).action for f in (frame,) * 5]
+             for s in (None, 4)}
+    assert all(torch.equal(a, b) for a, b in zip(draws[None], draws[4], strict=True))  # None: the seed
+    same_weights = [CuriosityAgent('cpu', seed=4, sampling_seed=s) for s in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(same_weights[0].models['policy'].state_dict().values(),
+                                                  same_weights[1].models['policy'].state_dict().values(),
+                                                  strict=True))
+    actions = [[agent.step(f).action for f in frames(20)] for agent in same_weights]
+    assert any(not torch.equal(a, b) for a, b in zip(*actions, strict=True))

@@ -11,6 +11,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ami_ros.core.buffers import DynamicsBuffer, ImageBuffer
+from ami_ros.core.source_buffers import DynamicsBuffers, TrajectoryBuffers
 from ami_ros.core.trajectory import TrajectoryBuffer, gae
 
 
@@ -286,3 +287,80 @@ def test_a_trajectory_saved_before_persistence_loads_with_nothing_held():
     traj = restored.trajectory()
     assert torch.equal(traj['action'], buf.trajectory()['action'])
     assert not traj['previous_action'].any() and not traj['persistence'].any()
+
+
+# ------------------------------------------- per-source sets (several agents)
+
+def _dyn_step(buf, value: float, continues: bool = True) -> None:
+    buf.add(torch.full((3,), float(value)), torch.zeros(2, 4, dtype=torch.complex64),
+            torch.zeros(5, dtype=torch.int64), continues)
+
+
+def _traj_step(buf, policy_version: int, value: float = 0.0) -> None:
+    buf.add(torch.full((4,), float(value)), torch.zeros(5), torch.zeros(5), value, 0.5, policy_version)
+
+
+def test_a_single_source_set_saves_and_restores_exactly_the_plain_buffers_layout():
+    plain_dyn, single_dyn = DynamicsBuffer(8), DynamicsBuffers(('',), 8)
+    plain_traj, single_traj = TrajectoryBuffer(3), TrajectoryBuffers(('',), 3)
+    for i in range(5):
+        _dyn_step(plain_dyn, i)
+        _dyn_step(single_dyn[''], i)
+        _traj_step(plain_traj, i, i)
+        _traj_step(single_traj[''], i, i)
+    for plain, single in ((plain_dyn, single_dyn), (plain_traj, single_traj)):
+        (want, want_info), (got, got_info) = plain.state_dict(), single.state_dict()
+        assert set(got) == set(want) and got_info == want_info
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        # A checkpoint of today's layout restores into a set that has the source ''
+        # (beside others), and is left out by one that has not.
+        both = type(single)(('', 'agent_1'), 16) if plain is plain_dyn else TrajectoryBuffers(('', 'x'), 3)
+        assert both.load_state_dict(*_through_disk(plain.state_dict())) == []
+        assert len(both['']) == len(plain) and len(both) == len(plain)
+        other = DynamicsBuffers(('a',), 8) if plain is plain_dyn else TrajectoryBuffers(('a',), 3)
+        assert other.load_state_dict(*_through_disk(plain.state_dict())) == ['']
+        assert len(other) == 0
+
+
+def test_a_set_of_two_sources_round_trips_by_name_and_leaves_out_sources_it_lacks():
+    dyn = DynamicsBuffers(('agent_0', 'agent_1'), 16)
+    assert [b.capacity for b in dyn] == [8, 8] and dyn.capacity == 16  # the total, split evenly
+    traj = TrajectoryBuffers(('agent_0', 'agent_1'), 3)
+    for i in range(6):
+        _dyn_step(dyn['agent_0'], i)
+        _traj_step(traj['agent_0'], i, i)
+    for i in range(3):
+        _dyn_step(dyn['agent_1'], 100 + i)
+        _traj_step(traj['agent_1'], 7, 100 + i)
+    for saved, make in ((dyn, lambda s: DynamicsBuffers(s, 16)), (traj, lambda s: TrajectoryBuffers(s, 3))):
+        state = _through_disk(saved.state_dict())
+        same = make(('agent_1', 'agent_0'))
+        assert same.load_state_dict(*state) == []
+        for source in ('agent_0', 'agent_1'):
+            want, got = saved[source].state_dict(), same[source].state_dict()
+            assert want[1] == got[1] and all(torch.equal(want[0][k], got[0][k]) for k in want[0])
+        # Restored by name: agent_1's buffer goes to agent_1, agent_2 starts empty.
+        other = make(('agent_1', 'agent_2'))
+        if saved is dyn:  # something of its own, which the restore empties
+            _dyn_step(other['agent_2'], 5)
+        else:
+            _traj_step(other['agent_2'], 1)
+        assert other.load_state_dict(*state) == ['agent_0']
+        assert (len(other['agent_1']), len(other['agent_2'])) == (3, 0)
+        with pytest.raises(ValueError, match='no listed source'):
+            tensors, info = state
+            make(('agent_0',)).load_state_dict({**tensors, 'agent_9:latent': torch.zeros(1)}, info)
+    with pytest.raises(ValueError, match='unknown source'):
+        dyn['agent_2']
+
+
+def test_staleness_drops_each_sources_own_stale_prefix():
+    traj = TrajectoryBuffers(('a', 'b'), 4)
+    # Interleaved in time: a global prefix would take b's fresh entries with a's stale ones.
+    for a_version, b_version in ((1, 3), (1, 3), (3, 1), (3, 3)):
+        _traj_step(traj['a'], a_version)
+        _traj_step(traj['b'], b_version)
+    assert traj.drop_older_than(2) == 5
+    assert (len(traj['a']), len(traj['b'])) == (2, 1)
+    assert all(int(v) >= 2 for t in (traj['a'], traj['b']) for v in t.trajectory()['policy_version'])
+    assert traj.dropped == 5

@@ -107,6 +107,18 @@ def test_starts_the_graph_nodes_with_the_params_file(launch_file, world):
     assert bridge.kwargs['parameters'][1]['port'] == 9123
 
 
+def test_agents_start_in_namespaces_of_their_own_below_the_graphs(launch_file):
+    _, nodes, _ = _run(launch_file, world='doom', agents='2', vrchat_port='9123', namespace='bot')
+    placed = {(n.kwargs['namespace'], n.kwargs['name']) for n in nodes}
+    for i in range(2):
+        assert {(f'bot/agent_{i}', name) for name in ('doom_world', 'agent', 'osc_bridge')} <= placed
+    assert ('bot', 'vae_trainer') in placed and ('bot', 'manager') in placed
+    # Each agent's world and bridge meet on a port of their own.
+    ports = {n.kwargs['namespace']: n.kwargs['parameters'][1]['port'] for n in nodes
+             if n.kwargs['name'] == 'osc_bridge'}
+    assert ports == {'bot/agent_0': 9123, 'bot/agent_1': 9124}
+
+
 @pytest.mark.parametrize('given', [{}, {'respawn': 'false'}, {'respawn_delay': '2.5', 'world': 'doom'}])
 def test_nodes_respawn_as_the_graph_description_says(launch_file, given):
     _, nodes, _ = _run(launch_file, **given)
@@ -158,6 +170,29 @@ def test_bad_arguments_are_refused_with_the_choices(launch_file):
         _run(launch_file, world='quake')
     with pytest.raises(graph.GraphArgumentError, match='not a UDP port'):
         _run(launch_file, vrchat_port='70000')
+
+
+@pytest.mark.parametrize(('given', 'says'), [
+    ({'agents': '0'}, r'agents:=0 is not a number of agents \(1\.\.64\)'),
+    ({'agents': 'two'}, 'is not a number of agents'),
+    ({'agents': '3', 'vrchat_port': '9000,9001'}, 'names 2 values for agents:=3; give one, or 3'),
+    ({'agents': '2', 'vrchat_port': '9000,9000'}, 'the same OSC address'),
+    ({'agents': '2', 'vrchat_port': '65535'}, 'not a UDP port'),  # the second agent's would be 65536
+    ({'agents': '2', 'camera_source': '/dev/video0'}, 'needs 2 camera sources'),
+])
+def test_several_agents_need_an_address_and_a_camera_each(given, says):
+    with pytest.raises(graph.GraphArgumentError, match=says):
+        graph.resolve_arguments(given)
+
+
+def test_several_agents_take_lists_or_one_value_each_agent_shares():
+    groups = graph.agent_groups(graph.resolve_arguments(
+        {'agents': '2', 'vrchat_host': '10.0.0.5,10.0.0.6', 'vrchat_port': '9000',
+         'camera_source': '/dev/video0, /dev/video2'}))
+    assert [(g.namespace, g.host, g.port, g.camera_source) for g in groups] == [
+        ('agent_0', '10.0.0.5', 9000, '/dev/video0'), ('agent_1', '10.0.0.6', 9001, '/dev/video2')]
+    [only] = graph.agent_groups(graph.resolve_arguments({}))
+    assert only.namespace == '' and only.port == 9000  # agents:=1: today's graph, no namespace
 
 
 def test_every_node_executable_is_a_node_module_and_an_entry_point():

@@ -166,7 +166,9 @@ def test_train_lowers_the_losses_and_the_graph_continues_from_its_checkpoint(doo
     # carry the carrying-on trainers' next rounds, never anything older.
     assert all(step.versions == manifest['versions'] for step in steps[:5]), [s.versions for s in steps[:5]]
     assert all(step.versions[m] >= v for step in steps for m, v in manifest['versions'].items())
-    assert min(step.step for step in steps) < 20  # seen from (about) the start
+    # Seen from (about) the start. The test's subscriber can take a few seconds to match the
+    # new agent's publisher on a loaded 2-core machine (CI once saw step 25 first).
+    assert min(step.step for step in steps) < 100
     log = graph.log_path.read_text()
     assert log.count('restored (trainer)') == 2 and 'restored (models)' in log, log[-3000:]
 

@@ -23,6 +23,9 @@ REGENERATE = '.venv/bin/ami-ros parameters --markdown > docs/parameters.md'
 _RANGE = re.compile(r'\[(-?[0-9.e+]+), (-?[0-9.e+]+)\]')
 
 
+LAUNCH_SECTION = 'Launch arguments'
+
+
 @pytest.fixture(scope='module')
 def generated() -> str:
     result = subprocess.run([sys.executable, '-m', 'ami_ros.cli', 'parameters', '--markdown'],
@@ -39,6 +42,9 @@ def rows(generated: str) -> dict[str, dict[str, list[str]]]:
     for line in generated.splitlines():
         if line.startswith('## '):
             node = line[3:].strip()
+            if node == LAUNCH_SECTION:  # the launchers' arguments: not a node's table
+                node = None
+                continue
             tables[node] = {}
         elif line.startswith('| `') and node is not None:
             cells = [c.strip().replace('\\|', '|') for c in re.split(r'(?<!\\)\|', line)[1:-1]]
@@ -51,6 +57,16 @@ def test_the_page_is_current(generated: str) -> None:
     assert PAGE.exists(), f'docs/parameters.md is missing; generate it: {REGENERATE}'
     if PAGE.read_text() != generated:  # one line, not a diff of the whole page
         pytest.fail(f'docs/parameters.md is stale; regenerate it: {REGENERATE}', pytrace=False)
+
+
+def test_the_launch_arguments_have_a_table_from_their_declaration(generated: str) -> None:
+    from ami_ros.graph import LAUNCH_ARGUMENTS
+
+    section = generated.split(f'## {LAUNCH_SECTION}\n', 1)[1].split('\n## ', 1)[0]
+    listed = {line.split('`')[1]: line for line in section.splitlines() if line.startswith('| `')}
+    assert list(listed) == list(LAUNCH_ARGUMENTS)
+    for name, arg in LAUNCH_ARGUMENTS.items():
+        assert f'`{arg.default}`' in listed[name] and arg.description.split(';')[0] in listed[name], name
 
 
 def test_every_node_has_a_table(rows: dict) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from rclpy.qos import DurabilityPolicy, QoSProfile
-from ros_harness import wait_for
+from ros_harness import NodeStatus, wait_for
 from sensor_msgs.msg import Image, Joy
 from std_msgs.msg import Float32, UInt32
 
@@ -189,3 +189,86 @@ def test_recorder_writes_one_finished_run(launch, test_node, tmp_path):
     assert summary['losses'] == {'vae_trainer/loss': 0.25}
     assert summary['cells_visited'] == CELLS
     assert summary['reward_mean_last_n'] == 14.5 and summary['reward_count'] == 20
+
+
+def test_recorder_of_several_agents_keeps_each_agents_metrics_and_map(launch, test_node, tmp_path):
+    """agents:=2: each agent's topics and status under its namespace, one step axis (agent_0's)."""
+    uri = 'sqlite:///' + str(tmp_path / 'mlflow.db')
+    artifacts = tmp_path / 'artifacts'
+    recorder = launch('recorder', parameters={
+        'tracking_uri': uri, 'experiment': 'agents', 'artifact_location': artifacts.as_uri(),
+        'cell_size': 100, 'image_interval': 0.0, 'map_interval': 0.0, 'flush_interval': 0.5,
+        'agents': ['agent_0', 'agent_1'], 'step_node': 'agent_0/agent',
+        'nodes': ['agent_0/agent', 'agent_1/agent', 'vae_trainer']})
+    node = test_node.node
+    status = NodeStatus(test_node)
+    diagnostics = node.create_publisher(DiagnosticArray, '/diagnostics', 10)
+    pubs = {(agent, topic): node.create_publisher(kind, f'{agent}/{topic}', 50)
+            for agent in ('agent_0', 'agent_1')
+            for topic, kind in (('action', Joy), ('reward', Float32), ('world/pose', PoseStamped))}
+    episodes = node.create_publisher(UInt32, 'agent_1/world/episode', QoSProfile(
+        depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    wait_for(lambda: 'recording to MLflow run' in recorder.output(), 30, message='the run to open')
+    for pub in [diagnostics, episodes, *(p for (a, t), p in pubs.items() if (a, t) != ('agent_1', 'action'))]:
+        wait_for(lambda pub=pub: pub.get_subscription_count() > 0, 10, message=f'{pub.topic} matched')
+
+    diagnostics.publish(DiagnosticArray(status=[
+        _status('/agent_0/agent', steps='100', rate_hz='10.0'),
+        _status('/agent_1/agent', steps='40', rate_hz='9.5'),
+        _status('/agent_7/agent', rate_hz='1.0'),  # nested, not a node of this graph
+        _status('/agent_1/agent/extra', rate_hz='2.0')]))
+    wait_for(lambda: status.get('recorder', 'agent_steps') == '100', 10, message="agent_0's steps")
+    for _ in range(30):  # agent_1 steps too, but its steps are not the metrics' axis
+        pubs['agent_1', 'action'].publish(Joy())
+    for i in range(5):
+        pubs['agent_0', 'action'].publish(Joy())
+        time.sleep(0.01)
+        pubs['agent_0', 'reward'].publish(Float32(data=float(i)))
+        pubs['agent_1', 'reward'].publish(Float32(data=10.0 + i))
+    positions = {'agent_0': [(10.0, 10.0), (150.0, 10.0)],
+                 'agent_1': [(10.0, 10.0), (50.0, 50.0), (-10.0, -10.0), (250.0, 250.0)]}
+    episodes.publish(UInt32(data=1))
+    wait_for(lambda: status.get('recorder', 'agent_1/episode') == '1', 10, message='agent_1 in episode 1')
+    for agent, points in positions.items():
+        for x, y in points:
+            pose = PoseStamped()
+            pose.pose.position.x, pose.pose.position.y = x, y
+            pubs[agent, 'world/pose'].publish(pose)
+    cells = {agent: len({(math.floor(x / 100), math.floor(y / 100)) for x, y in points})
+             for agent, points in positions.items()}
+    wait_for(lambda: all(status.get('recorder', f'{a}/cells_visited') == str(c) for a, c in cells.items()),
+             10, message='both maps')
+    assert status.get('recorder', 'cells_visited') == str(sum(cells.values()))
+    episodes.publish(UInt32(data=2))
+    wait_for(lambda: status.get('recorder', 'agent_1/episode') == '2', 10, message='agent_1 in episode 2')
+    assert recorder.stop(signal.SIGINT) == 0, recorder.output()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name('agents').experiment_id])
+
+    def history(key: str) -> list:
+        return sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+
+    assert [m.value for m in history('agent_0/agent/rate_hz')] == [10.0]
+    assert [m.value for m in history('agent_1/agent/rate_hz')] == [9.5]
+    assert [m.value for m in history('agent_1/agent/steps')] == [40.0]
+    assert history('agent_0/world/cells_visited')[-1].value == cells['agent_0'] == 2
+    assert history('agent_1/world/cells_visited')[-1].value == cells['agent_1'] == 3
+    assert [m.value for m in history('agent_1/world/episode_cells')] == [cells['agent_1']]
+    assert sorted(m.value for m in history('agent_0/reward')) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    # Both agents' rewards on agent_0's steps (100 + its 5 actions): agent_1's 30 do not count.
+    rewards = history('agent_1/reward')
+    assert sorted(m.value for m in rewards) == [10.0, 11.0, 12.0, 13.0, 14.0]
+    assert all(100 <= m.step <= 106 for m in rewards + history('agent_0/reward')), rewards
+    assert not [k for k in run.data.metrics if k.startswith(('agent_7', 'agent_1/agent/extra', 'reward',
+                                                            'world/'))]
+    root = artifacts / run.info.run_id / 'artifacts'
+    for agent, count in cells.items():
+        assert cv2.imread(str(root / agent / 'exploration_map.png')) is not None
+        assert json.loads((root / agent / 'exploration' / 'cells.json').read_text())['cells_visited'] == count
+    summary = json.loads((root / 'summary.json').read_text())
+    assert summary['steps'] == 100 and summary['cells_visited'] == 5
+    assert {a: s['cells_visited'] for a, s in summary['agents'].items()} == cells
+    assert summary['agents']['agent_1']['reward_mean_last_n'] == 12.0

@@ -16,13 +16,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
-from ros_harness import NamespaceUnavailable, free_udp_port, in_namespace, veth_namespaces
+from ros_harness import (
+    NamespaceUnavailable,
+    fast_trainer_params,
+    free_udp_port,
+    in_namespace,
+    veth_namespaces,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 ACTING, LEARNING = '10.201.{}.1', '10.201.{}.2'
 TIMEOUT = 100.0
 # Watches the acting namespace: the agent's and the trainers' /diagnostics, and each action's
@@ -70,17 +73,6 @@ def namespaces():
         pytest.skip(f'cannot create network namespaces (needs root or CAP_NET_ADMIN): {exc}')
 
 
-def _fast_params(path: Path) -> Path:
-    """The package's parameters with trainers that take a round after a few steps."""
-    params = yaml.safe_load((ROOT / 'config' / 'ami.yaml').read_text())
-    for trainer in ('vae_trainer', 'dynamics_trainer', 'policy_trainer'):
-        params[f'/**/{trainer}']['ros__parameters'].update(min_new=16, sync_retry=0.5)
-        if trainer != 'policy_trainer':
-            params[f'/**/{trainer}']['ros__parameters']['max_batches'] = 4
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
 def _rx_bytes(namespace: str) -> int:
     """Bytes received on the namespace's veth end (not its loopback)."""
     links = json.loads(subprocess.run(['ip', '-n', namespace, '-s', '-j', 'link', 'show'],
@@ -90,7 +82,7 @@ def _rx_bytes(namespace: str) -> int:
 
 def test_trainers_in_another_network_namespace_push_weights_over_ip(namespaces, tmp_path):
     acting, learning, subnet = namespaces
-    params = _fast_params(tmp_path / 'params.yaml')
+    params = fast_trainer_params(tmp_path / 'params.yaml')
     cli = [sys.executable, '-m', 'ami_ros.cli']
     base = {**os.environ, 'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SUBNET'}
     graph_env = {**base, 'ROS_STATIC_PEERS': LEARNING.format(subnet)}

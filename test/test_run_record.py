@@ -10,6 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
+from ami_ros.record.admission import NodeAdmission
+from ami_ros.record.agent_track import AgentTrack, tracks_status, tracks_summary
 from ami_ros.record.mlflow_run import (
     BackgroundRecorder,
     RecordError,
@@ -197,14 +199,17 @@ def test_trajectory_memory_stays_bounded():
 
 
 def test_run_stats_summary():
-    stats = RunStats(window=3)
+    stats = RunStats()
     stats.update('agent', {'steps': 100.0, 'latency_p99_ms': 12.0})
     stats.update('agent', {'steps': 120.0})
     stats.update('vae_trainer', {'rounds': 3.0, 'loss': 0.25, 'kl': 0.1})
     stats.update('policy_trainer', {'rounds': 1.0, 'policy_loss': -0.5})
+    track = AgentTrack('', cell_size=10, window=3)
     for value in (1.0, 2.0, 3.0, 4.0, float('nan')):
-        stats.add_reward(value)
-    summary = stats.summary({'cells_visited': 5})
+        track.rewards.add(value)
+    for x in range(0, 50, 10):
+        track.visit(float(x), 0.0)
+    summary = stats.summary(tracks_summary([track]))
     assert summary['steps'] == 120
     assert summary['rounds'] == {'policy_trainer': 1, 'vae_trainer': 3}
     assert summary['losses'] == {'policy_trainer/policy_loss': -0.5, 'vae_trainer/loss': 0.25}
@@ -264,3 +269,48 @@ def test_side_by_side_panels():
     picture = side_by_side([('camera t', a), ('predicted t+1', b)], height=168)
     assert picture.shape == (168 + 18, 168 + 4 + 168, 3)
     assert picture[100, 200].tolist() == [255, 255, 255]
+
+
+def test_several_agents_keep_their_own_maps_episodes_and_rewards():
+    tracks = [AgentTrack('agent_0', cell_size=10, window=2), AgentTrack('agent_1', cell_size=10, window=2)]
+    assert tracks[1].key('world/cells_visited') == 'agent_1/world/cells_visited'
+    assert tracks[1].start_episode(1) is None  # the latched current episode only starts the count
+    for x in (0.0, 15.0, 25.0):
+        tracks[1].visit(x, 0.0)
+    tracks[0].visit(5.0, 5.0)
+    assert [t.new_cells() for t in tracks] == [1, 3] and tracks[1].new_cells() is None
+    assert tracks[1].start_episode(2) == 3 and tracks[1].start_episode(3) is None  # episode 2 saw none
+    for value in (1.0, 2.0, 3.0):
+        tracks[0].rewards.add(value)
+    tracks[1].rewards.add(10.0)
+    summary = tracks_summary(tracks)
+    assert summary['cells_visited'] == 4 and summary['reward_count'] == 4
+    assert summary['reward_mean_last_n'] == (2.0 + 3.0 + 10.0) / 3 and summary['reward_window'] == 3
+    assert summary['agents']['agent_1'] == {'cells_visited': 3, 'reward_mean_last_n': 10.0,
+                                            'reward_window': 1, 'reward_count': 1}
+    assert tracks_status(tracks) == {
+        'agent_0/cells_visited': 1, 'agent_0/episode': -1, 'agent_0/episode_cells': 1,
+        'agent_1/cells_visited': 3, 'agent_1/episode': 3, 'agent_1/episode_cells': 0, 'cells_visited': 4}
+    assert '4 cells visited (agent_0 1, agent_1 3)' in summary_line(summary)
+    # One agent in the recorder's own namespace: today's keys, no `agents`.
+    own = AgentTrack('', cell_size=10, window=2)
+    assert set(tracks_status([own])) == {'cells_visited', 'episode', 'episode_cells'}
+    assert tracks_summary([own]) == {'cells_visited': None, 'reward_mean_last_n': None,
+                                     'reward_window': 0, 'reward_count': 0}
+
+
+def test_nested_status_names_are_taken_only_as_known_nodes():
+    known = ['agent_0/agent', 'agent_1/agent', 'vae_trainer']
+    for namespace in ('/', '/ns'):
+        head = namespace.rstrip('/')
+        admission = NodeAdmission(namespace, f'{head}/recorder', known)
+        assert admission.node_of(f'{head}/agent_1/agent') == 'agent_1/agent'
+        assert admission.problem('agent_1/agent') is None
+        assert admission.node_of(f'{head}/vae_trainer') == 'vae_trainer'
+        assert admission.node_of(f'{head}/agent_7/agent') is None  # not this graph's
+        assert admission.node_of(f'{head}/agent_1/agent/x') is None
+        assert admission.node_of(f'{head}/recorder') is None
+        assert admission.problem('stranger') is not None  # a plain name not of the graph
+    assert NodeAdmission('/ns', '/ns/recorder', known).node_of('/agent_1/agent') is None
+    # Told no nodes, the recorder takes no nested name at all.
+    assert NodeAdmission('/', '/recorder').node_of('/agent_1/agent') is None

@@ -42,19 +42,25 @@ class FakeGraph:
     def __init__(self, names, respawn=True, policy=None) -> None:
         self.started: list[tuple[str, dict]] = []
         self.lines: list[str] = []
-        self.releases = 0
-        specs = [graph.NodeSpec(n, n, {}, respawn=respawn) for n in names]
+        self.released: list[str] = []  # the bridges released for, by path
+        # 'agent_1/osc_bridge': a node in an agent's namespace.
+        specs = [graph.NodeSpec(n.rsplit('/', 1)[-1], n.rsplit('/', 1)[-1], {}, respawn=respawn,
+                                namespace=n.rpartition('/')[0]) for n in names]
         self.supervisor = Supervisor(specs, self.start, self.lines.append, self.release,
                                      policy or RestartPolicy(first_delay=1.0, cap=5.0, give_up_after=4,
                                                              window=60.0))
         self.supervisor.start_all()
 
     def start(self, spec, params):
-        self.started.append((spec.name, params))
-        return FakeProcess(spec.name)
+        self.started.append((spec.path, params))
+        return FakeProcess(spec.path)
 
-    def release(self) -> None:
-        self.releases += 1
+    def release(self, bridge) -> None:
+        self.released.append(bridge.path)
+
+    @property
+    def releases(self) -> int:
+        return len(self.released)
 
     def process(self, name: str) -> FakeProcess:
         return next(p for p in self.supervisor.processes() if p.name == name)
@@ -103,9 +109,20 @@ def test_the_bridges_death_releases_at_once_and_again_when_it_is_back():
     fake = FakeGraph(['osc_bridge'])
     fake.process('osc_bridge').returncode = -9
     fake.supervisor.poll(stopping=False, now=0.0)
-    assert fake.releases == 1 and fake.lines[0] == '[launch] released every input (the bridge is gone)'
+    assert fake.releases == 1 and fake.lines[0] == '[launch] released every input (osc_bridge is gone)'
     fake.supervisor.poll(stopping=False, now=1.0)
-    assert fake.releases == 2 and fake.lines[-1] == '[launch] released every input (the bridge is back)'
+    assert fake.releases == 2 and fake.lines[-1] == '[launch] released every input (osc_bridge is back)'
+
+
+def test_with_several_agents_only_the_dead_bridges_avatar_is_released():
+    fake = FakeGraph(['agent_0/osc_bridge', 'agent_1/osc_bridge', 'agent_1/agent'])
+    fake.process('agent_1/osc_bridge').returncode = -9
+    fake.supervisor.poll(stopping=False, now=0.0)
+    assert fake.released == ['agent_1/osc_bridge']
+    assert fake.lines[0] == '[launch] released every input (agent_1/osc_bridge is gone)'
+    fake.supervisor.poll(stopping=False, now=1.0)
+    assert fake.started[-1][0] == 'agent_1/osc_bridge' and fake.released[-1] == 'agent_1/osc_bridge'
+    assert fake.supervisor.report()[0]['restarts/agent_1/osc_bridge'] == 1
 
 
 def test_nothing_is_restarted_when_stopping_or_without_respawn():

@@ -200,11 +200,11 @@ def make_node(context):
 
     nodes = []
 
-    def make(checkpoint: Path | str = '') -> DynamicsTrainerNode:
+    def make(checkpoint: Path | str = '', agents: tuple[str, ...] = ('',)) -> DynamicsTrainerNode:
         node = DynamicsTrainerNode(context=context, parameter_overrides=[
             Parameter('preset', value='cpu'), Parameter('nice', value=0),
             Parameter('min_new', value=16), Parameter('max_batches', value=4),
-            Parameter('checkpoint', value=str(checkpoint))])
+            Parameter('checkpoint', value=str(checkpoint)), Parameter('agents', value=list(agents))])
         nodes.append(node)
         return node
 
@@ -215,14 +215,16 @@ def make_node(context):
 
 
 def _trained_part(node, root: Path, rounds: int = 1) -> Path:
-    """Feed `node` random steps, train `rounds` rounds, save its part into a new checkpoint."""
+    """Feed `node` random steps (24 per round from each of its agents), train `rounds` rounds,
+    save its part into a new checkpoint."""
     gen = torch.Generator().manual_seed(1)
     dyn = PRESET.dynamics
     for _ in range(rounds):
         for _ in range(24):
-            node.trainer.add(torch.randn(PRESET.encoder.latent, generator=gen),
-                             torch.randn(dyn.depth, dyn.dim, generator=gen).to(torch.complex64),
-                             torch.zeros(5, dtype=torch.int64))
+            for agent in node.agents:
+                node.trainer.add(torch.randn(PRESET.encoder.latent, generator=gen),
+                                 torch.randn(dyn.depth, dyn.dim, generator=gen).to(torch.complex64),
+                                 torch.zeros(5, dtype=torch.int64), source=agent)
         node.trainer.train_round()
     stage = begin_checkpoint(root)
     node.trainer_checkpoint.save(stage)
@@ -320,3 +322,22 @@ def test_a_save_waits_for_a_running_round_and_gives_up_after_a_bound(make_node, 
     threading.Timer(0.1, node._round_lock.release).start()  # the round ends: the save goes on
     node.trainer_checkpoint.save(stage)
     assert (stage / 'data/dynamics_trainer/buffer.json').is_file()
+
+
+def test_each_agents_buffer_is_restored_by_its_namespace(make_node, tmp_path):
+    saved = make_node(agents=('agent_0', 'agent_1'))
+    saved.trainer.add(torch.randn(PRESET.encoder.latent),
+                      torch.zeros(PRESET.dynamics.depth, PRESET.dynamics.dim, dtype=torch.complex64),
+                      torch.zeros(5, dtype=torch.int64), source='agent_1')  # one step more than agent_0
+    ckpt = _trained_part(saved, tmp_path, rounds=2)
+    assert (len(saved.trainer.buffer['agent_0']), len(saved.trainer.buffer['agent_1'])) == (48, 49)
+    want = saved.trainer.buffer['agent_1'].state_dict()
+    node = make_node(ckpt, agents=('agent_1', 'agent_2'))  # agent_0 left out, agent_2 new
+    assert (node.trainer.rounds, node.trainer.version) == (2, 2)
+    got = node.trainer.buffer['agent_1'].state_dict()
+    assert got[1] == want[1]
+    _assert_same_tensors(got[0], want[0], "agent_1's buffer")
+    assert len(node.trainer.buffer['agent_2']) == 0
+    # A single-agent trainer restores the trainer and leaves both agents' buffers out.
+    single = make_node(ckpt)
+    assert (single.trainer.version, len(single.trainer.buffer)) == (2, 0)

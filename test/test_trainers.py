@@ -12,11 +12,13 @@ from frame_policy_preset import ON_FRAME
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ami_ros.core import trainers as trainer_module
 from ami_ros.core.models import build_models
 from ami_ros.core.policy import MultiCategorical, with_persistence
 from ami_ros.core.presets import Preset, get_preset, with_overrides
 from ami_ros.core.rewards.curiosity import prediction_nll
 from ami_ros.core.trainers import DynamicsTrainer, PPOTrainer, VAETrainer, ppo_loss
+from ami_ros.core.trajectory import gae
 
 
 def _through_disk(state):
@@ -403,3 +405,63 @@ def test_a_restored_optimizer_keeps_its_moments_and_takes_its_own_learning_rate(
     ours = restarted.state_dict()[0]
     moments = [k for k in tensors if k.startswith('optimizer/') and k.endswith('/exp_avg')]
     assert moments and all(torch.equal(ours[k], tensors[k]) for k in moments)
+
+
+# ------------------------------------------------- several sources (agents)
+
+def test_dynamics_chunks_of_a_round_never_span_two_sources(monkeypatch):
+    preset = with_overrides(get_preset('cpu'), dynamics_training=dict(buffer_size=64, min_new=1, epochs=1))
+    cfg = preset.dynamics_training
+    trainer = DynamicsTrainer(build_models(preset, seed=0)['dynamics'], cfg, max_batches=1000,
+                              sources=('agent_0', 'agent_1'))
+    latent, depth, dim = preset.encoder.latent, preset.dynamics.depth, preset.dynamics.dim
+    # Interleaved one step each, as two agents' messages arrive: every latent
+    # says which agent it is (sign) and its step, so a crossing chunk would show.
+    for t in range(20):
+        for sign, source in ((1.0, 'agent_0'), (-1.0, 'agent_1')):
+            trainer.add(torch.full((latent,), sign * (t + 1)), torch.zeros(depth, dim, dtype=torch.complex64),
+                        torch.zeros(5, dtype=torch.int64), source=source)
+    with pytest.raises(ValueError, match='unknown source'):
+        trainer.add(torch.zeros(latent), torch.zeros(depth, dim, dtype=torch.complex64),
+                    torch.zeros(5, dtype=torch.int64))
+    seen = []
+    original = trainer.train_batch
+    monkeypatch.setattr(trainer, 'train_batch', lambda z, h0, a, target: (
+        seen.append(torch.cat([z[..., 0], target[..., -1:, 0]], dim=1)), original(z, h0, a, target))[1])
+    metrics = trainer.train_round()
+    windows = torch.cat(seen)  # [N, chunk]: the latents' first value along each chunk
+    assert metrics['samples'] == len(windows) == 2 * (20 - cfg.chunk + 1)
+    for row in windows:
+        assert (row > 0).all() or (row < 0).all(), row  # one agent's steps ...
+        assert torch.equal(row.abs().diff(), torch.ones(cfg.chunk - 1)), row  # ... in time order
+
+
+def test_ppo_runs_gae_on_each_sources_trajectory_alone(monkeypatch):
+    preset = with_overrides(get_preset('cpu'), ppo_training=dict(
+        steps=6, epochs=1, batch_size=64, normalize_advantage=False, gamma=0.9, gae_lambda=0.8))
+    cfg = preset.ppo_training
+    trainer = PPOTrainer(build_models(preset, seed=0)['policy'], cfg, sources=('a', 'b', 'c'))
+    gen = torch.Generator().manual_seed(4)
+    values = {s: torch.randn(cfg.steps + 1, generator=gen) for s in 'abc'}
+    rewards = {s: torch.rand(cfg.steps + 1, generator=gen) for s in 'abc'}
+    for t in range(cfg.steps + 1):
+        for s in ('a', 'b', 'c') if t < cfg.steps else ('a', 'b'):  # c stays one short
+            trainer.add(torch.randn(preset.encoder.latent, generator=gen), torch.zeros(5, dtype=torch.int64),
+                        torch.full((5,), -1.0), values[s][t], rewards[s][t], 0, source=s)
+        assert trainer.ready() == (t == cfg.steps)
+    seen = []
+    original = trainer_module.ppo_loss
+    monkeypatch.setattr(trainer_module, 'ppo_loss', lambda *args, **kw: (seen.append(args[2]), original(
+        *args, **kw))[1])
+    metrics = trainer.train_round()
+    # Each source's GAE bootstraps from its own last value.
+    alone = torch.cat([gae(rewards[s][1:], values[s][:-1], values[s][-1], cfg.gamma, cfg.gae_lambda)[0]
+                       for s in 'ab'])
+    crossing = gae(torch.cat([rewards[s][1:] for s in 'ab']), torch.cat([values[s][:-1] for s in 'ab']),
+                   values['b'][-1], cfg.gamma, cfg.gae_lambda)[0]
+    got = torch.cat(seen).sort().values
+    assert torch.allclose(got, alone.sort().values)
+    assert not torch.allclose(got, crossing.sort().values)  # the test tells them apart
+    assert metrics['trajectories'] == 2 and metrics['samples'] == 2 * cfg.steps
+    # The full ones were taken (each keeps its last entry); c waits for its next step.
+    assert [len(trainer.buffer[s]) for s in 'abc'] == [1, 1, cfg.steps]

@@ -21,8 +21,8 @@ import sys
 COMMAND = ('trainers',)
 HELP = 'start the trainers alone, for another machine than the agent (ami-ros launch train:=false there)'
 # The launch arguments that mean something to the trainers alone.
-ARGUMENTS = ('preset', 'device', 'trainer_device', 'network', 'namespace', 'params_file', 'checkpoint',
-             'checkpoint_dir', 'respawn', 'respawn_delay')
+ARGUMENTS = ('preset', 'device', 'trainer_device', 'agents', 'network', 'namespace', 'params_file',
+             'checkpoint', 'checkpoint_dir', 'respawn', 'respawn_delay')
 DEFAULTS = {'network': 'subnet'}
 
 

@@ -17,6 +17,7 @@ import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ class CuriosityAgent:
 
     def __init__(self, preset: Preset | str = 'cpu', device: str = 'cpu', seed: int = 0,
                  reward: str = 'curiosity', deterministic: bool = False,
-                 persistence: float = 0.0) -> None:
+                 persistence: float = 0.0, sampling_seed: int | None = None) -> None:
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.device = resolve_device(device)
         self.models = {name: m.to(self.device).eval()
@@ -86,7 +87,9 @@ class CuriosityAgent:
         self.previous_action: Tensor | None = None
         self.policy_input = self.preset.policy.input
         self.policy_on_latent = self.policy_input == 'latent'
-        self.generator = torch.Generator(device='cpu').manual_seed(seed)
+        # Agents of one graph share `seed` (the trainers' initial weights) but not their draws.
+        self.generator = torch.Generator(device='cpu').manual_seed(seed if sampling_seed is None
+                                                                   else sampling_seed)
         self.hidden = self.models['dynamics'].initial_hidden(1, self.device)
         self.prediction: Tensor | None = None  # mean of z_{t+1} predicted at step t
         self.steps = 0
@@ -200,19 +203,24 @@ class CuriosityAgent:
                 self.versions[name] = version
 
     # -- checkpoints --------------------------------------------------------
-    # models/<model>.safetensors          weights envelope (schema weights/<model>)
-    # interaction/agent/state.safetensors hidden state, sampling generator, prediction,
-    #                                     the action held (persistence), the reward's
-    #                                     own state (reward/...)
-    # interaction/agent/state.json        steps, versions, preset
-    def save_checkpoint(self, stage) -> None:
+    # models/<model>.safetensors           weights envelope (schema weights/<model>)
+    # interaction/<name>/state.safetensors hidden state, sampling generator, prediction,
+    #                                      the action held (persistence), the reward's
+    #                                      own state (reward/...)
+    # interaction/<name>/state.json        steps, versions, preset
+    # <name> is 'agent', or with several agents each one's own ('agent_1'). They share
+    # models/: the trainers push the same weights to all, and the first agent saved writes them.
+    def save_checkpoint(self, stage, name: str = 'agent') -> None:
         """Write the agent's part of a checkpoint into a staging directory."""
+        state_dir = f'interaction/{name}'
         with self._lock:  # between two steps, and never during a swap
-            for name, model in self.models.items():
+            for model_name, model in self.models.items():
+                if (Path(stage) / f'models/{model_name}.safetensors').exists():
+                    continue  # another agent of the graph saved the shared models first
                 state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-                write_tensors(stage, f'models/{name}.safetensors', state, weights_schema(name),
-                              {'preset': self.preset.name, 'model': name,
-                               'version': self.versions[name]})
+                write_tensors(stage, f'models/{model_name}.safetensors', state, weights_schema(model_name),
+                              {'preset': self.preset.name, 'model': model_name,
+                               'version': self.versions[model_name]})
             tensors = {'hidden': self.hidden.cpu(), 'generator': self.generator.get_state()}
             if self.prediction is not None:
                 tensors['prediction'] = self.prediction.cpu()
@@ -220,21 +228,24 @@ class CuriosityAgent:
                 tensors['previous_action'] = self.previous_action
             # A reward with memory is agent state too (IntrinsicReward.state_dict).
             tensors.update({f'reward/{k}': v for k, v in self.reward_fn.state_dict().items()})
-            write_tensors(stage, 'interaction/agent/state.safetensors', tensors, 'agent/state')
-            write_json(stage, 'interaction/agent/state.json',
+            write_tensors(stage, f'{state_dir}/state.safetensors', tensors, 'agent/state')
+            write_json(stage, f'{state_dir}/state.json',
                        {'preset': self.preset.name, 'steps': self.steps, 'versions': self.versions,
                         'has_prediction': self.prediction is not None, 'reward': self.reward_name})
 
-    def load_checkpoint(self, ckpt) -> None:
-        """Restore weights, versions, hidden state and sampling state from a checkpoint."""
+    def load_checkpoint(self, ckpt, name: str | None = 'agent') -> None:
+        """Restore weights and versions, and the hidden state, sampling state and counters
+        saved as `name` (None: the checkpoint has none for this agent; they start fresh)."""
         with self._lock:
-            for name in MODEL_NAMES:
-                env = read_tensors(ckpt, f'models/{name}.safetensors', weights_schema(name),
-                                   self._specs[name], require_finite=True)
-                self.models[name].load_state_dict(env.tensors)
-                self.versions[name] = env.int_meta('version')
-            info = read_json(ckpt, 'interaction/agent/state.json')
-            state = read_tensors(ckpt, 'interaction/agent/state.safetensors', 'agent/state',
+            for model_name in MODEL_NAMES:
+                env = read_tensors(ckpt, f'models/{model_name}.safetensors', weights_schema(model_name),
+                                   self._specs[model_name], require_finite=True)
+                self.models[model_name].load_state_dict(env.tensors)
+                self.versions[model_name] = env.int_meta('version')
+            if name is None:
+                return
+            info = read_json(ckpt, f'interaction/{name}/state.json')
+            state = read_tensors(ckpt, f'interaction/{name}/state.safetensors', 'agent/state',
                                  allow_extra=True,
                                  expected={'hidden': TensorSpec(torch.complex64,
                                                                 tuple(self.hidden.shape)),

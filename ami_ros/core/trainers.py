@@ -16,6 +16,12 @@ able dict (model weights, the flattened optimiser state, the trainer's random
 generator, counters), never a pickle; the buffer is saved on its own
 (`trainer.buffer.state_dict()`), as checkpoints keep data apart.
 
+Sources: a trainer may learn from several agents at once, each named by a
+string (`sources`; `('',)` = one agent). Dynamics chunks and PPO
+trajectories never cross two sources (core/source_buffers.py); the VAE's
+images are independent, so one buffer serves all and only counts per source.
+`add(..., source=...)` with a source the trainer was not given raises ValueError.
+
 Randomness: minibatch orders come from the trainer's own generator (saved).
 Reparameterisation noise and dropout use torch's global generator, which the
 caller seeds when it needs bit-exact repeats.
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,12 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
-from ami_ros.core.buffers import DynamicsBuffer, ImageBuffer
+from ami_ros.core.buffers import ImageBuffer
 from ami_ros.core.optimizer_state import flatten_optimizer, load_optimizer, unflatten_optimizer
 from ami_ros.core.policy import with_persistence
 from ami_ros.core.presets import DynamicsTrainingConfig, PPOTrainingConfig, VAETrainingConfig
 from ami_ros.core.rewards.curiosity import prediction_nll
-from ami_ros.core.trajectory import TrajectoryBuffer, gae
+from ami_ros.core.source_buffers import SINGLE_SOURCE, DynamicsBuffers, TrajectoryBuffers, check_sources
+from ami_ros.core.trajectory import trajectories_gae
 
 # A round over a big buffer stays bounded: at most this many minibatches per
 # epoch (with the reference settings, 2048 images / batch 8 = 256: the whole
@@ -179,8 +186,10 @@ class VAETrainer(_Trainer):
     kind = 'vae'
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, cfg: VAETrainingConfig,
-                 device: str = 'cpu', seed: int = 0, max_batches: int = DEFAULT_MAX_BATCHES) -> None:
+                 device: str = 'cpu', seed: int = 0, max_batches: int = DEFAULT_MAX_BATCHES,
+                 sources: Sequence[str] = SINGLE_SOURCE) -> None:
         self.cfg = cfg
+        self.added_by_source = dict.fromkeys(check_sources(sources), 0)  # images per source, ever
         self.max_batches = max_batches
         self.encoder, self.decoder = encoder, decoder
         super().__init__({'encoder': encoder, 'decoder': decoder},
@@ -190,9 +199,13 @@ class VAETrainer(_Trainer):
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.cfg.lr, fused=True)
 
-    def add(self, image: Tensor) -> None:
-        """One camera image, uint8 [3, 84, 84]."""
+    def add(self, image: Tensor, source: str = '') -> None:
+        """One camera image, uint8 [3, 84, 84], of agent `source`."""
+        if source not in self.added_by_source:
+            raise ValueError(f'unknown source {source!r}; this trainer learns from '
+                             f'{", ".join(map(repr, self.added_by_source))}')
         self.buffer.add(image)
+        self.added_by_source[source] += 1
 
     def ready(self) -> bool:
         return len(self.buffer) >= 2 and self.buffer.new_count >= self.cfg.min_new
@@ -243,26 +256,30 @@ class DynamicsTrainer(_Trainer):
 
     def __init__(self, dynamics: nn.Module, cfg: DynamicsTrainingConfig, device: str = 'cpu',
                  seed: int = 0, max_batches: int = DEFAULT_MAX_BATCHES,
-                 max_grad_norm: float | None = 1.0) -> None:
+                 max_grad_norm: float | None = 1.0, sources: Sequence[str] = SINGLE_SOURCE) -> None:
         self.cfg = cfg
         self.max_batches = max_batches
         self.max_grad_norm = max_grad_norm
         self.dynamics = dynamics
         super().__init__({'dynamics': dynamics}, list(dynamics.parameters()), device, seed)
-        self.buffer = DynamicsBuffer(cfg.buffer_size)
+        # buffer_size is the total: each source gets its share, at least one chunk.
+        self.buffer = DynamicsBuffers(sources, cfg.buffer_size, least=max(cfg.chunk, 2))
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.cfg.lr, fused=True)
 
-    def add(self, latent: Tensor, hidden: Tensor, action: Tensor, continues: bool = True) -> None:
-        """One agent step: z_t [L], h_t [depth, dim] complex64, a_t [5]."""
-        self.buffer.add(latent, hidden, action, continues)
+    def add(self, latent: Tensor, hidden: Tensor, action: Tensor, continues: bool = True,
+            source: str = '') -> None:
+        """One step of agent `source`: z_t [L], h_t [depth, dim] complex64, a_t [5]."""
+        self.buffer[source].add(latent, hidden, action, continues)
 
-    def break_sequence(self) -> None:
-        self.buffer.break_sequence()
+    def break_sequence(self, source: str | None = None) -> None:
+        """The next step of `source` (None: of every source) does not follow its last one."""
+        for buffer in (self.buffer if source is None else [self.buffer[source]]):
+            buffer.break_sequence()
 
     def ready(self) -> bool:
-        return len(self.buffer) >= self.cfg.chunk and self.buffer.new_count >= self.cfg.min_new
+        return self.buffer.longest() >= self.cfg.chunk and self.buffer.new_count >= self.cfg.min_new
 
     def _loss(self, z: Tensor, h0: Tensor, a: Tensor, target: Tensor) -> Tensor:
         """The loss of one minibatch: the next latents' prediction NLL."""
@@ -278,9 +295,12 @@ class DynamicsTrainer(_Trainer):
         return {'loss': float(loss.detach()), 'grad_norm': norm}
 
     def _round(self) -> dict[str, float]:
-        z, h0, a, target = self.buffer.chunks(self.cfg.chunk, mark_trained=True)
-        if len(z) == 0:
+        # Each source's chunks on their own: none spans two agents.
+        parts = [chunks for b in self.buffer
+                 if len((chunks := b.chunks(self.cfg.chunk, mark_trained=True))[0])]
+        if not parts:
             raise ValueError(f'no unbroken run of {self.cfg.chunk} steps in the dynamics buffer')
+        z, h0, a, target = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
         totals = {'loss': 0.0, 'grad_norm': 0.0}
         last_epoch = 0.0
         batches = 0
@@ -330,9 +350,11 @@ def ppo_loss(new_log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, new
 
 
 class PPOTrainer(_Trainer):
-    """PPO on the agent's trajectory (see TrajectoryBuffer for the reward
-    convention). A round: take the full trajectory (the buffer keeps its last
-    entry), GAE, optional advantage normalisation over the whole trajectory,
+    """PPO on the agents' trajectories (see TrajectoryBuffer for the reward
+    convention), one per source. A round: take every source's full trajectory
+    (each buffer keeps its last entry), GAE on each alone (bootstrapped from
+    its own last value), then on their concatenation: optional advantage
+    normalisation,
     `cfg.epochs` epochs of shuffled minibatches with `ppo_loss`. Gradients are
     clipped to `max_grad_norm` (0.5, the CleanRL default the reference cites).
     """
@@ -340,45 +362,43 @@ class PPOTrainer(_Trainer):
     kind = 'ppo'
 
     def __init__(self, policy: nn.Module, cfg: PPOTrainingConfig, device: str = 'cpu', seed: int = 0,
-                 max_grad_norm: float | None = 0.5) -> None:
+                 max_grad_norm: float | None = 0.5, sources: Sequence[str] = SINGLE_SOURCE) -> None:
         self.cfg = cfg
         self.max_grad_norm = max_grad_norm
         self.policy = policy
         super().__init__({'policy': policy}, list(policy.parameters()), device, seed)
-        self.buffer = TrajectoryBuffer(cfg.steps)
+        self.buffer = TrajectoryBuffers(sources, cfg.steps)
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.cfg.lr, fused=True)
 
     def add(self, observation: Tensor, action: Tensor, log_prob: Tensor, value: float | Tensor,
             reward: float | Tensor, policy_version: int, previous_action: Tensor | None = None,
-            persistence: float = 0.0) -> None:
-        """Entry t: observation (what the policy acted on, see
+            persistence: float = 0.0, source: str = '') -> None:
+        """Entry t of agent `source`: observation (what the policy acted on, see
         policy.policy_observation: uint8 [3,84,84] or a float32 vector),
         action [5], log_prob [5], value; `reward` is for the action of entry t-1;
         the action held and its persistence where the agent held one."""
-        self.buffer.add(observation, action, log_prob, value, reward, policy_version,
-                        previous_action, persistence)
+        self.buffer[source].add(observation, action, log_prob, value, reward, policy_version,
+                                previous_action, persistence)
 
     def ready(self) -> bool:
         return self.buffer.full()
 
     def _round(self) -> dict[str, float]:
         cfg = self.cfg
-        traj = self.buffer.take()
-        rewards = traj['reward'][1:]
-        advantages, returns = gae(rewards, traj['value'][:-1], traj['value'][-1],
-                                  cfg.gamma, cfg.gae_lambda)
+        taken = list(self.buffer.take_full().values())
+        traj, rewards, advantages, returns = trajectories_gae(taken, cfg.gamma, cfg.gae_lambda)
         raw_advantage = float(advantages.mean())
         if cfg.normalize_advantage:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         dev = self.device
-        obs = traj['observation'][:-1]
-        actions, old_log_prob = traj['action'][:-1].to(dev), traj['log_prob'][:-1].to(dev)
-        old_value, advantages, returns = traj['value'][:-1].to(dev), advantages.to(dev), returns.to(dev)
+        obs = traj['observation']
+        actions, old_log_prob = traj['action'].to(dev), traj['log_prob'].to(dev)
+        old_value, advantages, returns = traj['value'].to(dev), advantages.to(dev), returns.to(dev)
         # The agent acted with the policy mixed with the action it held: the
         # ratio compares that same mixture (policy.with_persistence).
-        previous, persistence = traj['previous_action'][:-1].to(dev), traj['persistence'][:-1].to(dev)
+        previous, persistence = traj['previous_action'].to(dev), traj['persistence'].to(dev)
         persistent = bool((persistence > 0).any())
         totals: dict[str, float] = {}
         batches = 0
@@ -400,7 +420,7 @@ class PPOTrainer(_Trainer):
                     totals[key] = totals.get(key, 0.0) + v
                 batches += 1
         out = {k: v / max(batches, 1) for k, v in totals.items()}
-        out.update(batches=float(batches), samples=float(len(obs)),
+        out.update(batches=float(batches), samples=float(len(obs)), trajectories=float(len(taken)),
                    reward_mean=float(rewards.mean()), advantage_mean=raw_advantage,
                    return_mean=float(returns.mean()),
                    policy_version_min=float(traj['policy_version'].min()))

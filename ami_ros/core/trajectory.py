@@ -49,6 +49,22 @@ def gae(rewards: Tensor, values: Tensor, last_value: Tensor | float,
     return advantages, advantages + values
 
 
+def trajectories_gae(trajectories: Sequence[dict[str, Tensor]], gamma: float, lam: float
+                     ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+    """GAE on each full trajectory alone (as `TrajectoryBuffer.take` gives them, one per
+    agent: each bootstraps from its own last value), then all concatenated.
+
+    Returns (the trained entries by field: all but each trajectory's last, rewards
+    (of entries 1..steps), advantages, returns), in the same order.
+    """
+    if not trajectories:
+        raise ValueError('no full trajectory to train on')
+    estimates = [gae(t['reward'][1:], t['value'][:-1], t['value'][-1], gamma, lam) for t in trajectories]
+    entries = {key: torch.cat([t[key][:-1] for t in trajectories]) for key in trajectories[0]}
+    return (entries, torch.cat([t['reward'][1:] for t in trajectories]),
+            torch.cat([adv for adv, _ in estimates]), torch.cat([ret for _, ret in estimates]))
+
+
 class TrajectoryBuffer:
     """On-policy PPO trajectory of `steps + 1` entries (the last bootstraps).
 

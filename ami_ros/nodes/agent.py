@@ -33,10 +33,11 @@ Serves:
                           on a worker thread in the idle time after a step
                           and swapped in between two steps.
 
-  agent/save_checkpoint   its part of a checkpoint (models/, interaction/agent/)
+  agent/save_checkpoint   its part of a checkpoint (models/, interaction/<state_name>/)
 
-Parameters: preset, device, seed, reward, deterministic, persistence, torch_threads,
-publish_prediction, sync_dir, checkpoint, checkpoint_dir (see docs/parameters.md).
+Parameters: preset, device, seed, sampling_seed, reward, deterministic, persistence,
+torch_threads, publish_prediction, sync_dir, state_name, checkpoint, checkpoint_dir
+(see docs/parameters.md).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -61,6 +63,7 @@ from std_msgs.msg import Float32, UInt8MultiArray
 
 from ami_ros.core.action import action_to_controls
 from ami_ros.core.agent import CuriosityAgent
+from ami_ros.core.checkpoint import load_manifest
 from ami_ros.core.envelope import EnvelopeError, size_limit, specs_of
 from ami_ros.core.observation import to_uint8_chw
 from ami_ros.core.policy import MAX_PERSISTENCE
@@ -113,9 +116,19 @@ class AgentNode(ManagedNode):
         self.publish_prediction = self.declare(
             'publish_prediction', True, 'Decode and publish the predicted next frame '
             '(only while prediction/image_raw has subscribers).')
+        self.state_name = self.declare(
+            'state_name', 'agent', "This agent's name in a checkpoint: its hidden state, sampling "
+            "state and counters go to interaction/<state_name>/ (agents:=N gives agent_<i>; models/ "
+            'is shared). Read at start.', read_only=True)
+        if not re.fullmatch('[A-Za-z][A-Za-z0-9_]{0,63}', self.state_name):
+            raise ValueError(f'state_name={self.state_name!r} is not a name (letters, digits, _)')
+        sampling_seed = self.declare(
+            'sampling_seed', -1, "Seed of action sampling; -1 = seed. Several agents share seed (the "
+            "trainers' initial weights) and each gets its own sampling_seed.", low=-1, high=2**31 - 1)
         torch.set_num_threads(threads)
         self.agent = CuriosityAgent(preset, device=device, seed=seed, reward=reward,
-                                    deterministic=deterministic, persistence=persistence)
+                                    deterministic=deterministic, persistence=persistence,
+                                    sampling_seed=None if sampling_seed < 0 else sampling_seed)
         self.action_pub = self.create_lifecycle_publisher(Joy, 'action', 10)
         self.reward_pub = self.create_lifecycle_publisher(Float32, 'reward', 10)
         self.error_pub = self.create_lifecycle_publisher(Float32, 'prediction_error', 10)
@@ -141,9 +154,9 @@ class AgentNode(ManagedNode):
         self.diagnostics.set(preset=preset, device=device)
         # Restores weights, versions, hidden state and sampling state before
         # the first frame can arrive; serves agent/save_checkpoint.
-        self.checkpoints = CheckpointPart(self, self.agent.save_checkpoint,
-                                          self.agent.load_checkpoint, preset=preset,
-                                          after_save=self.diagnostics.report)
+        self.checkpoints = CheckpointPart(
+            self, lambda stage: self.agent.save_checkpoint(stage, self.state_name), self._restore,
+            preset=preset, after_save=self.diagnostics.report)
         # After the restore: a refused checkpoint then leaves no sync thread in rclpy, whose exit
         # would abort the process instead of its one-line refusal.
         self._start_sync_service()
@@ -155,6 +168,18 @@ class AgentNode(ManagedNode):
         gc.collect()
         gc.freeze()
         self.get_logger().info(f'agent ready: preset {preset} on {device}, {threads} torch thread(s)')
+
+    def _restore(self, ckpt: Path) -> None:
+        """The checkpoint's models, and this agent's state where the checkpoint has it: an agent
+        it never saw (a checkpoint of fewer agents) takes the models and starts its state fresh."""
+        node = 'agent' if self.state_name == 'agent' else f'{self.state_name}/agent'
+        saved = load_manifest(ckpt).get('nodes', [])
+        if node in saved:
+            self.agent.load_checkpoint(ckpt, self.state_name)
+            return
+        self.agent.load_checkpoint(ckpt, None)
+        self.get_logger().info(f'checkpoint {ckpt} holds no state of {node} (it saved '
+                               f'{", ".join(saved) or "none"}): models restored, hidden state fresh')
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.agent.forget_prediction()  # its frame will not be the next one after the pause

@@ -35,10 +35,7 @@ import rclpy
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.msg import (
-    FloatingPointRange,
-    IntegerRange,
     Parameter,
-    ParameterDescriptor,
     ParameterType,
     ParameterValue,
 )
@@ -66,7 +63,7 @@ from ami_ros.core.checkpoint_store import (
 from ami_ros.core.private_files import use_private_umask
 from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.graceful_stop import ManagerStop, StopSignals
-from ami_ros.ros.managed_node import prefer_synchronous_publication, spin_until_finished
+from ami_ros.ros.managed_node import declare, prefer_synchronous_publication, spin_until_finished
 from ami_ros.ros.paused_graph import PausedGraphKeeper
 
 _SHUTDOWN_FROM = {
@@ -88,57 +85,45 @@ class Manager(Node):
 
     def __init__(self) -> None:
         super().__init__('manager')
-        self.managed: list[str] = list(self.declare_parameter(
-            'managed_nodes', ['camera', 'agent', 'osc_bridge'],
-            ParameterDescriptor(description='Lifecycle nodes of the graph, in pause order '
-                                            '(resume uses the reverse order).')).value)
-        self.checkpointed = [n for n in self.declare_parameter(
-            'checkpointed_nodes', ['agent', 'vae_trainer', 'dynamics_trainer', 'policy_trainer'],
-            ParameterDescriptor(description='Nodes that hold state; those among managed_nodes '
-                                            'must take part in every checkpoint.')).value
-                             if n in self.managed]
-        self.call_timeout = float(self.declare_parameter(
-            'call_timeout', 5.0, ParameterDescriptor(
-                description='Seconds to wait for one node to answer a lifecycle call, and for '
-                            'the nodes\' services to be discovered before a transition.',
-                floating_point_range=[FloatingPointRange(from_value=0.5, to_value=60.0)])).value)
+        self.managed: list[str] = list(declare(
+            self, 'managed_nodes', ['camera', 'agent', 'osc_bridge'],
+            'Lifecycle nodes of the graph, in pause order (resume uses the reverse order).'))
+        self.checkpointed = [n for n in declare(
+            self, 'checkpointed_nodes', ['agent', 'vae_trainer', 'dynamics_trainer', 'policy_trainer'],
+            'Nodes that hold state; those among managed_nodes must take part in every checkpoint.')
+            if n in self.managed]
+        # With several agents one that died must not cost the others their checkpoints.
+        self.spare = set(declare(
+            self, 'spare_nodes', [], 'Checkpointed nodes a checkpoint goes without, with a warning, '
+            'when they are gone or do not answer (agents:=N: the agents); the others must take part.'))
+        self.call_timeout = float(declare(
+            self, 'call_timeout', 5.0, "Seconds to wait for one node to answer a lifecycle call, and "
+            "for the nodes' services to be discovered before a transition.", low=0.5, high=60.0))
         # Absolute, so the path ami/save_checkpoint answers is usable anywhere.
-        self.checkpoint_dir = str(Path(self.declare_parameter(
-            'checkpoint_dir', 'checkpoints', ParameterDescriptor(
-                description='Directory of the checkpoints (relative: to the working directory).')
-        ).value).absolute())
-        self.checkpoint_interval = float(self.declare_parameter(
-            'checkpoint_interval', 10800.0, ParameterDescriptor(
-                description='Seconds between periodic checkpoints; 0 = none.',
-                floating_point_range=[FloatingPointRange(from_value=0.0, to_value=1e7)])).value)
-        self.keep_last = int(self.declare_parameter(
-            'keep_last', 5, ParameterDescriptor(
-                description='Periodic and final checkpoints kept (0 = all); checkpoints saved '
-                            'on request are never removed.',
-                integer_range=[IntegerRange(from_value=0, to_value=100000, step=1)])).value)
-        self.max_manual = int(self.declare_parameter(
-            'max_manual_checkpoints', 20, ParameterDescriptor(
-                description='Checkpoints saved on request (ami/save_checkpoint) kept at most: '
-                            'retention never removes them and anyone on the ROS domain can ask '
-                            'for one, so one more is refused until some are removed by hand.',
-                integer_range=[IntegerRange(from_value=1, to_value=100000, step=1)])).value)
-        self.min_free_mb = int(self.declare_parameter(
-            'min_free_mb', 256, ParameterDescriptor(
-                description="Free disk space (MiB) a checkpoint must leave on checkpoint_dir's disk; "
-                            'a save that needs more than is free (the newest checkpoint\'s size plus '
-                            'this) is refused.',
-                integer_range=[IntegerRange(from_value=0, to_value=10**7, step=1)])).value)
-        self.save_on_shutdown = bool(self.declare_parameter(
-            'save_on_shutdown', True, ParameterDescriptor(
-                description='Save a final checkpoint at ami/shutdown.')).value)
-        self.save_timeout = float(self.declare_parameter(
-            'save_timeout', 180.0, ParameterDescriptor(
-                description="Seconds to wait for one node's part of a checkpoint (a trainer "
-                            'first finishes a running round).',
-                floating_point_range=[FloatingPointRange(from_value=1.0, to_value=3600.0)])).value)
-        self.preset = str(self.declare_parameter(
-            'preset', '', ParameterDescriptor(
-                description="The graph's preset, recorded in each checkpoint's manifest.")).value)
+        self.checkpoint_dir = str(Path(declare(
+            self, 'checkpoint_dir', 'checkpoints',
+            'Directory of the checkpoints (relative: to the working directory).')).absolute())
+        self.checkpoint_interval = float(declare(
+            self, 'checkpoint_interval', 10800.0, 'Seconds between periodic checkpoints; 0 = none.',
+            low=0.0, high=1e7))
+        self.keep_last = int(declare(
+            self, 'keep_last', 5, 'Periodic and final checkpoints kept (0 = all); checkpoints saved '
+            'on request are never removed.', low=0, high=100000, step=1))
+        self.max_manual = int(declare(
+            self, 'max_manual_checkpoints', 20, 'Checkpoints saved on request (ami/save_checkpoint) '
+            'kept at most: retention never removes them and anyone on the ROS domain can ask for one, '
+            'so one more is refused until some are removed by hand.', low=1, high=100000, step=1))
+        self.min_free_mb = int(declare(
+            self, 'min_free_mb', 256, "Free disk space (MiB) a checkpoint must leave on checkpoint_dir's "
+            "disk; a save that needs more than is free (the newest checkpoint's size plus this) is "
+            'refused.', low=0, high=10**7, step=1))
+        self.save_on_shutdown = bool(declare(
+            self, 'save_on_shutdown', True, 'Save a final checkpoint at ami/shutdown.'))
+        self.save_timeout = float(declare(
+            self, 'save_timeout', 180.0, "Seconds to wait for one node's part of a checkpoint (a "
+            'trainer first finishes a running round).', low=1.0, high=3600.0))
+        self.preset = str(declare(
+            self, 'preset', '', "The graph's preset, recorded in each checkpoint's manifest."))
         group = ReentrantCallbackGroup()  # handlers await other services' answers
         self._save_part = {n: self.create_client(SetParameters, f'{n}/save_checkpoint',
                                                  callback_group=group) for n in self.managed}
@@ -364,19 +349,26 @@ class Manager(Node):
                 if name in self.checkpointed:
                     # Just started, its service may not be discovered yet.
                     if not await self._ready([client], self.call_timeout):
-                        problems.append(f'{name}: its save_checkpoint service is not reachable '
-                                        '(is the node running?)')
+                        gone = f'{name}: its save_checkpoint service is not reachable (is the node running?)'
+                        if name in self.spare:
+                            self.get_logger().warning(f'checkpoint without {gone}')
+                        else:
+                            problems.append(gone)
                         continue
                 elif not client.service_is_ready():
                     continue  # a node without state to keep (camera, bridge, world, recorder)
                 request = SetParameters.Request(parameters=[Parameter(
                     name='directory', value=ParameterValue(type=ParameterType.PARAMETER_STRING,
                                                            string_value=str(stage)))])
-                # A trainer first lets a running round finish: give it time.
-                result, problem = await self._call(client, request, name, self.save_timeout)
+                # A trainer first lets a running round finish: give it time. An agent saves at once;
+                # one just killed still looks reachable until DDS notices (seconds): a short wait.
+                timeout = 4 * self.call_timeout if name in self.spare else self.save_timeout
+                result, problem = await self._call(client, request, name, timeout)
                 if problem is None and not (result.results and result.results[0].successful):
                     problem = f'{name}: ' + (result.results[0].reason if result.results else 'no answer')
-                if problem:
+                if problem and name in self.spare:
+                    self.get_logger().warning(f'checkpoint without {problem}')
+                elif problem:
                     problems.append(problem)
                 else:
                     saved.append(name)

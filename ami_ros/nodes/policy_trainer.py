@@ -1,6 +1,6 @@
 """policy_trainer: trains the PPO policy on the agent's experience.
 
-Subscribes:
+Subscribes (for each agent of `agents`, `<agent>/experience`):
   experience            std_msgs/UInt8MultiArray, one envelope per agent step
                         (ami_ros/core/schemas.py): observation (or latent,
                         for a policy on the latent), action,
@@ -9,13 +9,17 @@ Subscribes:
                         trajectory buffer. A break in time (the agent's
                         continues=False, a step number that does not follow,
                         or a step without the previous action's reward)
-                        empties it, since GAE cannot span a gap.
+                        empties it, since GAE cannot span a gap. Each
+                        agent has a trajectory of its own (GAE and
+                        staleness per agent); a round trains on every
+                        agent's full one.
 Calls:
   agent/sync_weights    rcl_interfaces/srv/SetParameters: 'policy' after each
-                        round
+                        round (each agent's)
 Publishes:
   /diagnostics          see ami_ros/ros/trainer_node.py; plus received,
-                        undecodable, gaps, dropped_stale (entries dropped as
+                        undecodable, gaps, received/<agent> with several
+                        agents, trajectories (of the last round), dropped_stale (entries dropped as
                         too old, in total), dropped (all entries dropped:
                         stale, breaks, overflow) and max_policy_lag
 
@@ -55,28 +59,29 @@ class PolicyTrainerNode(ExperienceTrainerNode):
             low=0, high=1_000_000)
 
     def make_trainer(self, preset: Preset, models: dict[str, nn.Module], device: str, seed: int,
-                     max_batches: int) -> PPOTrainer:
+                     max_batches: int, sources: tuple[str, ...]) -> PPOTrainer:
         entropy_coef = self.declare(
             'entropy_coef', 0.0, 'Weight of the entropy bonus in the PPO loss; 0 = the preset\'s '
             '(docs/reference.md: 0.001). Larger keeps the policy from settling on one habit.',
             low=0.0, high=1.0, read_only=True)
         overrides = {'entropy_coef': float(entropy_coef)} if entropy_coef else {}
         cfg = with_overrides(preset, ppo_training=overrides).ppo_training
-        return PPOTrainer(models['policy'], cfg, device=device, seed=seed)
+        return PPOTrainer(models['policy'], cfg, device=device, seed=seed, sources=sources)
 
-    def add_step(self, step: ExperienceStep, follows: bool) -> None:
+    def add_step(self, step: ExperienceStep, follows: bool, source: str = '') -> None:
         # Without the previous action's reward no trajectory may span this step.
         if not follows or step.reward is None:
-            self.trainer.buffer.break_sequence()
+            self.trainer.buffer[source].break_sequence()
         # What the policy acted on: the frame, or the latent the agent's encoder made of it.
         seen = policy_observation(self.preset.policy.input, step.observation, step.latent)
         self.trainer.add(seen, step.action, step.log_prob, step.value,
                          0.0 if step.reward is None else step.reward,
                          policy_version=step.versions['policy'],
-                         previous_action=step.previous_action, persistence=step.persistence)
+                         previous_action=step.previous_action, persistence=step.persistence,
+                         source=source)
 
     def before_round(self) -> None:
-        """Drop entries of a policy too old for PPO's importance ratio."""
+        """Drop entries of a policy too old for PPO's importance ratio (each agent's stale prefix)."""
         oldest = self.trainer.version - self.max_policy_lag
         dropped = self.trainer.buffer.drop_older_than(oldest)
         if dropped:
@@ -87,7 +92,8 @@ class PolicyTrainerNode(ExperienceTrainerNode):
     def buffer_status(self) -> dict[str, object]:
         buffer = self.trainer.buffer
         size = len(buffer)
-        return {'buffer_len': size, 'buffer_capacity': buffer.steps + 1, 'new_count': size}
+        return {'buffer_len': size, 'buffer_capacity': (buffer.steps + 1) * len(buffer.sources),
+                'new_count': size}
 
     def node_status(self) -> dict[str, object]:
         return {**super().node_status(), 'dropped_stale': self.dropped_stale,

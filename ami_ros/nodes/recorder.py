@@ -29,6 +29,13 @@ Subscribes (relative names, except /diagnostics; only while active, but
                             from where it started; respawns do not count)
   camera/image_raw,         sensor_msgs/Image, only around a sample every
   prediction/image_raw      `image_interval` s (ami_ros.ros.prediction_samples)
+With `agents` (namespaces under this one), each agent's topics are
+`<agent>/<topic>`, its metrics `<agent>/reward`, `<agent>/world/cells_visited`,
+..., its map its own (ami_ros.record.agent_track), and known `nodes`
+'<agent>/agent' give `<agent>/agent/<key>`; its status keys are
+`<agent>/cells_visited`, `<agent>/episode`, `<agent>/episode_cells` (plain
+`cells_visited`: their sum). Only the step node's agent's actions advance
+the step axis; frame samples are of that agent only.
 Publishes:
   /diagnostics              its own status: run id, metrics logged, pending, cells,
                             the current episode (-1 before the first) and its cells,
@@ -53,7 +60,9 @@ Artifacts: frames/step_<step>.png (camera t | predicted t+1 | camera t+1),
 exploration/step_<step>.png (every `map_interval` s), exploration_map.png and
 exploration/cells.json (at the end), summary.json (at the end: steps,
 rounds per trainer, final losses, cells visited, reward mean over the last
-`summary_window` steps).
+`summary_window` steps). With `agents`: exploration artifacts per agent
+(agent_1/exploration_map.png); summary.json sums cells, pools rewards, and
+has each agent's under `agents`.
 
 Parameters: described where they are declared below, and in docs/parameters.md.
 
@@ -77,12 +86,12 @@ from geometry_msgs.msg import PoseStamped
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.impl.rcutils_logger import RcutilsLogger
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
-from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile
 from sensor_msgs.msg import Joy
 from std_msgs.msg import Float32, UInt32
 
 from ami_ros.record.admission import MAP_EXTENT, MAX_NODES, NodeAdmission, pose_problem, recordable
+from ami_ros.record.agent_track import AgentTrack, tracks_status, tracks_summary
 from ami_ros.record.mlflow_run import (
     BackgroundRecorder,
     RunRecorder,
@@ -90,13 +99,13 @@ from ami_ros.record.mlflow_run import (
     resolve_tracking_uri,
     run_page_url,
 )
-from ami_ros.record.pictures import ExplorationMap
 from ami_ros.record.run_params import node_params, parameters_file, parse_params
 from ami_ros.record.summary import RunStats, summary_line
 from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.managed_node import ManagedNode, run
 from ami_ros.ros.node_parameters import NodeParameterReader
 from ami_ros.ros.prediction_samples import PredictionSampler
+from ami_ros.view.scene import normal_namespace
 
 CLOSE_TIMEOUT = 8.0  # s for the last flush + artifacts; the launcher kills after 10 s
 
@@ -131,10 +140,11 @@ class RecorderNode(ManagedNode):
                                       "Node whose diagnostics' `steps` is the metrics' step axis.")
         self.map_extent = self.declare('map_extent', MAP_EXTENT, 'Poses farther than this from the '
                                        'map origin (map units) are ignored.', low=1.0, high=1e9)
-        self.declared_defaults['nodes'] = []
-        nodes = self.declare_parameter('nodes', Parameter.Type.STRING_ARRAY, ParameterDescriptor(
-            description='Nodes whose statuses are recorded (the launch gives the graph\'s); '
-                        f'none = the first {MAX_NODES} node names heard.')).value or []
+        nodes = self.declare('nodes', [], "Nodes whose statuses are recorded (the launch gives the graph's); "
+                             f'none = the first {MAX_NODES} node names heard.')
+        agents = self.declare('agents', [], "Namespaces of the agents, relative to this node's (agent_0, "
+                              "agent_1, ...), each recorded with its own metrics and map; none = this "
+                              "node's own.", read_only=True)
 
         try:
             self.run_params = parse_params(raw_params if raw_params else None)
@@ -146,33 +156,38 @@ class RecorderNode(ManagedNode):
 
         self.admission = NodeAdmission(self.get_namespace(), self.get_fully_qualified_name(), nodes)
         self.refused = 0  # statuses, metrics and poses refused
-        self.map = ExplorationMap(self.cell_size)
-        self.stats = RunStats(window, self.step_node)
+        names = list(dict.fromkeys(normal_namespace(a).strip('/') for a in agents)) or ['']
+        self.tracks = [AgentTrack(name, self.cell_size, window) for name in names]
+        # The step node's agent steps the metrics: 'agent_0' for 'agent_0/agent'.
+        self.step_track = next((t for t in self.tracks if t.name == self.step_node.rpartition('/')[0]),
+                               self.tracks[0])
+        self.stats = RunStats(self.step_node)
         self._last_logged: dict[str, float] = {}  # '<node>/<key>' -> the value last logged
         self.writer: BackgroundRecorder | None = None
         self._t0 = time.monotonic()
         self._agent_steps: int | None = None
         self._actions_since_status = 0
         self._last_step = 0
-        self._cells_dirty = False
-        self._poses = 0
-        self._episode: int | None = None
-        self._episode_cells: set[tuple[int, int]] = set()
         self.images_logged = 0
-        self.samples = PredictionSampler(self, self._on_sample_picture)
+        self.samples = PredictionSampler(self, self._on_sample_picture, prefix=self.step_track.prefix)
         self.node_parameters = NodeParameterReader(self, self._on_node_parameters)
         self._opened = False
         self._exiting = False
 
         # Before `reward`: rclpy takes ready messages in this order, so a step's
         # action, sent first, counts before its reward is logged.
-        self.create_subscription(Joy, 'action', self.on_action, 100)
-        self.create_subscription(Float32, 'reward', self.on_reward, 100)
-        self.create_subscription(Float32, 'prediction_error', self.on_prediction_error, 100)
+        self.create_subscription(Joy, self.step_track.key('action'), self.on_action, 100)
+        for track in self.tracks:
+            self.create_subscription(Float32, track.key('reward'),
+                                     lambda msg, t=track: self.on_reward(t, msg), 100)
+            self.create_subscription(Float32, track.key('prediction_error'),
+                                     lambda msg, t=track: self.on_prediction_error(t, msg), 100)
+            self.create_subscription(PoseStamped, track.key('world/pose'),
+                                     lambda msg, t=track: self.on_pose(t, msg), 50)
+            self.create_subscription(UInt32, track.key('world/episode'),
+                                     lambda msg, t=track: self.on_episode(t, msg),
+                                     QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.create_subscription(DiagnosticArray, '/diagnostics', self.on_diagnostics, 50)
-        self.create_subscription(PoseStamped, 'world/pose', self.on_pose, 50)
-        self.create_subscription(UInt32, 'world/episode', self.on_episode, QoSProfile(
-            depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.create_timer(1.0, self._tick)
         if self.image_interval > 0:
             self.create_timer(self.image_interval, self._start_sample)
@@ -244,18 +259,19 @@ class RecorderNode(ManagedNode):
         return self._last_step
 
     # -- topics ---------------------------------------------------------------
-    def on_reward(self, msg: Float32) -> None:
+    def on_reward(self, track: AgentTrack, msg: Float32) -> None:
         if not self._recording() or not math.isfinite(msg.data):
             return
-        self.stats.add_reward(msg.data)
-        self.writer.add_metric('reward', msg.data, self._step())
+        track.rewards.add(msg.data)
+        self.writer.add_metric(track.key('reward'), msg.data, self._step())
 
     def on_action(self, _msg: Joy) -> None:
+        # The step agent's only: the other agents' steps are not the metrics' axis.
         self._actions_since_status += 1
 
-    def on_prediction_error(self, msg: Float32) -> None:
+    def on_prediction_error(self, track: AgentTrack, msg: Float32) -> None:
         if self._recording() and math.isfinite(msg.data):
-            self.writer.add_metric('prediction_error', msg.data, self._step())
+            self.writer.add_metric(track.key('prediction_error'), msg.data, self._step())
 
     def on_diagnostics(self, msg: DiagnosticArray) -> None:
         # Paused, the recorder logs no metrics but keeps the summary current:
@@ -297,31 +313,25 @@ class RecorderNode(ManagedNode):
         # The whole file again: every node's answer completes it.
         self.writer.submit(lambda rec: rec.log_text('parameters.yaml', text))
 
-    def on_pose(self, msg: PoseStamped) -> None:
+    def on_pose(self, track: AgentTrack, msg: PoseStamped) -> None:
         if not self._recording():
             return
         x, y = msg.pose.position.x, msg.pose.position.y
         if problem := pose_problem(x, y, self.map_extent):
             self._refuse('pose', problem)
             return
-        self._poses += 1
-        if self.map.visit(x, y):
-            self._cells_dirty = True  # logged once a second by _tick, not per pose
-        self._episode_cells.add(self.map.cell(x, y))
+        track.visit(x, y)
 
-    def on_episode(self, msg: UInt32) -> None:
-        # The first message (the latched current episode) only starts the
-        # count; an episode the recorder joined midway counts what it saw.
-        if self._recording() and self._episode is not None and self._episode_cells:
-            self.writer.add_metric('world/episode_cells', len(self._episode_cells), self._step())
-        self._episode = msg.data
-        self._episode_cells = set()
+    def on_episode(self, track: AgentTrack, msg: UInt32) -> None:
+        cells = track.start_episode(msg.data)
+        if self._recording() and cells is not None:
+            self.writer.add_metric(track.key('world/episode_cells'), cells, self._step())
 
     # -- periodic work --------------------------------------------------------
     def _log_cells(self) -> None:
-        if self._cells_dirty and self.writer is not None:
-            self.writer.add_metric('world/cells_visited', self.map.cells_visited, self._step())
-            self._cells_dirty = False
+        for track in self.tracks:
+            if self.writer is not None and (cells := track.new_cells()) is not None:
+                self.writer.add_metric(track.key('world/cells_visited'), cells, self._step())
 
     def _log_changed_while_paused(self) -> None:
         step = self._step()
@@ -342,20 +352,20 @@ class RecorderNode(ManagedNode):
             metrics_logged=writer.metrics_logged if writer else 0,
             pending=writer.pending if writer else 0,
             dropped=writer.dropped if writer else 0,
-            images_logged=self.images_logged, cells_visited=self.map.cells_visited,
-            episode=-1 if self._episode is None else self._episode,
-            episode_cells=len(self._episode_cells),
+            images_logged=self.images_logged, **tracks_status(self.tracks),
             agent_steps=-1 if self._agent_steps is None else self._agent_steps, refused=self.refused)
         if writer is not None and writer.failed:
             self.diagnostics.warn('not recording: ' + (writer.error or '')[:200])
 
     def _snapshot_map(self) -> None:
-        if not self._recording() or not self.map.cells_visited:
+        if not self._recording():
             return
-        # Rendered here: the map changes under this thread's callbacks, never on the writer's.
-        rgb = self.map.render()
-        name = f'exploration/step_{self._step():08d}.png'
-        self.writer.submit(lambda rec: rec.log_image(name, rgb))
+        for track in self.tracks:
+            if track.map.cells_visited:
+                # Rendered here: the map changes under this thread's callbacks, never on the writer's.
+                rgb = track.map.render()
+                name = track.key(f'exploration/step_{self._step():08d}.png')
+                self.writer.submit(lambda rec, name=name, rgb=rgb: rec.log_image(name, rgb))
 
     # -- frame / prediction samples --------------------------------------------
     def _start_sample(self) -> None:
@@ -377,17 +387,16 @@ class RecorderNode(ManagedNode):
             return
         self._log_cells()
         self._log_changed_while_paused()
-        extra = {'cells_visited': self.map.cells_visited if self._poses else None,
-                 'cell_size': self.cell_size, 'images_logged': self.images_logged,
-                 'tracking_uri': self.tracking_uri, 'experiment': self.experiment}
+        extra = {**tracks_summary(self.tracks), 'cell_size': self.cell_size,
+                 'images_logged': self.images_logged, 'tracking_uri': self.tracking_uri,
+                 'experiment': self.experiment}
         summary = self.stats.summary(extra)
-        map_rgb = self.map.render() if self._poses else None
-        cells = self.map.to_json()
+        maps = [(t, t.map.render(), t.map.to_json()) for t in self.tracks if t.poses]
 
         def final(rec: RunRecorder) -> None:
-            if map_rgb is not None:
-                rec.log_image('exploration_map.png', map_rgb)
-                rec.log_json('exploration/cells.json', cells)
+            for track, map_rgb, cells in maps:
+                rec.log_image(track.key('exploration_map.png'), map_rgb)
+                rec.log_json(track.key('exploration/cells.json'), cells)
             summary.update(run_id=rec.run_id, run_name=rec.run_name,
                            metrics_logged=rec.metrics_logged, dropped_metrics=writer.dropped)
             rec.log_json('summary.json', summary)

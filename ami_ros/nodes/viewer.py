@@ -45,9 +45,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import OccupancyGrid
 from nav_msgs.msg import Path as PathMsg
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
-from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32
@@ -221,10 +219,8 @@ class ViewerNode(ManagedNode):
                                      'server, so the agent wins the CPU; 19 = only CPU time nothing '
                                      'else wants (SCHED_IDLE): the view may lag under full load.',
                                      low=0, high=19))
-        self.declared_defaults['agents'] = []
-        agents = self.declare_parameter('agents', Parameter.Type.STRING_ARRAY, ParameterDescriptor(
-            description='Namespaces of the agents to show, one entity tree each; none = this '
-                        "node's own.")).value or []
+        agents = self.declare('agents', [], "Namespaces of the agents to show, one entity tree each; none = "
+                              "this node's own.")
         if self.nice:
             yield_cpu(self.nice)
         own = normal_namespace(self.get_namespace())

@@ -17,8 +17,10 @@ reason for a refusal (None: taken), which the recorder logs in one line:
 - `NodeAdmission`: whose statuses are recorded. The graph's nodes when the
   recorder is told them (`ami-ros launch` and the launch file do), else the
   first MAX_NODES valid ROS node names heard: each name costs two parameter
-  clients and a series of metrics. Statuses of other namespaces are not this
-  run's and are passed over silently.
+  clients and a series of metrics. A nested name ('/agent_1/agent': a node of
+  one of several agents) is taken only when it is a known node, as
+  'agent_1/agent'. Statuses of other namespaces are not this run's and are
+  passed over silently.
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ def recordable(node: str, values: dict[str, float], step_node: str) -> list[tupl
 
 class NodeAdmission:
     """Which statuses are recorded: those of this namespace's nodes (not the recorder's
-    own), and of those the `known` ones, or the first `cap` valid names when none are."""
+    own), and of those the `known` ones, or the first `cap` valid names when none are.
+    Known names may be nested ('agent_1/agent'); unknown nested names are another
+    namespace's."""
 
     def __init__(self, namespace: str, own_name: str, known: Iterable[str] = (),
                  cap: int = MAX_NODES) -> None:
@@ -87,12 +91,15 @@ class NodeAdmission:
         self.heard: set[str] = set()
 
     def node_of(self, status_name: str) -> str | None:
-        """'agent' for '<namespace>/agent'; None for other namespaces, nested names and itself."""
+        """'agent' for '<namespace>/agent', 'agent_1/agent' for a known '<namespace>/agent_1/agent';
+        None for other namespaces, other nested names and itself."""
         head = self.prefix + '/'
         if not status_name.startswith(head) or status_name == self.own_name:
             return None
         rest = status_name[len(head):]
-        return rest if rest and '/' not in rest else None
+        if not rest or ('/' in rest and rest not in self.known):
+            return None
+        return rest
 
     def problem(self, node: str) -> str | None:
         """Why `node`'s status is not recorded, or None (then it is heard from now on)."""

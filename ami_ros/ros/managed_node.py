@@ -20,12 +20,49 @@ import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
 from ami_ros.core.private_files import use_private_umask
 from ami_ros.ros.graceful_stop import SHUTDOWN_GRACE, NodeStop, StopSignals
 
 N = TypeVar('N', bound='ManagedNode')
+
+
+def declare(node: Node, name: str, default: Any, description: str, *,
+            low: float | None = None, high: float | None = None, step: float = 0,
+            read_only: bool = False, choices: Sequence[str] | None = None) -> Any:
+    """Declare `node`'s parameter with a description and range; return its value.
+
+    Integer and float ranges are enforced by ROS (rqt_reconfigure shows them as
+    sliders); `choices` is documented and checked here. An empty list is a
+    string array. The default is kept in `node.declared_defaults` for
+    docs/parameters.md. For every node, managed (ManagedNode.declare) or not.
+    """
+    desc = ParameterDescriptor(description=description, read_only=read_only)
+    if choices:
+        desc.additional_constraints = 'one of: ' + ', '.join(choices)
+    if low is not None and high is not None:
+        if isinstance(default, bool):
+            pass
+        elif isinstance(default, int):
+            desc.integer_range = [IntegerRange(from_value=int(low), to_value=int(high), step=int(step))]
+        elif isinstance(default, float):
+            desc.floating_point_range = [FloatingPointRange(
+                from_value=float(low), to_value=float(high), step=float(step))]
+    if not hasattr(node, 'declared_defaults'):
+        node.declared_defaults = {}
+    node.declared_defaults[name] = default
+    # rclpy cannot tell an empty list's type: say it.
+    value = node.declare_parameter(name, Parameter.Type.STRING_ARRAY if default == [] else default,
+                                   desc).value
+    if default == [] and value is None:
+        value = []
+    if choices and value not in choices:
+        raise ValueError(
+            f'parameter {name}={value!r} is not valid; use one of: {", ".join(choices)}')
+    return value
 
 
 class ManagedNode(LifecycleNode):
@@ -49,28 +86,9 @@ class ManagedNode(LifecycleNode):
     def declare(self, name: str, default: Any, description: str, *,
                 low: float | None = None, high: float | None = None, step: float = 0,
                 read_only: bool = False, choices: Sequence[str] | None = None) -> Any:
-        """Declare a parameter with a description and range; return its value.
-
-        Integer and float ranges are enforced by ROS (rqt_reconfigure shows
-        them as sliders); `choices` is documented and checked here.
-        """
-        desc = ParameterDescriptor(description=description, read_only=read_only)
-        if choices:
-            desc.additional_constraints = 'one of: ' + ', '.join(choices)
-        if low is not None and high is not None:
-            if isinstance(default, bool):
-                pass
-            elif isinstance(default, int):
-                desc.integer_range = [IntegerRange(from_value=int(low), to_value=int(high), step=int(step))]
-            elif isinstance(default, float):
-                desc.floating_point_range = [FloatingPointRange(
-                    from_value=float(low), to_value=float(high), step=float(step))]
-        self.declared_defaults[name] = default
-        value = self.declare_parameter(name, default, desc).value
-        if choices and value not in choices:
-            raise ValueError(
-                f'parameter {name}={value!r} is not valid; use one of: {", ".join(choices)}')
-        return value
+        """Declare a parameter with a description and range; return its value (`declare`)."""
+        return declare(self, name, default, description, low=low, high=high, step=step,
+                       read_only=read_only, choices=choices)
 
     def warn_throttled(self, kind: str, text: str, period: float = 5.0) -> None:
         """A warning at most every `period` s per kind of problem.

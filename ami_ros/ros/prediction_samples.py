@@ -39,15 +39,17 @@ class _Sample:
 
 
 class PredictionSampler:
-    """One sample at a time, in `node`'s namespace; `on_picture(rgb)` gets each picture.
+    """One sample at a time, in `node`'s namespace (`prefix` 'agent_0/': that agent's topics);
+    `on_picture(rgb)` gets each picture.
 
     `start` begins a sample, `check_timeout` (call it every second or so)
     ends one that waited `timeout` s with what there is, `stop` drops one.
     """
 
     def __init__(self, node: ManagedNode, on_picture: Callable[[np.ndarray], None],
-                 timeout: float = SAMPLE_TIMEOUT) -> None:
+                 timeout: float = SAMPLE_TIMEOUT, prefix: str = '') -> None:
         self.node = node
+        self.prefix = prefix
         self.on_picture = on_picture
         self.timeout = timeout
         self._sample: _Sample | None = None
@@ -58,8 +60,9 @@ class PredictionSampler:
             return
         sample = _Sample(started=time.monotonic())
         sample.subscriptions = [
-            self.node.create_subscription(Image, 'camera/image_raw', self._on_frame, SAMPLE_QOS),
-            self.node.create_subscription(Image, 'prediction/image_raw', self._on_prediction,
+            self.node.create_subscription(Image, f'{self.prefix}camera/image_raw', self._on_frame,
+                                          SAMPLE_QOS),
+            self.node.create_subscription(Image, f'{self.prefix}prediction/image_raw', self._on_prediction,
                                           SAMPLE_QOS),
         ]
         self._sample = sample

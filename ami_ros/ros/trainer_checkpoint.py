@@ -16,6 +16,11 @@ exactly them. A checkpoint without this trainer's part (saved while it did
 not run) starts it with an empty buffer and a fresh optimiser, from the
 agent's saved weights in models/<model>.safetensors and their version when
 those are there (else from the seed weights, version 0), with a warning.
+
+Several agents: each agent's buffer is restored where this trainer learns
+from the same agent namespace (core/source_buffers.py); an agent of ours
+absent from the checkpoint starts empty, and one we do not learn from is
+left out with a log line.
 """
 
 from __future__ import annotations
@@ -97,14 +102,19 @@ class TrainerCheckpoint:
         name = self.node.get_name()
         paths = self.paths
         (state, info), (buffer, buffer_info) = read_trainer_part(ckpt, name)
+        ignored: list[str] = []
         for relpath, load in ((paths['state'], lambda: self.trainer.load_state_dict(state, info)),
-                              (paths['buffer'], lambda: self.trainer.buffer.load_state_dict(
-                                  buffer, buffer_info))):
+                              (paths['buffer'], lambda: ignored.extend(self.trainer.buffer.load_state_dict(
+                                  buffer, buffer_info) or ()))):
             try:
                 load()
             except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
                 raise CheckpointError(f'checkpoint {ckpt}: {relpath} does not fit this {name} '
                                       f'({type(exc).__name__}: {exc}); use another checkpoint') from exc
+        if ignored:
+            self.node.get_logger().info(
+                f'checkpoint {ckpt}: left out the saved experience of agent(s) '
+                f'{", ".join(repr(s) for s in ignored)}, which this {name} does not learn from')
 
     def _read_models(self, ckpt: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
         """The agent's saved weights of the pushed models, checked against ours, and their versions."""

@@ -11,6 +11,12 @@ background thread, so collecting never stops while a round trains:
                          an older one not yet sent)
     executor:        data in; the weights out (`ros/weight_push.py`)
 
+Agents: one set of trainers may serve several acting agents (`agents`:
+their namespaces relative to the trainer's, `['']` = one agent in the
+trainer's own namespace). A trainer takes data from every agent's topics,
+keeps each agent's sequences apart (core/source_buffers.py) and pushes each
+round's weights to every agent (`ros/weight_push.py`).
+
 Versions: every trainer starts from `build_models(preset, seed)` with the
 agent's seed, so both hold identical initial weights, version 0. A round
 makes the next version (1, 2, ...), the version pushed. A restarted trainer
@@ -34,7 +40,10 @@ preset, device, learning_rate, active, rounds, version, buffer ("len/capacity"),
 buffer_len, buffer_capacity, new_count, the push's pushes_ok, pushes_failed,
 pushed_version (the last version the agent took; -1 none yet),
 pending_version (-1 none), last_sync ('ok' or the last failure's reason),
-sync_transport (the one in use: 'auto' switches to 'topic' for an agent elsewhere),
+sync_transport (the one in use: 'auto' switches to 'topic' for an agent elsewhere;
+agents' differing ones comma-separated); with several agents also
+pushed_version/<ns> and last_sync/<ns> per agent (pushed_version is then the
+lowest any agent took, last_sync the first failing agent's '<ns>: reason'),
 train_errors, restored_from (the checkpoint restored at start, '' none),
 restored_part ('trainer', 'models', 'none'; '' no checkpoint), pacing ('on'
 or 'off'), frame_period_ms (the frames' rhythm; 0 none seen),
@@ -53,8 +62,10 @@ Node-specific keys are listed in each node's docstring.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -75,6 +86,7 @@ from ami_ros.ros.pacing import TrainerPacing
 from ami_ros.ros.process_priority import parse_cpu_list, pin_cpus, yield_cpu
 from ami_ros.ros.trainer_checkpoint import TrainerCheckpoint
 from ami_ros.ros.weight_push import WeightPush
+from ami_ros.ros.weight_target import in_agent
 
 # Matches the agent's experience publisher: reliable, deep enough that a
 # trainer busy for a moment loses no step.
@@ -82,7 +94,21 @@ EXPERIENCE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
                             reliability=ReliabilityPolicy.RELIABLE)
 
 # Metrics that are counters of the round rather than measures: published as ints.
-_COUNT_METRICS = ('batches', 'samples')
+_COUNT_METRICS = ('batches', 'samples', 'trajectories')
+# An agent's namespace relative to the trainer's: ROS name tokens, '/' between them.
+_AGENT_NAMESPACE = re.compile(r'[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*')
+
+
+def parse_agents(values: Sequence[str]) -> tuple[str, ...]:
+    """The `agents` parameter checked: relative namespaces, none twice; [] = [''] (ValueError, one line)."""
+    agents = tuple(values) or ('',)
+    for agent in agents:
+        if agent and not _AGENT_NAMESPACE.fullmatch(agent):
+            raise ValueError(f"parameter agents: {agent!r} is not a relative namespace (ROS name tokens "
+                             "[A-Za-z_][A-Za-z0-9_]* with '/' between them, or '' for this node's own)")
+    if len(set(agents)) != len(agents):
+        raise ValueError(f'parameter agents names an agent twice: {list(agents)}')
+    return agents
 
 
 class RoundGivenUp(Exception):
@@ -94,9 +120,10 @@ class TrainerNode(ManagedNode):
 
     A subclass sets `pushed_models`, `min_new_field` (preset section and
     field that `min_new` overrides) and `caps_batches`, builds its trainer in
-    `make_trainer`, subscribes to its data in `__init__` (after calling this
-    one), passes the frames' capture stamps to `self.pacing.frame` and
-    reports its buffer in `buffer_status`.
+    `make_trainer` (learning from `sources`, the agents), subscribes to each
+    agent's data in `__init__` (after calling this one; `in_agent`),
+    passes the frames' capture stamps to `self.pace_frame` and reports its
+    buffer in `buffer_status`.
     """
 
     pushed_models: tuple[str, ...] = ()
@@ -131,6 +158,10 @@ class TrainerNode(ManagedNode):
         self.min_round_interval = self.declare(
             'min_round_interval', 0.0, 'Seconds at least between two round starts.',
             low=0.0, high=3600.0)
+        self.agents = parse_agents(self.declare(
+            'agents', [''], "Namespaces of the agents this trainer learns from and pushes to, "
+            "relative to its own ('' = its own namespace, one agent); each agent's sequences are "
+            'kept apart.', read_only=True))
         resolve_device(device)  # a clear error for a missing CUDA, before building anything
         self.pacing = TrainerPacing.declare(self, device)
         # Before torch starts its pools and before our thread: threads inherit
@@ -142,10 +173,10 @@ class TrainerNode(ManagedNode):
         torch.set_num_threads(threads)
         self.preset = self._with_overrides(get_preset(preset_name), min_new, learning_rate)
         self.trainer = self.make_trainer(self.preset, build_models(self.preset, seed=seed),
-                                         device, seed, max_batches)
+                                         device, seed, max_batches, self.agents)
         self._stop = threading.Event()
         self.pacing.attach(self.trainer, self._give_up_at_stop)
-        self.push = WeightPush(self, self.pushed_models, self.preset.name)
+        self.push = WeightPush(self, self.pushed_models, self.preset.name, self.agents)
 
         # Shared between the training thread and the executor, under _lock.
         self._lock = threading.Lock()
@@ -178,8 +209,14 @@ class TrainerNode(ManagedNode):
 
     # -- for subclasses ---------------------------------------------------
     def make_trainer(self, preset: Preset, models: dict[str, nn.Module], device: str, seed: int,
-                     max_batches: int) -> Any:
+                     max_batches: int, sources: tuple[str, ...]) -> Any:
         raise NotImplementedError
+
+    def pace_frame(self, agent: str, stamp: float) -> None:
+        """A frame of `agent` captured at `stamp` (s). Only the first agent's set the rhythm:
+        several agents' frames together would look like one faster camera."""
+        if agent == self.agents[0]:
+            self.pacing.frame(stamp)
 
     def buffer_status(self) -> dict[str, object]:
         """buffer_len, buffer_capacity and what else the buffer tells (new_count...)."""
@@ -282,27 +319,41 @@ class TrainerNode(ManagedNode):
 
 
 class ExperienceTrainerNode(TrainerNode):
-    """A trainer fed by the agent's `experience` topic (dynamics and policy).
+    """A trainer fed by each agent's `experience` topic (dynamics and policy).
 
     Decodes each message against this node's preset, drops undecodable ones
-    with a throttled warning naming the reason, and notices breaks in time:
-    a step the agent marks `continues=False` (its first step, after a pause),
-    or a step number that does not follow the last one received (a lost
-    message, an agent restart). `add_step(step, follows)` gets each step.
+    with a throttled warning naming the reason, and notices breaks in time,
+    per agent: a step the agent marks `continues=False` (its first step,
+    after a pause), or a step number that does not follow the last one
+    received from that agent (a lost message, an agent restart).
+    `add_step(step, follows, source)` gets each step with its agent's namespace.
     """
 
     def __init__(self, node_name: str, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        self.received = 0
         self.undecodable = 0
-        self.gaps = 0  # steps missing between two received ones (not agent-marked breaks)
-        self._last_step: int | None = None
-        self.create_subscription(UInt8MultiArray, 'experience', self._on_experience, EXPERIENCE_QOS)
+        # Per agent: steps received, steps missing between two received ones
+        # (not agent-marked breaks), the last step number.
+        self.received_from = dict.fromkeys(self.agents, 0)
+        self.gaps_from = dict.fromkeys(self.agents, 0)
+        self._last_step: dict[str, int | None] = dict.fromkeys(self.agents)
+        for agent in self.agents:
+            self.create_subscription(UInt8MultiArray, in_agent(agent, 'experience'),
+                                     lambda msg, agent=agent: self._on_experience(msg, agent),
+                                     EXPERIENCE_QOS)
 
-    def add_step(self, step: ExperienceStep, follows: bool) -> None:
+    @property
+    def received(self) -> int:
+        return sum(self.received_from.values())
+
+    @property
+    def gaps(self) -> int:
+        return sum(self.gaps_from.values())
+
+    def add_step(self, step: ExperienceStep, follows: bool, source: str = '') -> None:
         raise NotImplementedError
 
-    def _on_experience(self, msg: UInt8MultiArray) -> None:
+    def _on_experience(self, msg: UInt8MultiArray, agent: str = '') -> None:
         if not self.is_active:
             return
         try:
@@ -312,20 +363,25 @@ class ExperienceTrainerNode(TrainerNode):
             kind = str(exc).split(' ', 2)[:2]  # one throttle per kind of problem
             self.warn_throttled(f'experience-{"-".join(kind)}', f'dropping experience: {exc}')
             return
-        self.pacing.frame(step.stamp_ns / 1e9)
-        expected = None if self._last_step is None else self._last_step + 1
+        self.pace_frame(agent, step.stamp_ns / 1e9)
+        last = self._last_step[agent]
+        expected = None if last is None else last + 1
         if step.continues and expected is not None and step.step != expected:
-            self.gaps += 1
-            self.warn_throttled('gap', f'experience step {step.step} after {self._last_step}: '
-                                'treating it as a break in time')
+            self.gaps_from[agent] += 1
+            self.warn_throttled(f'gap {agent}', f'experience step {step.step} after {last}'
+                                f'{f" from {agent}" if agent else ""}: treating it as a break in time')
         follows = step.continues and step.step == expected
-        self._last_step = step.step
-        self.received += 1
+        self._last_step[agent] = step.step
+        self.received_from[agent] += 1
         try:
-            self.add_step(step, follows)
+            self.add_step(step, follows, agent)
         except ValueError as exc:  # a shape the buffer does not hold: say it, keep going
             self.undecodable += 1
             self.warn_throttled('add', f'dropping experience step {step.step}: {exc}')
 
     def node_status(self) -> dict[str, object]:
-        return {'received': self.received, 'undecodable': self.undecodable, 'gaps': self.gaps}
+        status: dict[str, object] = {'received': self.received, 'undecodable': self.undecodable,
+                                     'gaps': self.gaps}
+        if len(self.agents) > 1:
+            status.update({f'received/{agent}': n for agent, n in self.received_from.items()})
+        return status

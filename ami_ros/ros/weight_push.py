@@ -1,4 +1,4 @@
-"""The weight push client: a trainer node sends its newest weights to the agent until taken.
+"""The weight push client: a trainer node sends its newest weights to every agent until taken.
 
 Weights go to the agent as one `rcl_interfaces/srv/SetParameters` request,
 one Parameter per model (name = model name, value = a weights envelope of
@@ -9,9 +9,15 @@ bytes; see the `sync_transport` parameter), so models that belong together
 weights go as files until the agent answers that a file is not on its
 machine, then over the payload topic for good.
 
-The training thread encodes each round's weights (`encode`, writing their
-files with 'file' transport) and leaves them in the pending slot (`offer`:
-a newer round replaces an older one not yet sent). The executor's 0.2 s
+With several agents (the trainer's `agents`), the same weights go to
+`<agent namespace>/<sync_service>` of each; each agent is a target of its
+own (`ros/weight_target.py`: its call, retries, transport and counters), so
+one agent that is dead, missing or paused delays no other.
+
+The training thread encodes each round's weights once (`encode`, writing
+their files with 'file' transport, shared by all agents) and leaves them in
+every agent's pending slot (`offer`: a newer round replaces an older one not
+yet sent). The executor's 0.2 s
 timer sends the pending weights with `call_async` and never waits on the
 answer. If the service is missing, a call fails, times out or is refused,
 one throttled line is logged and the newest pending weights are sent again
@@ -26,22 +32,17 @@ import contextlib
 import os
 import shutil
 import stat
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-from rcl_interfaces.srv import SetParameters
-from rclpy.task import Future
 
 from ami_ros.core.private_files import PrivateFileError, private_dir, weights_root, write_private
 from ami_ros.core.schemas import encode_weights
-from ami_ros.ros.weight_payload import FILE_NOT_HERE, PayloadSender
+from ami_ros.ros.weight_target import NOTHING_YET, PendingWeights, WeightTarget
 
 if TYPE_CHECKING:
     from ami_ros.ros.managed_node import ManagedNode
@@ -58,7 +59,8 @@ class WeightFiles:
 
     KEEP = 3  # the agent may still be reading the one before the newest
 
-    def __init__(self, sync_dir: str, name: str) -> None:
+    def __init__(self, sync_dir: str, name: str, keep: int = KEEP) -> None:
+        self.keep = max(int(keep), 1)
         root = weights_root(sync_dir)
         private_dir(root)
         self.dir = root / name
@@ -88,7 +90,7 @@ class WeightFiles:
         write_private(path, blob)
         paths = self.written.setdefault(model, [])
         paths.append(path)
-        while len(paths) > self.KEEP:
+        while len(paths) > self.keep:
             paths.pop(0).unlink(missing_ok=True)
         return f'file://{path}'
 
@@ -97,38 +99,21 @@ class WeightFiles:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@dataclass
-class PendingWeights:
-    """Encoded weights of one version, waiting to be sent."""
-
-    version: int
-    envelopes: dict[str, bytes]  # model name -> weights envelope
-    urls: dict[str, str] | None = None  # model name -> its file's 'file://' URL, where written
-
-    def values(self, transport: str, sender: PayloadSender) -> list[ParameterValue]:
-        """What the request carries per model with `transport` (sends the payloads first)."""
-        if transport in ('auto', 'file') and self.urls is not None:
-            return [ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=self.urls[name])
-                    for name in self.envelopes]
-        if transport == 'bytes':
-            return [ParameterValue(type=ParameterType.PARAMETER_BYTE_ARRAY, byte_array_value=blob)
-                    for blob in self.envelopes.values()]
-        return [ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=sender.send(blob))
-                for blob in self.envelopes.values()]
-
-
 class WeightPush:
-    """Pushes `models`' newest weights to the agent's weight service for `node`.
+    """Pushes `models`' newest weights to the weight service of every agent of `agents`.
 
+    `agents`: the agents' namespaces relative to `node`'s ('' = the node's own).
     Declares the node's `sync_*` parameters. `encode` and `offer` may be
     called from any thread; the rest runs on the node's executor.
     """
 
-    def __init__(self, node: ManagedNode, models: tuple[str, ...], preset_name: str) -> None:
+    def __init__(self, node: ManagedNode, models: tuple[str, ...], preset_name: str,
+                 agents: Sequence[str] = ('',)) -> None:
         self.node = node
         self.models = models
         self.preset_name = preset_name
-        service = node.declare('sync_service', 'agent/sync_weights', "The agent's weight service.")
+        service = node.declare('sync_service', 'agent/sync_weights', "The agent's weight service, "
+                               "relative to each agent's namespace (see `agents`).")
         self.retry = node.declare('sync_retry', 2.0, 'Seconds between tries while pushing weights '
                                   'fails.', low=0.1, high=600.0)
         self.timeout = node.declare('sync_timeout', 10.0, 'Seconds an unanswered push is given up '
@@ -138,8 +123,8 @@ class WeightPush:
             "in sync_dir named by a file:// string (same machine; the cheapest for the agent); "
             "'topic' = 1 MiB uint8[] chunks on <sync_service>_payload, named by sha256 in the "
             "request (any machine; ros/weight_payload.py); 'auto' = 'file' until the agent "
-            "answers that the file is not on its machine, then 'topic'; 'bytes' = inline byte "
-            "arrays (any machine, but seconds of the agent's interpreter for the ami set).",
+            "answers that the file is not on its machine, then 'topic' (per agent); 'bytes' = "
+            "inline byte arrays (any machine, but seconds of the agent's interpreter for the ami set).",
             choices=('auto', 'file', 'topic', 'bytes'))
         sync_dir = node.declare(
             'sync_dir', '', "Folder for 'file' transport: the files go to a private (0700) "
@@ -148,30 +133,23 @@ class WeightPush:
         self.files: WeightFiles | None = None
         if self.transport in ('auto', 'file'):
             try:
-                self.files = WeightFiles(sync_dir, f'{node.get_name()}-{os.getpid()}')
+                # Each agent may still read the version before the one it is sent.
+                self.files = WeightFiles(sync_dir, f'{node.get_name()}-{os.getpid()}',
+                                         keep=WeightFiles.KEEP + len(agents) - 1)
             except (PrivateFileError, OSError) as exc:
                 node.get_logger().warning(f"weights go by 'topic' transport, not as files: {exc}")
                 self.transport = 'topic'
-        self.payloads = PayloadSender(node, service)
-        self._lock = threading.Lock()
-        self._pending: PendingWeights | None = None  # under _lock
-        # Executor-side state.
-        self.client = node.create_client(SetParameters, service)
-        self._in_flight: tuple[Future, PendingWeights, float] | None = None
-        self._next_try = 0.0
-        self.pushes_ok = 0
-        self.pushes_failed = 0
-        self.pushed_version = -1  # the last version the agent took
-        self.last_sync = 'nothing pushed yet'
+        self.targets = [WeightTarget(node, ns, service, self.transport, self.retry, self.timeout)
+                        for ns in agents]
         node.create_timer(0.2, self._tick)
 
     @property
     def service_name(self) -> str:
-        return self.client.service_name
+        return ', '.join(t.client.service_name for t in self.targets)
 
     def encode(self, version: int, weights: dict[str, dict[str, torch.Tensor]],
                slot: Callable[[str], AbstractContextManager[None]] | None = None) -> PendingWeights:
-        """The weights envelopes, written to files already with 'file' transport.
+        """The weights envelopes, written to files already with 'file' transport (once for all agents).
 
         One model at a time, each inside `slot(kind)` where given (the trainer's pacing).
         """
@@ -185,106 +163,54 @@ class WeightPush:
         return PendingWeights(version, envelopes, urls or None)
 
     def offer(self, pending: PendingWeights) -> None:
-        """Send `pending` next, in place of older weights not yet sent."""
-        with self._lock:
-            self._pending = pending
+        """Send `pending` to every agent next, in place of older weights not yet sent."""
+        for target in self.targets:
+            target.offer(pending)
 
     @property
     def pending(self) -> PendingWeights | None:
-        """The weights to send next, if any."""
-        with self._lock:
-            return self._pending
+        """The newest weights some agent has still to be sent, if any."""
+        waiting = [p for p in (t.pending for t in self.targets) if p is not None]
+        return max(waiting, key=lambda p: p.version) if waiting else None
+
+    @property
+    def last_sync(self) -> str:
+        """'ok', NOTHING_YET, or the failure of the first agent whose last push failed."""
+        failing = [t for t in self.targets if t.failing()]
+        if failing:
+            target = failing[0]
+            return f'{target.namespace}: {target.last_sync}' if len(self.targets) > 1 else target.last_sync
+        return 'ok' if any(t.last_sync == 'ok' for t in self.targets) else NOTHING_YET
 
     def status(self) -> dict[str, object]:
-        """For the node's diagnostics."""
+        """For the node's diagnostics: totals, and per agent where there are several."""
         pending = self.pending
-        return {'pushes_ok': self.pushes_ok, 'pushes_failed': self.pushes_failed,
-                'sync_transport': self.transport,
-                'pushed_version': self.pushed_version,
-                'pending_version': pending.version if pending else -1, 'last_sync': self.last_sync}
+        taken = [t.pushed_version for t in self.targets if t.pushed_version >= 0]
+        transports = dict.fromkeys(t.transport for t in self.targets)
+        status: dict[str, object] = {
+            'pushes_ok': sum(t.pushes_ok for t in self.targets),
+            'pushes_failed': sum(t.pushes_failed for t in self.targets),
+            'sync_transport': ','.join(transports),
+            # The lowest: what every agent that took weights holds at least.
+            'pushed_version': min(taken) if taken else -1,
+            'pending_version': pending.version if pending else -1, 'last_sync': self.last_sync}
+        if len(self.targets) > 1:
+            for target in self.targets:
+                status[f'pushed_version/{target.namespace}'] = target.pushed_version
+                status[f'last_sync/{target.namespace}'] = target.last_sync
+        return status
 
     def failing(self) -> bool:
-        return self.last_sync not in ('ok', 'nothing pushed yet')
+        """Whether any agent's last push failed."""
+        return any(t.failing() for t in self.targets)
 
     def close(self) -> None:
         if self.files is not None:
             self.files.remove()
 
-    # -- executor -------------------------------------------------------------
     def _tick(self) -> None:
+        if not self.node.is_active:
+            return  # paused: nothing is sent, the pending slots wait
         now = time.monotonic()
-        if self._in_flight is not None:
-            future, pending, sent_at = self._in_flight
-            if not future.done() and now - sent_at > self.timeout:
-                self._failed(pending, f'no answer within {self.timeout:.1f} s')
-                self.client.remove_pending_request(future)
-                future.cancel()
-            return
-        if not self.node.is_active or now < self._next_try:
-            return
-        with self._lock:
-            pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        if not self.client.service_is_ready():
-            self._failed(pending, f'{self.client.service_name} not available')
-            return
-        if self.transport == 'topic' and not self.payloads.matched():
-            self._failed(pending, f'{self.payloads.publisher.topic_name} has no subscriber yet')
-            return
-        values = pending.values(self.transport, self.payloads)
-        request = SetParameters.Request(parameters=[
-            Parameter(name=name, value=value) for name, value in zip(pending.envelopes, values, strict=True)])
-        future = self.client.call_async(request)
-        self._in_flight = (future, pending, now)
-        future.add_done_callback(self._on_done)
-
-    def _on_done(self, future: Future) -> None:
-        if self._in_flight is None or self._in_flight[0] is not future:
-            return  # timed out earlier and already counted
-        _, pending, _ = self._in_flight
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is not None:
-            self._failed(pending, f'call failed: {exc}')
-            return
-        results = future.result().results
-        refused = [r.reason for r in results if not r.successful]
-        if self.transport == 'auto' and refused and all(FILE_NOT_HERE in r for r in refused):
-            # The agent runs on another machine: from now on the weights go over the topic.
-            self.node.get_logger().info(f"the agent cannot read this machine's weight files "
-                                        f"({refused[0]}); sending weights over "
-                                        f'{self.payloads.publisher.topic_name}')
-            self.transport = 'topic'
-            self._in_flight = None
-            with self._lock:
-                if self._pending is None:
-                    self._pending = pending
-            return
-        if refused or len(results) != len(pending.envelopes):
-            self._failed(pending, 'refused: ' + ('; '.join(refused) or
-                                                 f'{len(results)} results for '
-                                                 f'{len(pending.envelopes)} models'))
-            return
-        self._in_flight = None
-        self.pushes_ok += 1
-        self.pushed_version = pending.version
-        if self.last_sync != 'ok':  # the first, or the first after failures
-            self.node.get_logger().info(f'agent took version {pending.version} of '
-                                        f'{", ".join(pending.envelopes)} ({self.transport})')
-        else:
-            self.node.get_logger().debug(f'agent took version {pending.version}')
-        self.last_sync = 'ok'
-
-    def _failed(self, pending: PendingWeights, reason: str) -> None:
-        """Count, log (throttled) and schedule the retry with the newest weights."""
-        self._in_flight = None
-        self.pushes_failed += 1
-        self.last_sync = reason
-        self._next_try = time.monotonic() + self.retry
-        with self._lock:
-            if self._pending is None:  # a newer round would replace it anyway
-                self._pending = pending
-        self.node.warn_throttled('sync', f'pushing version {pending.version} failed ({reason}); '
-                                 f'retrying every {self.retry:g} s')
+        for target in self.targets:
+            target.tick(now)
