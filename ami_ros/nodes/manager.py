@@ -93,9 +93,12 @@ class Manager(Node):
             'Nodes that hold state; those among managed_nodes must take part in every checkpoint.')
             if n in self.managed]
         # With several agents one that died must not cost the others their checkpoints.
+        # [''], not []: a parameter left without a value empties `ros2 param dump` and the
+        # recorder's reading of every parameter of this node (rclpy's get_parameters).
         self.spare = set(declare(
-            self, 'spare_nodes', [], 'Checkpointed nodes a checkpoint goes without, with a warning, '
-            'when they are gone or do not answer (agents:=N: the agents); the others must take part.'))
+            self, 'spare_nodes', [''], 'Checkpointed nodes a checkpoint goes without, with a warning, '
+            "when they are gone or do not answer (agents:=N: the agents; '' = none); the others must "
+            'take part.')) - {''}
         self.call_timeout = float(declare(
             self, 'call_timeout', 5.0, "Seconds to wait for one node to answer a lifecycle call, and "
             "for the nodes' services to be discovered before a transition.", low=0.5, high=60.0))

@@ -37,7 +37,10 @@ def declare(node: Node, name: str, default: Any, description: str, *,
 
     Integer and float ranges are enforced by ROS (rqt_reconfigure shows them as
     sliders); `choices` is documented and checked here. An empty list is a
-    string array. The default is kept in `node.declared_defaults` for
+    string array declared without a value until one is given (rclpy cannot
+    type an empty list); while it has none, rclpy's get_parameters answers
+    nothing for the whole node (`ros2 param dump`), so use [''] where other
+    nodes read the parameters. The default is kept in `node.declared_defaults` for
     docs/parameters.md. For every node, managed (ManagedNode.declare) or not.
     """
     desc = ParameterDescriptor(description=description, read_only=read_only)
