@@ -248,8 +248,8 @@ def describe(given: dict[str, str], part: str = 'graph') -> list[NodeSpec]:
     if args['view'] != 'false':
         # Like web_api: not among the manager's nodes (a paused graph is still shown).
         save = str(Path(args['view']).absolute()) if args['view'] != 'true' else ''
-        shown = {'agents': [f'/{args["namespace"].strip("/")}/{ns}'.replace('//', '/') for ns in namespaces]
-                 } if len(groups) > 1 else {}
+        shown = ({'agents': ['/' + node_namespace(args['namespace'], ns) for ns in namespaces]}
+                 if len(groups) > 1 else {})
         nodes.append(NodeSpec('viewer', 'viewer', {'view_host': args['view_host'],
                                                    'view_port': int(args['view_port']), 'save': save,
                                                    **shown}))

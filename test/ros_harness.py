@@ -235,10 +235,10 @@ class FrameFeeder:
     """
 
     def __init__(self, test_node: TestNode, hz: float = 10.0, seed: int = 0,
-                 keep_frames: bool = False, still: bool = False, topic: str = 'camera/image_raw') -> None:
+                 keep_frames: bool = False, still: bool = False) -> None:
         from sensor_msgs.msg import Image
 
-        self.pub = test_node.node.create_publisher(Image, topic, 10)
+        self.pub = test_node.node.create_publisher(Image, 'camera/image_raw', 10)
         self.clock = test_node.node.get_clock()
         self.hz, self.seed = hz, seed
         self.published: list[int] = []  # header stamps (ns) of every frame sent

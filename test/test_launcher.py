@@ -65,6 +65,12 @@ def test_unknown_values_are_left_out_or_shown_as_a_dash():
     assert GraphStatus(losses={'vae': '', 'dyn': 'nan'}).fields()[-1][1] == 'loss vae - dyn -'
 
 
+def test_with_several_agents_the_line_shows_each_agents_rate():
+    text = GraphStatus(frames_hz=19.9, actions_hz=19.9, agents_hz=(10.0, 9.9), latency_ms=4.0).render()
+    assert '19.9 actions/s (10.0 9.9) in 4.0 ms' in text
+    assert '(' not in GraphStatus(actions_hz=10.0).render()  # one agent: no list
+
+
 def test_in_a_pipe_the_status_is_a_plain_line_every_interval_and_at_the_end():
     stream = io.StringIO()
     printer = StatusPrinter(stream, plain_interval=10.0)

@@ -16,8 +16,9 @@ import time
 import psutil
 import pytest
 import torch
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
 from ros_harness import (
-    FrameFeeder,
     NodeStatus,
     fast_trainer_params,
     free_udp_port,
@@ -32,7 +33,13 @@ from ros_harness import (
 from std_msgs.msg import UInt8MultiArray
 from std_srvs.srv import Trigger
 
-from ami_ros.core.checkpoint import load_manifest, read_json, read_tensors
+from ami_ros.core.checkpoint import (
+    begin_checkpoint,
+    commit_checkpoint,
+    load_manifest,
+    read_json,
+    read_tensors,
+)
 from ami_ros.core.presets import get_preset
 from ami_ros.core.schemas import ExperienceStep, decode_experience
 
@@ -122,29 +129,25 @@ def test_a_checkpoint_holds_both_agents_states_and_restores_each_by_namespace(tw
                   read_tensors(path, f'interaction/{ns}/state.safetensors', 'agent/state',
                                allow_extra=True).tensors['hidden']) for ns in AGENTS}
     assert not torch.equal(saved['agent_0'][1], saved['agent_1'][1])  # two histories, two states
-    # Each agent's state comes back to the agent of its name: restored agents in namespaces of
-    # their own, whose first step (with frames this test sends once it hears them) uses the
-    # hidden state saved for that name.
-    restored = AGENTS[::-1]  # crossed over, so a mix-up cannot pass
-    watch = Agents(node, tuple(f'restored_{ns}' for ns in restored))
+    # Each agent's state comes back to the agent of its name: agents restored from it in
+    # namespaces of their own, crossed over so a mix-up cannot pass, each asked at once (before
+    # any frame) to save its part again: it holds the state saved under its name.
+    restored = AGENTS[::-1]
     agents = [start_node('agent', tmp_path / ns, namespace=f'restored_{ns}', parameters={
         'preset': 'cpu', 'checkpoint': path, 'checkpoint_dir': str(tmp / 'checkpoints'), 'state_name': ns})
         for ns in restored]
     try:
-        # The test hears each restored agent before it gives it a frame: no first step is missed.
-        wait_for(lambda: all(sub.get_publisher_count() == 1 for sub in watch.subscriptions), 60,
-                 message='the restored agents')
-        feeders = [FrameFeeder(node, topic=f'restored_{ns}/camera/image_raw') for ns in restored]
-        try:
-            wait_for(lambda: all(watch.steps[f'restored_{ns}'] for ns in restored), 30,
-                     message='steps of the restored agents')
-        finally:
-            for feeder in feeders:
-                feeder.close()
         for ns in restored:
-            first = watch.steps[f'restored_{ns}'][0][1]
-            assert first.step == saved[ns][0] + 1, (ns, first.step, saved[ns][0])  # the step after
-            assert torch.equal(first.hidden, saved[ns][1][0]), ns  # acting from the state saved ([1, ...])
+            stage = begin_checkpoint(tmp / 'checkpoints')
+            request = SetParameters.Request(parameters=[Parameter(name='directory', value=ParameterValue(
+                type=ParameterType.PARAMETER_STRING, string_value=str(stage)))])
+            answer = node.call(SetParameters, f'restored_{ns}/agent/save_checkpoint', request, timeout=60)
+            assert [r.successful for r in answer.results] == [True], answer.results
+            again = commit_checkpoint(stage, {'preset': 'cpu', 'nodes': [f'{ns}/agent']})
+            assert read_json(again, f'interaction/{ns}/state.json')['steps'] == saved[ns][0]
+            hidden = read_tensors(again, f'interaction/{ns}/state.safetensors', 'agent/state',
+                                  allow_extra=True).tensors['hidden']
+            assert torch.equal(hidden, saved[ns][1]), ns
     finally:
         for agent in agents:
             agent.stop()

@@ -30,10 +30,10 @@ from torch import nn
 from ami_ros.core.observation import to_uint8_chw
 from ami_ros.core.presets import Preset
 from ami_ros.core.trainers import DEFAULT_MAX_BATCHES, VAETrainer
+from ami_ros.graph import relative_name
 from ami_ros.ros.images import FrameReader, stamp_ns
 from ami_ros.ros.managed_node import run
 from ami_ros.ros.trainer_node import TrainerNode
-from ami_ros.ros.weight_target import in_agent
 
 # Best effort matches publishers of either reliability; a few frames of
 # queue absorb a round's GIL contention, and the VAE needs no frame in order.
@@ -50,7 +50,7 @@ class VAETrainerNode(TrainerNode):
         super().__init__('vae_trainer', **kwargs)
         self.frames = FrameReader(self.warn_throttled)
         for agent in self.agents:
-            self.create_subscription(Image, in_agent(agent, 'camera/image_raw'),
+            self.create_subscription(Image, relative_name(agent, 'camera/image_raw'),
                                      lambda msg, agent=agent: self.on_frame(msg, agent), FRAMES)
 
     def make_trainer(self, preset: Preset, models: dict[str, nn.Module], device: str, seed: int,

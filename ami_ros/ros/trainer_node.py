@@ -79,6 +79,7 @@ from ami_ros.core.envelope import EnvelopeError
 from ami_ros.core.models import build_models
 from ami_ros.core.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset, with_overrides
 from ami_ros.core.schemas import ExperienceStep, decode_experience
+from ami_ros.graph import relative_name
 from ami_ros.ros.checkpoint_part import CheckpointPart
 from ami_ros.ros.diagnostics import NodeDiagnostics
 from ami_ros.ros.managed_node import ManagedNode
@@ -86,7 +87,6 @@ from ami_ros.ros.pacing import TrainerPacing
 from ami_ros.ros.process_priority import parse_cpu_list, pin_cpus, yield_cpu
 from ami_ros.ros.trainer_checkpoint import TrainerCheckpoint
 from ami_ros.ros.weight_push import WeightPush
-from ami_ros.ros.weight_target import in_agent
 
 # Matches the agent's experience publisher: reliable, deep enough that a
 # trainer busy for a moment loses no step.
@@ -121,7 +121,7 @@ class TrainerNode(ManagedNode):
     A subclass sets `pushed_models`, `min_new_field` (preset section and
     field that `min_new` overrides) and `caps_batches`, builds its trainer in
     `make_trainer` (learning from `sources`, the agents), subscribes to each
-    agent's data in `__init__` (after calling this one; `in_agent`),
+    agent's data in `__init__` (after calling this one; `relative_name`),
     passes the frames' capture stamps to `self.pace_frame` and reports its
     buffer in `buffer_status`.
     """
@@ -338,7 +338,7 @@ class ExperienceTrainerNode(TrainerNode):
         self.gaps_from = dict.fromkeys(self.agents, 0)
         self._last_step: dict[str, int | None] = dict.fromkeys(self.agents)
         for agent in self.agents:
-            self.create_subscription(UInt8MultiArray, in_agent(agent, 'experience'),
+            self.create_subscription(UInt8MultiArray, relative_name(agent, 'experience'),
                                      lambda msg, agent=agent: self._on_experience(msg, agent),
                                      EXPERIENCE_QOS)
 

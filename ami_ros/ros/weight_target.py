@@ -20,17 +20,13 @@ from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.task import Future
 
+from ami_ros.graph import relative_name
 from ami_ros.ros.weight_payload import FILE_NOT_HERE, PayloadSender
 
 if TYPE_CHECKING:
     from ami_ros.ros.managed_node import ManagedNode
 
 NOTHING_YET = 'nothing pushed yet'
-
-
-def in_agent(namespace: str, name: str) -> str:
-    """`name` inside agent namespace `namespace` (relative to the node's own; '' = the node's own)."""
-    return f'{namespace}/{name}' if namespace else name
 
 
 @dataclass
@@ -65,8 +61,8 @@ class WeightTarget:
         self.namespace = namespace
         self.transport = transport  # 'auto' may become 'topic' for this agent alone
         self.retry, self.timeout = retry, timeout
-        self.payloads = PayloadSender(node, in_agent(namespace, service))
-        self.client = node.create_client(SetParameters, in_agent(namespace, service))
+        self.payloads = PayloadSender(node, relative_name(namespace, service))
+        self.client = node.create_client(SetParameters, relative_name(namespace, service))
         self._lock = threading.Lock()
         self._pending: PendingWeights | None = None  # under _lock
         self._in_flight: tuple[Future, PendingWeights, float] | None = None
