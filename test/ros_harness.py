@@ -89,15 +89,20 @@ def start_graph(cwd: Path, *arguments: str, env: dict[str, str] | None = None) -
     return proc
 
 
-def stop_graph(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Stop a graph still running as Ctrl-C does (the launcher stops its nodes); kill one that hangs."""
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
+    """Send `sig` to a process still running and wait `timeout` s for it; kill it if it hangs."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def stop_graph(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop a graph still running as Ctrl-C does (the launcher stops its nodes); kill one that hangs."""
+    stop_process(proc, signal.SIGINT, timeout)
 
 
 def start_node(node: str, log_dir: Path, parameters: dict[str, Any] | None = None,

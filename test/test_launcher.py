@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ros_harness import free_udp_port, wait_for
+from ros_harness import free_udp_port, stop_process, wait_for
 
 from ami_ros.launcher import STATUS_WIDTH, GraphStatus, StatusPrinter
 
@@ -211,12 +211,7 @@ def test_sigterm_pauses_saves_and_shuts_down_the_graph_in_order(test_node, tmp_p
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0, log_path.read_text()[-4000:]
     finally:
-        if proc.poll() is None:  # the launcher stops its nodes on SIGINT; kill only if it hangs
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc, signal.SIGINT, 60)  # the launcher stops its nodes on SIGINT; kill only if it hangs
     out = log_path.read_text()
     assert '[launch] all nodes stopped cleanly' in out
 

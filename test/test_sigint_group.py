@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from ros_harness import NodeStatus, free_udp_port, wait_for
+from ros_harness import NodeStatus, free_udp_port, stop_process, wait_for
 from std_srvs.srv import Trigger
 
 from ami_ros.core.checkpoint import load_manifest, read_json
@@ -165,13 +165,7 @@ def test_sigint_to_ami_ros_launchs_group_saves_the_final_checkpoint(test_node, t
         code = launcher.wait(120)
         print(f'SIGINT to ami-ros launch\'s group -> the launcher gone: {time.monotonic() - sent:.2f} s')
     finally:
-        if launcher.poll() is None:  # it stops its nodes (their own sessions) on SIGINT
-            launcher.send_signal(signal.SIGINT)
-            try:
-                launcher.wait(60)
-            except subprocess.TimeoutExpired:
-                launcher.kill()
-                launcher.wait()
+        stop_process(launcher, signal.SIGINT, 60)  # it stops its nodes (their own sessions) on SIGINT
     output = log_path.read_text(errors='replace')
     assert code == 0, output[-3000:]
     assert '[launch] all nodes stopped cleanly' in output

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ros_harness import free_tcp_port, free_udp_port, start_graph, stop_graph, wait_for
+from ros_harness import free_tcp_port, free_udp_port, start_graph, stop_graph, stop_process, wait_for
 
 rr = pytest.importorskip('rerun', reason="the live view's extra: pip install 'ami_ros[view]'")
 
@@ -68,13 +68,7 @@ def start_browser(url: str, tmp: Path) -> tuple[subprocess.Popen, subprocess.Pop
 
 
 def close(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, signal.SIGTERM, 10)
 
 
 def floor_pixels(picture: np.ndarray) -> int:
