@@ -111,13 +111,19 @@ def test_a_doom_graph_is_watched_live_and_saved(tmp_path, test_node):
                 KeyValue(key='loss', value=f'{loss:.6g}'), KeyValue(key='version', value=str(version))])
             publisher.publish(DiagnosticArray(status=[status]))
             time.sleep(1.0)
-        time.sleep(RUN_SECONDS - len(losses))
-        picture = np.asarray(ImageGrab.grab(xdisplay=display))
+        time.sleep(RUN_SECONDS - len(losses))  # the stream runs this long before the screenshot
+        # The browser may lag the stream on a loaded machine (CI once saw 14 s): the live map
+        # must be on the screen within a deadline; the screenshot kept is the one checked.
         shot = tmp_path / 'viewer.png'
-        ImageGrab.grab(xdisplay=display).save(shot)
+
+        def map_on_screen() -> bool:
+            picture = ImageGrab.grab(xdisplay=display)
+            picture.save(shot)
+            return floor_pixels(np.asarray(picture)) > 2000
+
+        wait_for(map_on_screen, 60, interval=2.0, message=f'the live map on the screen ({shot})')
         if os.environ.get('AMI_ROS_VIEWER_SCREENSHOT'):
             shutil.copy(shot, os.environ['AMI_ROS_VIEWER_SCREENSHOT'])
-        assert floor_pixels(picture) > 2000, f'the live map is not on the screen ({shot})'
 
         # A closed browser tab: the viewer serves on, and the stream goes on.
         close(chromium)
